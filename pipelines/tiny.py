@@ -1,0 +1,206 @@
+"""Tiny offline model family: SD 1.x- and SDXL-shaped pipelines with fixed-seed random weights.
+
+They are written with ``save_pretrained`` as ordinary diffusers folders and then loaded back through
+``pipelines.models`` like any real model, so the loader is exercised too. They make noise-like images:
+good for shapes, determinism, metadata, seams and equivalences, never for beauty. A folder is a few
+hundred KB and builds in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny", "tiny-sdxl")
+TINY_VERSION = "1"  # bump when a config below changes, so cached folders are rebuilt
+SEED = 1234
+
+
+def default_cache_dir() -> Path:
+    """Where tiny models are written; `TESSERA_CACHE` overrides the default `~/.cache/tessera`."""
+    root = os.environ.get("TESSERA_CACHE") or Path.home() / ".cache" / "tessera"
+    return Path(root) / "tiny"
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A character-level CLIP tokenizer: one token per character (+ end-of-word form), empty merges."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+
+
+def _text_encoder(vocab_size: int, eos: int, hidden: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=eos - 1,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks = three downsamples = the real 8x latent scale of Stable Diffusion.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+def _taesd():
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
+
+
+def _unet(sdxl: bool):
+    from diffusers import UNet2DConditionModel
+
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+    )
+    if not sdxl:
+        return UNet2DConditionModel(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            **common,
+        ).eval()
+    return UNet2DConditionModel(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # concat of the two 32-wide text encoders
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text
+        **common,
+    ).eval()
+
+
+def build_tiny(name: str, folder: Path) -> Path:
+    """Build the tiny model `name` ("tiny" or "tiny-sdxl") into `folder` as a diffusers pipeline folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    torch.manual_seed(SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer(Path(tmp) / "tok")
+        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tok")
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    sdxl = name == "tiny-sdxl"
+    unet, vae = _unet(sdxl), _vae()
+    te1 = _text_encoder(vocab, eos, 32, projection=False)
+    if sdxl:
+        te2 = _text_encoder(vocab, eos, 32, projection=True)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=unet, scheduler=_scheduler(),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=te1, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    tmp_out = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(tmp_out, safe_serialization=True)
+    _taesd().save_pretrained(tmp_out / "taesd", safe_serialization=True)
+    (tmp_out / "TINY_VERSION").write_text(TINY_VERSION)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp_out.rename(folder)  # atomic publish: a half-written folder is never loaded
+    log.info("built tiny model %s in %s", name, folder)
+    return folder
+
+
+def ensure_tiny(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the folder of tiny model `name`, building it once if missing or outdated."""
+    folder = (cache_dir or default_cache_dir()) / name
+    stamp = folder / "TINY_VERSION"
+    if not (stamp.exists() and stamp.read_text() == TINY_VERSION):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny(name, folder)
+    return folder
+
+
+def build_tiny_controlnet(unet_folder: Path, folder: Path) -> Path:
+    """A tiny ControlNet made from the tiny UNet (`ControlNetModel.from_unet`), saved to `folder`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(SEED + 1)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder / "unet")
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    # from_unet zero-initialises the output convs; give them small random weights so a tiny ControlNet
+    # actually changes the result (a trained one does, and tests must see the effect).
+    with torch.no_grad():
+        for mod in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            mod.weight.normal_(0, 0.05)
+    cn.save_pretrained(folder, safe_serialization=True)
+    return folder
