@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny offline models (built once per test session), seeds, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the tiny models, shared by the session (TESSERA_CACHE points at it)."""
+    root = tmp_path_factory.getbasetemp() / "tessera-cache"
+    os.environ["TESSERA_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_cache) -> Path:
+    from pipelines.tiny import ensure_tiny
+
+    return ensure_tiny("tiny", tiny_cache / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tiny_cache) -> Path:
+    from pipelines.tiny import ensure_tiny
+
+    return ensure_tiny("tiny-sdxl", tiny_cache / "tiny")
+
+
+@pytest.fixture
+def seed() -> int:
+    torch.manual_seed(0)
+    return 0
