@@ -1,0 +1,377 @@
+"""The one description of a generation: frozen dataclasses, flat field names, and validation.
+
+Field names are shared by presets (`presets/*.json`), the CLI (`--hires-scale` = `hires_scale`), the Gradio
+API and the PNG metadata, so one name means one thing everywhere. Nested configs group related fields;
+`flatten`/`from_flat` convert between the nested form and the flat names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from pipelines.errors import ValidationError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side input limits, enforced for every entry point (UI, API, CLI)."""
+
+    min_side: int = 64
+    max_side: int = 8192  # tiled diffusion makes large sizes possible; keep a sane upper bound
+    max_pixels: int = 8192 * 8192
+    max_steps: int = 150
+    max_batch: int = 16
+    max_prompt_chars: int = 10_000
+    max_hires_scale: float = 8.0
+
+
+@dataclass(frozen=True)
+class HiresConfig:
+    """Two-stage generation: draft at (width, height), upscale, then img2img refine."""
+
+    scale: float = 1.0
+    """Upscale factor of stage 2; 1 (or 0) switches stage 2 off; otherwise in (1, 8]."""
+    upscaler: str = "lanczos"
+    """lanczos | latent | latent-bicubic | latent-nearest-exact | latent-antialiased | a file in models/upscalers."""
+    denoise: float | None = None
+    """img2img strength of the refine pass in [0, 1]; None = 0.35 (0.55 for latent upscalers)."""
+    steps: int | None = None
+    """Refine steps actually run; None = the stage-1 step count."""
+    sampler: str | None = None
+    """Sampler of the refine pass; None = the stage-1 sampler."""
+    prompt: str | None = None
+    """Prompt of the refine pass; None = the stage-1 prompt."""
+    negative_prompt: str | None = None
+    """Negative prompt of the refine pass; None = the stage-1 negative prompt."""
+    cfg: str | None = None
+    """Guidance schedule text of the refine pass; None = the stage-1 schedule."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale not in (0, 0.0, 1, 1.0)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiled latent diffusion (MultiDiffusion / Mixture of Diffusers) and tiled VAE."""
+
+    mode: str = "auto"
+    """auto (tile when the planner says the image does not fit the memory budget) | on | off."""
+    size: int | None = None
+    """Tile size in latent pixels (x8 in image pixels); None = planner's choice (96 for SD1, 128 for SDXL)."""
+    overlap: int | None = None
+    """Overlap between tiles in latent pixels; None = planner's choice (32)."""
+    blend: str = "gaussian"
+    """average (MultiDiffusion) | gaussian (Mixture of Diffusers)."""
+    batch: int | None = None
+    """Tiles per UNet call; None = as many as the memory budget allows."""
+    shift: bool = False
+    """Shift the tile grid by a seed-derived random offset each step to hide seams further."""
+    vae_tiling: str = "auto"
+    """auto | on | off: decode/encode the VAE in tiles with whole-image GroupNorm statistics."""
+    vae_tile_size: int | None = None
+    """VAE tile size in latent pixels; None = planner's choice."""
+    memory_budget_gb: float | None = None
+    """Memory budget for planning; None = free device memory (CUDA) or unlimited (CPU)."""
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet unit: a control image, its preprocessor, its model and when it acts."""
+
+    image: Any
+    """A PIL image (the UI/API upload or CLI file)."""
+    type: str = "canny"
+    """Preprocessor: canny | none (image already a control map) | depth | openpose | lineart | ..."""
+    model: str | None = None
+    """ControlNet model: catalogue name, local folder name in models/controlnet; None = matching default."""
+    scale: float = 1.0
+    """conditioning scale in [0, 2]; 0 = no effect."""
+    start: float = 0.0
+    """First fraction of the steps where the unit acts."""
+    end: float = 1.0
+    """Fraction of the steps after which the unit stops acting."""
+    low: int = 100
+    """Canny low threshold."""
+    high: int = 200
+    """Canny high threshold."""
+    guess_mode: bool = False
+    """Apply the control only to the conditional pass (ControlNet "guess mode")."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines an image. Same request + same seed = same image."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    width: int = 512
+    height: int = 512
+    steps: int = 25
+    cfg: str = "7"
+    """Guidance schedule text: 7 | linear(4,9) | cosine(9,4) | step(9,5,0.5) | interval(7.5,0.2,0.8)[, rescale=0.7]."""
+    sampler: str = "DPM++ 2M Karras"
+    seed: int = -1
+    """-1 = random; image i of a batch uses seed + i."""
+    batch_size: int = 1
+    init_image: Any = None
+    """img2img source (PIL image); None = txt2img."""
+    strength: float = 1.0
+    """img2img denoise strength in [0, 1]: the tail fraction of a longer schedule that is run."""
+    loras: tuple[str, ...] = ()
+    """LoRAs as "name:weight" (weight defaults to 1)."""
+    vae_decode: str = "full"
+    """full | taesd (Tiny AutoEncoder: much faster, lower quality; for drafts)."""
+    emphasis: str = "a1111"
+    """a1111 (scale, then restore the mean) | none (scale only)."""
+    clip_skip: int = 1
+    hires: HiresConfig = field(default_factory=HiresConfig)
+    tiling: TileConfig = field(default_factory=TileConfig)
+    control: tuple[ControlUnit, ...] = ()
+
+
+# Flat names: nested fields get a prefix (hires.scale -> hires_scale, tiling.size -> tile_size).
+_PREFIX = {"hires": "hires_", "tiling": "tile_"}
+_FLAT_EXCEPTIONS = {"tile_vae_tiling": "vae_tiling", "tile_vae_tile_size": "vae_tile_size",
+                    "tile_memory_budget_gb": "memory_budget_gb"}
+_NESTED_TYPES = {"hires": HiresConfig, "tiling": TileConfig}
+
+
+def _flat_name(group: str, name: str) -> str:
+    flat = _PREFIX[group] + name
+    return _FLAT_EXCEPTIONS.get(flat, flat)
+
+
+def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Map every flat field name to (group or None, dataclass field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in fields(GenerationRequest):
+        if f.name in _NESTED_TYPES:
+            for sub in fields(_NESTED_TYPES[f.name]):
+                out[_flat_name(f.name, sub.name)] = (f.name, sub)
+        elif f.name not in ("control", "init_image"):
+            out[f.name] = (None, f)
+    return out
+
+
+def flatten(req: GenerationRequest) -> dict[str, Any]:
+    """The request as flat {name: value} (without images and ControlNet units)."""
+    out: dict[str, Any] = {}
+    for name, (group, f) in flat_fields().items():
+        src = getattr(req, group) if group else req
+        out[name] = getattr(src, f.name)
+    return out
+
+
+def from_flat(values: dict[str, Any], base: GenerationRequest | None = None, *, source: str = "request") -> GenerationRequest:
+    """Build a request from flat names over `base`; unknown keys raise, naming `source` and the key."""
+    known = flat_fields()
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {g: {} for g in _NESTED_TYPES}
+    for key, value in values.items():
+        if key in ("control", "init_image"):
+            top[key] = value
+            continue
+        if key not in known:
+            raise ValidationError(key, value, f"is not a known setting in {source}; known settings: {', '.join(sorted(known))}")
+        group, f = known[key]
+        if group:
+            nested[group][f.name] = value
+        else:
+            top[key] = value
+    base = base or GenerationRequest()
+    for group, vals in nested.items():
+        if vals:
+            top[group] = replace(getattr(base, group), **vals)
+    if isinstance(top.get("loras"), list):
+        top["loras"] = tuple(top["loras"])
+    return replace(base, **top)
+
+
+# ---------------------------------------------------------------- validation
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValidationError(name, value, "must be a whole number")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if not isinstance(value, int):
+        raise ValidationError(name, value, "must be a whole number")
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError(name, value, "must be a number") from None
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ValidationError(name, value, "must be a finite number")
+    return out
+
+
+def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValidationError(name, value, f"must be between {lo:g} and {hi:g}")
+
+
+def _side(name: str, value: Any, limits: Limits) -> int:
+    v = _int(name, value)
+    if v % 8:
+        lo, hi = v - v % 8, v - v % 8 + 8
+        raise ValidationError(name, v, f"must be a multiple of 8; try {lo} or {hi}")
+    _in_range(name, v, limits.min_side, limits.max_side)
+    return v
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValidationError(name, value, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _text(name: str, value: Any, limits: Limits) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationError(name, value, "must be text")
+    if len(value) > limits.max_prompt_chars:
+        raise ValidationError(name, f"<{len(value)} characters>", f"must be at most {limits.max_prompt_chars} characters")
+    return value
+
+
+def _optional_positive_int(name: str, value: Any, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    v = _int(name, value)
+    _in_range(name, v, lo, hi)
+    return v
+
+
+def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> HiresConfig:
+    """Check the stage-2 settings; sampler/upscaler names are checked by their owners."""
+    scale = _float("hires_scale", h.scale)
+    if scale not in (0.0, 1.0) and not 1.0 < scale <= limits.max_hires_scale:
+        raise ValidationError("hires_scale", h.scale, f"must be 1 (off) or in (1, {limits.max_hires_scale:g}]")
+    denoise = None if h.denoise is None else _float("hires_denoise", h.denoise)
+    if denoise is not None:
+        _in_range("hires_denoise", denoise, 0.0, 1.0)
+    steps = _optional_positive_int("hires_steps", h.steps, 1, limits.max_steps)
+    if scale > 1:
+        tw, th = hires_target(width, height, scale)
+        if max(tw, th) > limits.max_side or tw * th > limits.max_pixels:
+            raise ValidationError("hires_scale", scale, f"makes {tw}x{th}, over the {limits.max_side}px limit; lower it")
+    return replace(h, scale=scale, denoise=denoise, steps=steps)
+
+
+def validate_tiling(t: TileConfig) -> TileConfig:
+    """Check the tiling settings."""
+    _choice("tile_mode", t.mode, ("auto", "on", "off"))
+    _choice("tile_blend", t.blend, ("average", "gaussian"))
+    _choice("vae_tiling", t.vae_tiling, ("auto", "on", "off"))
+    size = _optional_positive_int("tile_size", t.size, 16, 256)
+    overlap = _optional_positive_int("tile_overlap", t.overlap, 0, 128)
+    if size is not None and overlap is not None and overlap >= size:
+        raise ValidationError("tile_overlap", overlap, f"must be smaller than tile_size ({size})")
+    batch = _optional_positive_int("tile_batch", t.batch, 1, 64)
+    vae = _optional_positive_int("vae_tile_size", t.vae_tile_size, 16, 512)
+    budget = None if t.memory_budget_gb is None else _float("memory_budget_gb", t.memory_budget_gb)
+    if budget is not None:
+        _in_range("memory_budget_gb", budget, 0.1, 4096)
+    return replace(t, size=size, overlap=overlap, batch=batch, vae_tile_size=vae, memory_budget_gb=budget)
+
+
+def validate_control(u: ControlUnit, i: int) -> ControlUnit:
+    """Check one ControlNet unit's numbers (images and names are checked when loaded)."""
+    p = f"control[{i}]."
+    scale = _float(p + "scale", u.scale)
+    _in_range(p + "scale", scale, 0.0, 2.0)
+    start, end = _float(p + "start", u.start), _float(p + "end", u.end)
+    _in_range(p + "start", start, 0.0, 1.0)
+    _in_range(p + "end", end, 0.0, 1.0)
+    if start > end:
+        raise ValidationError(p + "start", start, f"must not be after end ({end:g})")
+    low, high = _int(p + "low", u.low), _int(p + "high", u.high)
+    _in_range(p + "low", low, 0, 255)
+    _in_range(p + "high", high, 0, 255)
+    if u.image is None:
+        raise ValidationError(p + "image", None, "is required: upload a control image")
+    return replace(u, scale=scale, start=start, end=end, low=low, high=high)
+
+
+def validate(req: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
+    """Check every field once, at the boundary; return the request with values normalised to their types."""
+    from pipelines.guidance import parse_cfg
+
+    limits = limits or Limits()
+    width, height = _side("width", req.width, limits), _side("height", req.height, limits)
+    if width * height > limits.max_pixels:
+        raise ValidationError("width", width, f"x height {height} exceeds {limits.max_pixels} pixels")
+    steps = _int("steps", req.steps)
+    _in_range("steps", steps, 1, limits.max_steps)
+    batch = _int("batch_size", req.batch_size)
+    _in_range("batch_size", batch, 1, limits.max_batch)
+    seed = _int("seed", req.seed)
+    _in_range("seed", seed, -1, 2**32 - 1)
+    strength = _float("strength", req.strength)
+    _in_range("strength", strength, 0.0, 1.0)
+    clip_skip = _int("clip_skip", req.clip_skip)
+    _in_range("clip_skip", clip_skip, 1, 12)
+    if not isinstance(req.cfg, str | int | float) or isinstance(req.cfg, bool):
+        raise ValidationError("cfg", req.cfg, "must be a number or a schedule like linear(4,9)")
+    cfg = str(req.cfg).strip()
+    parse_cfg(cfg)
+    if req.hires.cfg is not None:
+        parse_cfg(req.hires.cfg)
+    if not isinstance(req.model, str) or not req.model.strip():
+        raise ValidationError("model", req.model, "must name a model (see the model list)")
+    loras = tuple(req.loras or ())
+    for spec in loras:
+        parse_lora(spec)
+    return replace(
+        req,
+        prompt=_text("prompt", req.prompt, limits),
+        negative_prompt=_text("negative_prompt", req.negative_prompt, limits),
+        width=width, height=height, steps=steps, batch_size=batch, seed=seed, strength=strength,
+        clip_skip=clip_skip, cfg=cfg, loras=loras,
+        vae_decode=_choice("vae_decode", req.vae_decode, ("full", "taesd")),
+        emphasis=_choice("emphasis", req.emphasis, ("a1111", "none")),
+        hires=validate_hires(req.hires, width, height, limits),
+        tiling=validate_tiling(req.tiling),
+        control=tuple(validate_control(u, i) for i, u in enumerate(req.control)),
+    )
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """"name:0.8" -> ("name", 0.8); weight defaults to 1.0 and must be in [-4, 4]."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValidationError("loras", spec, "must be written name:weight, e.g. lcm-lora-sdv1-5:1.0")
+    name, _, weight = spec.strip().rpartition(":") if ":" in spec else (spec.strip(), "", "1")
+    w = _float("loras", weight) if weight else 1.0
+    _in_range("loras", w, -4.0, 4.0)
+    if not name:
+        raise ValidationError("loras", spec, "must be written name:weight, e.g. lcm-lora-sdv1-5:1.0")
+    return name, w
+
+
+def hires_target(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Stage-2 size: the stage-1 size times `scale`, rounded to a multiple of 8."""
+    return int(round(width * scale / 8)) * 8, int(round(height * scale / 8)) * 8
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 -> a fresh random seed; any other seed unchanged."""
+    import secrets
+
+    return secrets.randbelow(2**32) if seed == -1 else seed
