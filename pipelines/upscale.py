@@ -1,0 +1,288 @@
+"""Upscalers: Lanczos, latent interpolation, and Real-ESRGAN-class models loaded through spandrel.
+
+Names come from one listing (`list_upscalers`): the built-ins below, then the file names (with their
+suffix, e.g. ``RealESRGAN_x4plus.safetensors``) of ``*.safetensors`` / ``*.pth`` files directly in
+``models_dir/"upscalers"``. The suffix keeps names unambiguous and can never collide with a built-in.
+A name is never a path: anything else is rejected, so API users cannot point at arbitrary files.
+
+Model tiling (pixel space): the image is cut into a grid of cores of at most ``tile`` x ``tile`` input
+pixels; each core is run with ``overlap`` pixels of context on every side (clipped at the image border),
+so the model never sees more than ``(tile + 2 * overlap)`` pixels a side. Outputs are blended with
+linear ramps ``overlap`` pixels wide centred on each seam (they reach ``overlap / 2`` into the context).
+An output pixel is therefore exact when ``overlap / 2`` is at least the model's receptive-field radius;
+for real models the ramp hides the small remaining difference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.errors import ModelError, ValidationError
+
+log = logging.getLogger(__name__)
+
+LATENT_MODES: dict[str, tuple[str, bool]] = {
+    "latent": ("bilinear", False),
+    "latent-antialiased": ("bilinear", True),
+    "latent-bicubic": ("bicubic", False),
+    "latent-bicubic-antialiased": ("bicubic", True),
+    "latent-nearest": ("nearest", False),
+    "latent-nearest-exact": ("nearest-exact", False),
+}
+"""Latent upscaler name -> (torch interpolate mode, antialias); A1111's "Latent (...)" family."""
+
+BUILTIN_UPSCALERS: tuple[str, ...] = ("lanczos", *LATENT_MODES)
+MODEL_SUFFIXES = (".safetensors", ".pth")
+LATENT_MIN_DENOISE = 0.5
+"""Below this hires denoising strength a latent upscale stays blurry; the UI warns."""
+
+_CACHE_SIZE = 2
+_cache: OrderedDict[tuple, object] = OrderedDict()
+
+ProgressFn = Callable[[int, int], None]
+
+
+def is_latent(name: str) -> bool:
+    """True for the upscalers that work on latents (`upscale_latents`) rather than pixels."""
+    return name in LATENT_MODES
+
+
+def _model_files(models_dir: Path) -> list[str]:
+    """File names of upscaler weights directly in `models_dir/upscalers`, sorted case-insensitively."""
+    folder = Path(models_dir) / "upscalers"
+    if not folder.is_dir():
+        return []
+    files = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES]
+    return sorted(files, key=str.lower)
+
+
+def list_upscalers(models_dir: Path) -> list[str]:
+    """Built-in upscaler names followed by the model file names in `models_dir/upscalers`."""
+    return [*BUILTIN_UPSCALERS, *_model_files(models_dir)]
+
+
+def resolve_upscaler(name: str, models_dir: Path) -> Path | str:
+    """The built-in name itself, or the Path of the model file called `name`; anything else is rejected."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name:
+        raise ValidationError("hires_upscaler", name, "must be an upscaler name from the list, not a path")
+    if name in BUILTIN_UPSCALERS:
+        return name
+    names = _model_files(models_dir)
+    if name in names:
+        return Path(models_dir) / "upscalers" / name
+    choices = ", ".join([*BUILTIN_UPSCALERS, *names])
+    raise ValidationError(
+        "hires_upscaler", name, f"must be one of {choices} (model files go in {Path(models_dir) / 'upscalers'})"
+    )
+
+
+def _check_descriptor(model: object, path: Path) -> None:
+    """Raise ModelError unless `model` is an RGB image-to-image spandrel model."""
+    from spandrel import ImageModelDescriptor
+
+    if not isinstance(model, ImageModelDescriptor):
+        kind = type(model).__name__
+        raise ModelError(f"{path.name} is a {kind} ({model.purpose}), not an image-to-image upscaler")
+    if model.purpose == "FaceSR":
+        raise ModelError(f"{path.name} is a face restoration model ({model.architecture.name}), not an upscaler")
+    if (model.input_channels, model.output_channels) != (3, 3):
+        raise ModelError(
+            f"{path.name} maps {model.input_channels} to {model.output_channels} channels; only RGB models work"
+        )
+
+
+def _read_model(path: Path):
+    """Load `path` with spandrel on the CPU (safetensors, or .pth through its restricted unpickler)."""
+    from spandrel import ModelLoader, UnsupportedModelError
+
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise ModelError(f"{path.name}: upscalers must be .safetensors or .pth files")
+    expected = "a Real-ESRGAN-class upscaler (any architecture spandrel knows) as .safetensors or .pth"
+    try:
+        return ModelLoader("cpu").load_from_file(path)
+    except UnsupportedModelError as err:
+        raise ModelError(f"{path.name} is not a model architecture spandrel knows; expected {expected}") from err
+    except FileNotFoundError as err:
+        raise ModelError(f"{path} does not exist; put {expected} in models/upscalers") from err
+    except Exception as err:  # safetensors/pickle/zip errors have no common base class
+        raise ModelError(f"{path.name} could not be read as a model ({err}); expected {expected}") from err
+
+
+def _pick_dtype(model, dtype: torch.dtype) -> torch.dtype:
+    """`dtype` if the model supports it, else float32 (logged)."""
+    if dtype == torch.float16 and not model.supports_half:
+        log.info("%s does not support float16; running it in float32", model.architecture.name)
+        return torch.float32
+    if dtype == torch.bfloat16 and not model.supports_bfloat16:
+        log.info("%s does not support bfloat16; running it in float32", model.architecture.name)
+        return torch.float32
+    return dtype
+
+
+def load_upscaler(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load an upscaler file as a spandrel ImageModelDescriptor, cached by path, mtime, device and dtype."""
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as err:
+        raise ModelError(f"upscaler {path} does not exist or cannot be read ({err})") from err
+    key = (str(path.resolve()), mtime, str(device), dtype)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    model = _read_model(path)
+    _check_descriptor(model, path)
+    model = model.to(device=torch.device(device), dtype=_pick_dtype(model, dtype)).eval()
+    log.info("loaded upscaler %s (%s, %dx)", path.name, model.architecture.name, model.scale)
+    _cache[key] = model
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return model
+
+
+def clear_cache() -> None:
+    """Forget every cached upscaler model (frees their memory once nothing else holds them)."""
+    _cache.clear()
+
+
+def plan_cores(length: int, tile: int) -> list[tuple[int, int]]:
+    """Split [0, length) into ceil(length / tile) near-equal consecutive cores (start, end)."""
+    n = max(1, math.ceil(length / tile))
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def ramp_weights(start: int, end: int, lo: int, hi: int, overlap: int, scale: int) -> torch.Tensor:
+    """1-D output weights of the window [lo, hi) whose core is [start, end): 1 inside, linear across seams."""
+    x = torch.arange(lo * scale, hi * scale, dtype=torch.float32) + 0.5
+    width = max(overlap * scale, 1)
+    w = torch.ones_like(x)
+    if start > lo:  # a seam on the left: ramp from 0 to 1 centred on it
+        w = torch.minimum(w, (0.5 + (x - start * scale) / width).clamp(0, 1))
+    if end < hi:
+        w = torch.minimum(w, (0.5 - (x - end * scale) / width).clamp(0, 1))
+    return w
+
+
+def _to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
+    """PIL image -> [1, 3, H, W] tensor in [0, 1] (alpha dropped, greyscale expanded)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
+
+
+def _to_image(tensor: torch.Tensor) -> Image.Image:
+    """[1, 3, H, W] tensor in [0, 1] -> RGB PIL image (rounded, not truncated)."""
+    array = tensor[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def upscale_tensor(model, x: torch.Tensor, *, tile: int = 512, overlap: int = 32,
+                   progress: ProgressFn | None = None) -> torch.Tensor:
+    """Run `model` over [1, 3, H, W] `x` in overlapping tiles; returns [1, 3, H*s, W*s] float32 on the CPU."""
+    from spandrel import ModelTiling
+
+    _, _, h, w = x.shape
+    s = model.scale
+    if model.tiling == ModelTiling.INTERNAL:
+        tile = max(h, w)  # the model needs the whole image (it tiles itself, or is global)
+    rows, cols = plan_cores(h, tile), plan_cores(w, tile)
+    total, done = len(rows) * len(cols), 0
+    if total == 1:
+        with torch.inference_mode():
+            out = model(x).float().cpu()
+        if progress:
+            progress(1, 1)
+        return out
+    canvas = torch.zeros(1, 3, h * s, w * s)
+    weight = torch.zeros(1, 1, h * s, w * s)
+    with torch.inference_mode():
+        for top, bottom in rows:
+            y0, y1 = max(0, top - overlap), min(h, bottom + overlap)
+            wy = ramp_weights(top, bottom, y0, y1, overlap, s)
+            for left, right in cols:
+                x0, x1 = max(0, left - overlap), min(w, right + overlap)
+                wx = ramp_weights(left, right, x0, x1, overlap, s)
+                out = model(x[:, :, y0:y1, x0:x1]).float().cpu()
+                wt = wy[:, None] * wx[None, :]
+                canvas[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += out * wt
+                weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += wt
+                done += 1
+                if progress:
+                    progress(done, total)
+    return canvas / weight
+
+
+def upscale_with_model(model, image: Image.Image, *, tile: int = 512, overlap: int = 32,
+                       progress: ProgressFn | None = None) -> Image.Image:
+    """Upscale `image` by `model.scale` with tiling (see module docstring); RGB out, exact size in x scale."""
+    if tile < 8 or overlap < 0:
+        raise ValidationError("upscale_tile", (tile, overlap), "needs tile >= 8 and overlap >= 0")
+    x = _to_tensor(image, model.device, model.dtype)
+    return _to_image(upscale_tensor(model, x, tile=tile, overlap=overlap, progress=progress))
+
+
+def _target_size(image: Image.Image, scale: float | None, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (width, height) to produce from exactly one of `scale` or `size`."""
+    if (scale is None) == (size is None):
+        raise ValidationError("upscale", (scale, size), "needs exactly one of scale or size")
+    if size is not None:
+        width, height = (int(v) for v in size)
+    elif scale > 0:
+        width, height = round(image.width * scale), round(image.height * scale)
+    else:
+        raise ValidationError("hires_scale", scale, "must be > 0")
+    if width < 1 or height < 1:
+        raise ValidationError("upscale size", (width, height), "must be at least 1x1 pixels")
+    return width, height
+
+
+def upscale_image(image: Image.Image, name: str, *, scale: float | None = None,
+                  size: tuple[int, int] | None = None, models_dir: Path,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  tile: int = 512, overlap: int = 32, progress: ProgressFn | None = None) -> Image.Image:
+    """Upscale `image` with pixel upscaler `name` to `size` (width, height) or by `scale`; exact size out.
+
+    A model runs up to three times until the image covers the target (A1111 behaviour, e.g. 8x with a
+    4x model), then Lanczos resizes to the exact target. Latent upscalers are rejected: use
+    `upscale_latents`.
+    """
+    target = _target_size(image, scale, size)
+    resolved = resolve_upscaler(name, models_dir)
+    if isinstance(resolved, str) and is_latent(resolved):
+        raise ValidationError("hires_upscaler", name, "is a latent upscaler; use upscale_latents on latents")
+    image = image.convert("RGB")
+    if isinstance(resolved, Path):
+        model = load_upscaler(resolved, device, dtype)
+        for _ in range(3):
+            if image.width >= target[0] and image.height >= target[1]:
+                break
+            image = upscale_with_model(model, image, tile=tile, overlap=overlap, progress=progress)
+            if model.scale == 1:
+                break
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    return image
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str = "latent") -> torch.Tensor:
+    """Interpolate [B, C, h, w] latents to `size` = (latent height, latent width) with latent upscaler `mode`."""
+    if mode not in LATENT_MODES:
+        raise ValidationError("hires_upscaler", mode, f"must be a latent upscaler: {', '.join(LATENT_MODES)}")
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ValidationError("latent size", size, "must be at least 1x1")
+    torch_mode, antialias = LATENT_MODES[mode]
+    kwargs = {"antialias": antialias, "align_corners": False} if torch_mode in ("bilinear", "bicubic") else {}
+    # interpolate has no half-precision kernels for every mode on the CPU; compute in float32.
+    out = F.interpolate(latents.float(), size=(height, width), mode=torch_mode, **kwargs)
+    return out.to(latents.dtype)
