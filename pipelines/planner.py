@@ -1,0 +1,195 @@
+"""Decide whether (and how) to tile a generation so it fits a device-memory budget.
+
+The memory model is deliberately rough and stated here so it can be recalibrated:
+
+* weights: parameter counts per family (below) x `dtype_bytes`;
+* UNet activations: a per-family constant x latent pixels x samples in the UNet batch (x2 with CFG). SDPA
+  attention is memory-linear in tokens, so a linear model is fair. Calibration: SD 1.5 at 512² (64² latent) with
+  CFG in fp16 peaks around 0.6 GB above its weights -> ~80 KB per latent pixel per sample; SDXL at 1024² peaks
+  around 2 GB above its weights -> ~64 KB;
+* VAE decode: ~4.5 KB per output pixel at fp16 (SD 1.5's VAE needs ~1.2 GB of activations at 512²), one image
+  at a time (sliced), so not multiplied by the batch; tiled, the device holds one tile's working set plus the
+  latent-resolution mid-block (`pipelines.vae_tiling`);
+* the UNet and the VAE never run at the same time, so the peak is weights + the larger of the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipelines.errors import ValidationError
+from pipelines.tiling import plan_tiles
+
+Family = Literal["sd1", "sdxl"]
+Switch = Literal["auto", "on", "off"]
+
+PARAMS = {  # (unet, vae, text encoders) parameter counts
+    "sd1": (0.86e9, 84e6, 123e6),
+    "sdxl": (2.6e9, 84e6, 817e6),
+}
+UNET_BYTES_PER_LATENT_PX = {"sd1": 80e3, "sdxl": 64e3}  # per sample, at 2 bytes per value
+VAE_BYTES_PER_OUTPUT_PX = 4.5e3  # full decode, at 2 bytes per value
+VAE_MID_BYTES_PER_LATENT_PX = 8e3  # whole-latent mid-block when the VAE is tiled, at 2 bytes per value
+DEFAULT_TILE = {"sd1": 96, "sdxl": 128}  # latent pixels: 768 px and 1024 px, the families' native scales
+DEFAULT_OVERLAP = 32
+DEFAULT_VAE_TILE = 64  # latent pixels = 512 px
+MAX_TILE_BATCH = 8
+SCALE = 8  # pixels per latent pixel
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one generation will run."""
+
+    width: int
+    """Output width in pixels."""
+    height: int
+    """Output height in pixels."""
+    batch: int
+    """Images per generation."""
+    tiled: bool
+    """Whether the UNet runs on tiles (MultiDiffusion) instead of the whole latent."""
+    tile_size: int
+    """UNet tile edge in latent pixels (the whole latent's larger side when untiled)."""
+    overlap: int
+    """UNet tile overlap in latent pixels (0 when untiled)."""
+    tile_batch: int
+    """Tiles per UNet call."""
+    tiles_per_step: int
+    """Tiles covering the canvas (1 when untiled)."""
+    vae_tiled: bool
+    """Whether the VAE decodes tile by tile (`pipelines.vae_tiling`)."""
+    vae_tile_size: int
+    """VAE tile edge in latent pixels (0 when the VAE is not tiled)."""
+    est_peak_bytes: int
+    """Rough peak device memory, see the module docstring."""
+    unet_evals_per_step: int
+    """UNet calls per denoising step."""
+
+    def describe(self) -> str:
+        """One human line: size, tiles, tile batches, UNet calls per step, VAE mode, estimated peak."""
+        size = f"{self.width}×{self.height}"
+        if self.tiled:
+            unet = (
+                f"{self.tiles_per_step} tiles of {self.tile_size}² latent (overlap {self.overlap}) in batches of "
+                f"{self.tile_batch} → {self.unet_evals_per_step} UNet calls/step"
+            )
+        else:
+            unet = "1 tile (untiled) → 1 UNet call/step"
+        vae = f"VAE tiled {self.vae_tile_size}² latent" if self.vae_tiled else "VAE whole"
+        return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB"
+
+
+def weight_bytes(family: Family, dtype_bytes: int) -> int:
+    """Bytes of UNet + VAE + text-encoder weights."""
+    return int(sum(PARAMS[family]) * dtype_bytes)
+
+
+def unet_activation_bytes(family: Family, latent_px: int, samples: int, dtype_bytes: int) -> int:
+    """UNet activation estimate: linear in latent pixels x samples per call (SDPA is memory-linear)."""
+    return int(UNET_BYTES_PER_LATENT_PX[family] * latent_px * samples * dtype_bytes / 2)
+
+
+def vae_activation_bytes(width: int, height: int, dtype_bytes: int, tile: int | None = None) -> int:
+    """VAE decode activations: whole image, or one tile of `tile` latent px plus the whole-latent mid-block."""
+    if tile is None:
+        return int(VAE_BYTES_PER_OUTPUT_PX * width * height * dtype_bytes / 2)
+    side = tile * SCALE
+    tile_px = min(side, width) * min(side, height)
+    mid = VAE_MID_BYTES_PER_LATENT_PX * (width // SCALE) * (height // SCALE)
+    return int((VAE_BYTES_PER_OUTPUT_PX * tile_px + mid) * dtype_bytes / 2)
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    """Reject a value outside `choices`."""
+    if value not in choices:
+        raise ValidationError(field, value, f"must be one of {choices}")
+
+
+def _validate(width: int, height: int, batch: int, budget_bytes: int | None, family: str, dtype_bytes: int) -> None:
+    """Validate the scalar arguments of `plan_generation`."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < SCALE or value % SCALE:
+            fix = f"must be a positive multiple of {SCALE}"
+            if isinstance(value, int) and value > 0:
+                fix += f"; try {value - value % SCALE or SCALE} or {value - value % SCALE + SCALE}"
+            raise ValidationError(name, value, fix)
+    if not isinstance(batch, int) or batch < 1:
+        raise ValidationError("batch", batch, "must be an integer >= 1")
+    if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
+        raise ValidationError("budget_bytes", budget_bytes, "must be a positive integer (bytes), or None for no limit")
+    _check_choice("family", family, tuple(PARAMS))
+    if dtype_bytes not in (1, 2, 4):
+        raise ValidationError("dtype_bytes", dtype_bytes, "must be 1, 2 or 4")
+
+
+def _pick_tile_batch(
+    family: Family, tile_px: int, n_tiles: int, batch: int, dtype_bytes: int, base: int, budget: int | None,
+) -> int:
+    """Largest tile batch (<= MAX_TILE_BATCH, <= tiles) whose UNet activations fit the budget; at least 1."""
+    best = 1
+    for tb in range(1, min(MAX_TILE_BATCH, n_tiles) + 1):
+        if budget is None or base + unet_activation_bytes(family, tile_px, 2 * batch * tb, dtype_bytes) <= budget:
+            best = tb
+    return best
+
+
+def plan_generation(
+    width: int,
+    height: int,
+    *,
+    batch: int = 1,
+    budget_bytes: int | None,
+    family: Family,
+    dtype_bytes: int = 2,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    tile_batch: int | None = None,
+    force: Switch = "auto",
+    vae_tiling: Switch = "auto",
+) -> Plan:
+    """Choose UNet tiling (MultiDiffusion, Bar-Tal et al. 2023) and VAE tiling so the estimate fits the budget."""
+    _validate(width, height, batch, budget_bytes, family, dtype_bytes)
+    _check_choice("force", force, ("auto", "on", "off"))
+    _check_choice("vae_tiling", vae_tiling, ("auto", "on", "off"))
+    if tile_batch is not None and (not isinstance(tile_batch, int) or tile_batch < 1):
+        raise ValidationError("tile_batch", tile_batch, "must be an integer >= 1, or None to choose from the budget")
+    lw, lh = width // SCALE, height // SCALE
+    base = weight_bytes(family, dtype_bytes)
+    unet_full = unet_activation_bytes(family, lw * lh, 2 * batch, dtype_bytes)
+    tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
+    vae_full = vae_activation_bytes(width, height, dtype_bytes)
+    vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
+    vae_tile = DEFAULT_VAE_TILE if vae_tiled else 0
+    vae_act = vae_activation_bytes(width, height, dtype_bytes, vae_tile) if vae_tiled else vae_full
+    common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile)
+    if not tiled:
+        return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
+                    est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=1)
+    size = tile_size if tile_size is not None else DEFAULT_TILE[family]
+    ov = overlap if overlap is not None else min(DEFAULT_OVERLAP, size // 2)
+    tiles = plan_tiles(lh, lw, size, ov)
+    tile_px = tiles[0].h * tiles[0].w
+    tb = tile_batch or _pick_tile_batch(family, tile_px, len(tiles), batch, dtype_bytes, base, budget_bytes)
+    tb = min(tb, len(tiles))
+    unet_act = unet_activation_bytes(family, tile_px, 2 * batch * tb, dtype_bytes)
+    return Plan(**common, tiled=True, tile_size=size, overlap=ov, tile_batch=tb, tiles_per_step=len(tiles),
+                est_peak_bytes=base + max(unet_act, vae_act), unet_evals_per_step=math.ceil(len(tiles) / tb))
+
+
+def _over(estimate: int, budget: int | None) -> bool:
+    """Whether an estimate exceeds the budget (None = no limit)."""
+    return budget is not None and estimate > budget
+
+
+def free_device_memory(device: torch.device | str) -> int | None:
+    """Free bytes on a CUDA device (`torch.cuda.mem_get_info`); None on CPU, MPS or anything else."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)

@@ -1,0 +1,94 @@
+"""Memory planner: when tiling switches on, forced modes, monotonic estimates, the description line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.errors import ValidationError
+from pipelines.planner import free_device_memory, plan_generation
+
+GB = 10**9
+
+
+def test_no_budget_means_untiled() -> None:
+    plan = plan_generation(4096, 4096, budget_bytes=None, family="sd1")
+    assert not plan.tiled and not plan.vae_tiled
+    assert plan.tiles_per_step == 1 and plan.unet_evals_per_step == 1
+
+
+def test_auto_tiles_above_budget_and_not_below() -> None:
+    small = plan_generation(512, 512, budget_bytes=8 * GB, family="sd1")
+    assert not small.tiled and not small.vae_tiled
+    assert small.est_peak_bytes <= 8 * GB
+    big = plan_generation(2048, 2048, budget_bytes=8 * GB, family="sd1")
+    assert big.tiled and big.vae_tiled
+    assert big.tile_size == 96 and big.overlap == 32 and big.tiles_per_step > 1
+    assert big.est_peak_bytes <= 8 * GB
+    assert big.unet_evals_per_step == -(-big.tiles_per_step // big.tile_batch)
+
+
+def test_sdxl_defaults() -> None:
+    plan = plan_generation(3072, 3072, budget_bytes=12 * GB, family="sdxl")
+    assert plan.tiled and plan.tile_size == 128 and plan.overlap == 32
+
+
+def test_tile_batch_grows_with_budget_and_is_capped() -> None:
+    tight = plan_generation(2048, 2048, budget_bytes=3 * GB, family="sd1", force="on")
+    roomy = plan_generation(2048, 2048, budget_bytes=80 * GB, family="sd1", force="on")
+    assert 1 <= tight.tile_batch < roomy.tile_batch <= 8
+    assert tight.unet_evals_per_step > roomy.unet_evals_per_step
+
+
+def test_forced_modes_honoured() -> None:
+    on = plan_generation(512, 512, budget_bytes=None, family="sd1", force="on", vae_tiling="on")
+    assert on.tiled and on.vae_tiled and on.vae_tile_size == 64
+    off = plan_generation(4096, 4096, budget_bytes=1 * GB, family="sd1", force="off", vae_tiling="off")
+    assert not off.tiled and not off.vae_tiled and off.est_peak_bytes > 1 * GB
+    custom = plan_generation(1024, 1024, budget_bytes=None, family="sd1", force="on", tile_size=64, overlap=16,
+                             tile_batch=3)
+    assert (custom.tile_size, custom.overlap, custom.tile_batch) == (64, 16, 3)
+
+
+def test_estimates_monotonic_in_size_and_batch() -> None:
+    sizes = [512, 768, 1024, 1536, 2048]
+    peaks = [plan_generation(s, s, budget_bytes=None, family="sd1").est_peak_bytes for s in sizes]
+    assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
+    by_batch = [plan_generation(1024, 1024, budget_bytes=None, family="sdxl", batch=b) for b in (1, 2, 4)]
+    by_batch = [p.est_peak_bytes for p in by_batch]
+    assert by_batch[0] <= by_batch[1] < by_batch[2]  # the VAE (one image at a time) dominates at batch 1
+    fp32 = plan_generation(1024, 1024, budget_bytes=None, family="sd1", dtype_bytes=4).est_peak_bytes
+    assert fp32 > plan_generation(1024, 1024, budget_bytes=None, family="sd1").est_peak_bytes
+
+
+def test_describe_mentions_tiles() -> None:
+    plan = plan_generation(2048, 2048, budget_bytes=6 * GB, family="sd1")
+    line = plan.describe()
+    assert line.startswith("2048×2048:")
+    assert f"{plan.tiles_per_step} tiles of 96² latent (overlap 32)" in line
+    assert f"{plan.unet_evals_per_step} UNet calls/step" in line and "VAE tiled 64² latent" in line and "GB" in line
+    assert "1 tile" in plan_generation(512, 512, budget_bytes=None, family="sd1").describe()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"width": 1001}, "width"),
+        ({"family": "sd3"}, "family"),
+        ({"force": "maybe"}, "force"),
+        ({"budget_bytes": 0}, "budget_bytes"),
+        ({"force": "on", "tile_size": 32, "overlap": 32}, "overlap"),
+        ({"tile_batch": 0}, "tile_batch"),
+    ],
+)
+def test_invalid_arguments_name_the_field(kwargs: dict, field: str) -> None:
+    args = {"width": 1024, "height": 1024, "budget_bytes": None, "family": "sd1"} | kwargs
+    with pytest.raises(ValidationError) as err:
+        plan_generation(**args)
+    assert err.value.field == field
+
+
+def test_free_device_memory_cpu_is_none() -> None:
+    assert free_device_memory("cpu") is None
+    if torch.cuda.is_available():
+        assert free_device_memory("cuda") > 0
