@@ -336,7 +336,7 @@ def _load_single_file(path: Path, dtype: torch.dtype):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(config, Path(tmp) / "config.json")
         try:
-            return ControlNetModel.from_single_file(str(path), config=tmp, torch_dtype=dtype,
+            return ControlNetModel.from_single_file(str(path), config=tmp, dtype=dtype,
                                                     local_files_only=True)
         except Exception as err:  # diffusers raises many types for bad weights or configs
             raise ModelError(f"{path.name} could not be loaded as a ControlNet with {config.name} ({err})") from err
@@ -348,7 +348,7 @@ def _load_hub(repo: str, dtype: torch.dtype):
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        return ControlNetModel.from_pretrained(repo, torch_dtype=dtype)
+        return ControlNetModel.from_pretrained(repo, dtype=dtype)
     except (OSError, HfHubHTTPError, ConnectionError) as err:
         raise OfflineError(
             f"could not download {repo} (offline?): {str(err).rstrip('.')}. Connect once to cache it, or save it as a "
@@ -371,7 +371,7 @@ def load_controlnet(spec: str, *, device: torch.device | str = "cpu", dtype: tor
         from diffusers import ControlNetModel
 
         try:
-            model = ControlNetModel.from_pretrained(resolved, torch_dtype=dtype)
+            model = ControlNetModel.from_pretrained(resolved, dtype=dtype)
         except Exception as err:  # diffusers raises many types for broken folders
             raise ModelError(f"{resolved.name} is not a loadable diffusers ControlNet folder ({err})") from err
     else:
