@@ -40,3 +40,35 @@ def tiny_sdxl_dir(tiny_cache) -> Path:
 def seed() -> int:
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def manager(tiny_cache, tmp_path_factory):
+    """A model manager on CPU fp32 with an empty local models folder (tiny models come from the cache)."""
+    from pipelines.models import ModelManager
+
+    models = tmp_path_factory.mktemp("models")
+    return ModelManager(models, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def engine(manager, tmp_path):
+    """A fresh engine (own caches) writing into a temporary outputs folder."""
+    from pipelines.engine import Engine
+
+    return Engine(manager, tmp_path / "outputs")
+
+
+def tiny_request(**kw):
+    """A small, fast request on the tiny model (64x64, 3 steps) with overrides."""
+    from pipelines.request import GenerationRequest
+
+    base = dict(model="tiny", prompt="a red fox in the snow", width=64, height=64, steps=3, seed=42,
+                sampler="DPM++ 2M Karras")
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+@pytest.fixture
+def req_factory():
+    return tiny_request

@@ -1,0 +1,52 @@
+"""Request ControlNet units -> loop inputs: preprocess, pick and load the model, size the map to the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.control import load_control_image, load_controlnet, prepare_control_image, preprocess
+from pipelines.request import ControlUnit
+from pipelines.sampling import ControlInput
+from pipelines.tiny import build_tiny_controlnet, default_cache_dir, ensure_tiny
+
+TINY_CONTROLNET = "tiny-controlnet"
+
+
+def default_model(unit: ControlUnit, model) -> str:
+    """The ControlNet used when the unit names none: the tiny one for tiny models, else `<type>-<family>`."""
+    if model.source.kind == "tiny":
+        return TINY_CONTROLNET
+    family = "sdxl" if model.is_sdxl else "sd15"
+    kind = "canny" if unit.type == "none" else unit.type
+    return f"{kind}-{family}"
+
+
+def _tiny_controlnet_dir(model) -> Path:
+    folder = default_cache_dir() / TINY_CONTROLNET
+    if not (folder / "config.json").exists():
+        build_tiny_controlnet(ensure_tiny(model.source.ref), folder)
+    return folder
+
+
+def control_map(unit: ControlUnit, models_dir: Path) -> Image.Image:
+    """The preprocessed control map the user sees (canny edges, depth, ... or the image itself for 'none')."""
+    image = load_control_image(unit.image)
+    return preprocess(unit.type, image, low=unit.low, high=unit.high, annotators_dir=Path(models_dir) / "annotators")
+
+
+def prepare_units(model, units, width: int, height: int, models_dir: Path) -> tuple[ControlInput, ...]:
+    """Each unit's model and control map at (width, height) pixels, ready for the denoising loop."""
+    out = []
+    for unit in units:
+        name = unit.model or default_model(unit, model)
+        if name == TINY_CONTROLNET and model.source.kind == "tiny":
+            spec = str(_tiny_controlnet_dir(model))
+        else:
+            spec = name
+        cn = load_controlnet(spec, device=model.device, dtype=model.dtype, models_dir=Path(models_dir),
+                             allow_paths=spec != name)
+        image = prepare_control_image(control_map(unit, models_dir), width, height).to(model.device, model.dtype)
+        out.append(ControlInput(cn, image, unit.scale, unit.start, unit.end, unit.guess_mode))
+    return tuple(out)

@@ -1,0 +1,323 @@
+"""Request -> result: validation, the GPU lock, OOM/NaN fallbacks, two-stage runs, saving with metadata."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines import vae_io
+from pipelines.errors import OutOfMemoryError, TesseraError, ValidationError
+from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
+from pipelines.metadata import infotext
+from pipelines.models import LoadedModel, ModelManager
+from pipelines.planner import Plan, free_device_memory, plan_generation
+from pipelines.request import DEFAULT_MODEL, GenerationRequest, HiresConfig, Limits, hires_target, resolve_seed, validate
+from pipelines.sampling import LoopStats, StepInfo, TileSpec
+from pipelines.saving import save_png
+from pipelines.schedulers import check_sampler
+from pipelines.stages import PromptCache, StageSpec, run_stage
+from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
+from pipelines.upscale import resolve_upscaler
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[StepInfo], None]
+
+
+@dataclass
+class GenerationResult:
+    """Finished images (already saved when `paths` is filled), their metadata and run statistics."""
+
+    request: GenerationRequest
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    paths: list[Path] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _recorded(req: GenerationRequest, seed: int) -> GenerationRequest:
+    """The request as written into an image's metadata: its own seed, the effective hires denoise."""
+    if req.hires.enabled and req.hires.denoise is None:
+        req = replace(req, hires=replace(req.hires, denoise=hires_denoise(req)))
+    return replace(req, seed=seed, init_image=None, control=())
+
+
+def _round8(v: int) -> int:
+    return max(8, v - v % 8)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Engine:
+    """Owns the GPU lock, the prompt and stage-1 caches, and the outputs folder."""
+
+    def __init__(self, manager: ModelManager, outputs_dir: Path | str | None = "outputs", *,
+                 limits: Limits | None = None, allow_paths: bool = False):
+        self.manager = manager
+        self.outputs_dir = Path(outputs_dir) if outputs_dir else None
+        self.limits = limits or Limits()
+        self.allow_paths = allow_paths  # only the CLI may name model files by path
+        self.default_model = DEFAULT_MODEL
+        self.gpu_lock = threading.Lock()
+        self.prompt_cache = PromptCache()
+        self._stage1_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.stage1_runs = 0
+
+    # ---------------------------------------------------------------- checks
+    def check(self, req: GenerationRequest) -> GenerationRequest:
+        """Validate a request completely (fields, names of sampler/model/upscaler) without loading anything."""
+        req = validate(req, self.limits)
+        req = replace(req, sampler=check_sampler(req.sampler))
+        if req.hires.sampler is not None:
+            req = replace(req, hires=replace(req.hires, sampler=check_sampler(req.hires.sampler, "hires_sampler")))
+        self.manager.resolve(req.model, allow_paths=self.allow_paths)
+        if req.hires.enabled:
+            resolve_upscaler(req.hires.upscaler, self.manager.models_dir)
+        return req
+
+    def plan(self, req: GenerationRequest, model: LoadedModel | None = None, *, width=None, height=None) -> Plan:
+        """The planner's tiling decision and memory estimate for this request (stage-2 size when given)."""
+        family = model.family if model else self.manager.resolve(req.model, allow_paths=self.allow_paths).family
+        t = req.tiling
+        budget = int(t.memory_budget_gb * 1e9) if t.memory_budget_gb else None
+        if budget is None and model is not None:
+            budget = free_device_memory(model.device)
+        dtype_bytes = 4 if model is None or model.dtype == torch.float32 else 2
+        return plan_generation(width or req.width, height or req.height, batch=req.batch_size, budget_bytes=budget,
+                               family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
+                               tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
+                               vae_tiling=t.vae_tiling)
+
+    # ---------------------------------------------------------------- public entry points
+    def generate(self, req: GenerationRequest, *, callback: Callback | None = None, cancel=None,
+                 save: bool = True, unet=None) -> GenerationResult:
+        """Generate (txt2img, img2img, two-stage), save each image as soon as it is decoded, return the result."""
+        req = self.check(req)
+        req = replace(req, seed=resolve_seed(req.seed))
+        with self.gpu_lock:
+            try:
+                return self._generate_with_fallback(req, callback, cancel, save, unet)
+            finally:
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _generate_with_fallback(self, req, callback, cancel, save, unet) -> GenerationResult:
+        try:
+            return self._generate(req, callback, cancel, save, unet, low_memory=False)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            log.warning("out of memory (%s); retrying with tiling, tile batch 1 and tiled VAE", exc)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        try:
+            result = self._generate(req, callback, cancel, save, unet, low_memory=True)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise OutOfMemoryError(
+                    "out of memory even with tiling, tile batch 1 and tiled VAE: lower width/height, "
+                    "batch_size or hires_scale, or set tile_size smaller") from exc
+            raise
+        result.warnings.append("ran out of memory; retried with tiling, tile batch 1 and tiled VAE")
+        return result
+
+    # ---------------------------------------------------------------- internals
+    def _tile_spec(self, plan: Plan, req: GenerationRequest, low_memory: bool) -> TileSpec | None:
+        if low_memory:
+            size = min(plan.tile_size, 64)
+            return TileSpec(size, min(plan.overlap, size // 4), req.tiling.blend, 1, req.tiling.shift)
+        if not plan.tiled:
+            return None
+        return TileSpec(plan.tile_size, plan.overlap, req.tiling.blend, plan.tile_batch, req.tiling.shift)
+
+    def _codec_opts(self, plan: Plan, low_memory: bool) -> tuple[dict, dict]:
+        tiled = plan.vae_tiled or low_memory
+        tile = min(plan.vae_tile_size, 32) if low_memory else plan.vae_tile_size
+        dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4)}
+        enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2)}
+        return dec, enc
+
+    def _stage1_key(self, req: GenerationRequest, model: LoadedModel, seeds) -> tuple:
+        init = None if req.init_image is None else hash(req.init_image.tobytes())
+        ctrl = tuple((u.type, u.model, u.scale, u.start, u.end, u.low, u.high, u.guess_mode,
+                      hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
+        return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
+                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling)
+
+    def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
+        t0 = time.perf_counter()
+        model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
+        seeds = [req.seed + i for i in range(req.batch_size)]
+        plan = self.plan(req, model)
+        dec, enc = self._codec_opts(plan, low_memory)
+        stats = LoopStats()
+        report = vae_io.DecodeReport()
+        spec = StageSpec(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
+            steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
+            clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
+            control=self._control_inputs(model, req, req.width, req.height),
+        )
+        if req.init_image is not None:
+            pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
+            spec.init_latents = vae_io.encode(model, pixels, **enc)
+        latents = self._stage1(model, req, spec, seeds, callback, cancel, stats, unet)
+        final_plan, pixels_done = plan, None
+        if req.hires.enabled:
+            tw, th = hires_target(req.width, req.height, req.hires.scale)
+            final_plan = self.plan(req, model, width=tw, height=th)
+            dec, enc = self._codec_opts(final_plan, low_memory)
+            init, big = upscale_latents_or_pixels(model, latents, req, models_dir=self.manager.models_dir,
+                                                  decode_opts=dec, encode_opts=enc)
+            if big is not None and init is latents:
+                pixels_done = big
+            else:
+                spec2 = refine_spec(req, spec, init, tiles=self._tile_spec(final_plan, req, low_memory),
+                                    control=self._control_inputs(model, req, tw, th))
+                latents = run_stage(model, spec2, cache=self.prompt_cache, callback=callback, cancel=cancel,
+                                    stats=stats, unet=unet).latents
+        result = self._finish(model, req, seeds, latents, pixels_done, final_plan, dec, report, stats, save)
+        result.stats["seconds"] = round(time.perf_counter() - t0, 3)
+        result.stats["plan"] = final_plan.describe()
+        if (w := hires_warning(req)) is not None:
+            result.warnings.append(w)
+        return result
+
+    def _stage1(self, model, req, spec, seeds, callback, cancel, stats, unet) -> torch.Tensor:
+        """Stage-1 latents, from the cache when only stage-2 settings changed."""
+        key = self._stage1_key(req, model, seeds) if req.hires.enabled and unet is None else None
+        if key is not None and key in self._stage1_cache:
+            self._stage1_cache.move_to_end(key)
+            return self._stage1_cache[key].to(model.device)
+        self.stage1_runs += 1
+        latents = run_stage(model, spec, cache=self.prompt_cache, callback=callback, cancel=cancel,
+                            stats=stats, unet=unet).latents
+        if key is not None:
+            self._stage1_cache[key] = latents.detach().to("cpu")
+            while len(self._stage1_cache) > 2:
+                self._stage1_cache.popitem(last=False)
+        return latents
+
+    def _control_inputs(self, model, req, width, height):
+        if not req.control:
+            return ()
+        from pipelines.control_units import prepare_units
+
+        return prepare_units(model, req.control, width, height, self.manager.models_dir)
+
+    def _finish(self, model, req, seeds, latents, pixels_done, plan, dec, report, stats, save) -> GenerationResult:
+        images: list[Image.Image] = []
+        result = GenerationResult(request=req, images=images, seeds=seeds, infotexts=[])
+        seams = None
+        for i, seed in enumerate(seeds):
+            if pixels_done is not None:
+                img = pixels_done[i]
+            else:
+                img = vae_io.to_pil(vae_io.decode(model, latents[i:i + 1], mode=req.vae_decode, report=report, **dec))[0]
+            if plan.tiled and seams is None and req.vae_decode == "full":
+                seams = self._seam_score(img, plan)
+            extra = self._extra(req, plan, stats, report, seams)
+            text = infotext(_recorded(req, seed), seed=seed, model_hash=model.short_hash, extra=extra)
+            images.append(img)
+            result.infotexts.append(text)
+            if save and self.outputs_dir is not None:
+                result.paths.append(save_png(img, text, self.outputs_dir, seed))  # saved now: a later crash keeps it
+        result.stats.update({"unet_evals": stats.unet_evals, "unet_calls": stats.unet_calls,
+                             "evals_saved": stats.evals_saved, "tiles_per_step": stats.tiles_per_step,
+                             "seam_score": seams, "notes": list(report.notes)})
+        return result
+
+    @staticmethod
+    def _seam_score(img: Image.Image, plan: Plan) -> float:
+        tiles = plan_tiles(img.height // 8, img.width // 8, plan.tile_size, plan.overlap)
+        xs, ys = tile_boundaries(tiles, scale=8)
+        return round(float(seam_score(img, xs, ys)), 4)
+
+    @staticmethod
+    def _extra(req, plan, stats, report, seams) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if plan.tiled:
+            extra["Tile plan"] = plan.describe()
+        if seams is not None:
+            extra["Seam score"] = seams
+        if stats.evals_saved:
+            extra["UNet evals saved"] = stats.evals_saved
+        if report.notes:
+            extra["VAE"] = "; ".join(report.notes)
+        return extra
+
+    def upscale(self, image: Image.Image, *, upscaler: str = "lanczos", scale: float = 2.0, denoise: float = 0.0,
+                prompt: str = "", negative_prompt: str = "", model: str | None = None, steps: int = 20,
+                seed: int = -1, cfg: str = "7", sampler: str = "DPM++ 2M Karras", callback: Callback | None = None,
+                cancel=None, save: bool = True) -> GenerationResult:
+        """Upscale an existing image with a pixel upscaler, then (denoise > 0) refine it with img2img."""
+        from pipelines.request import validate_hires
+        from pipelines.upscale import is_latent, upscale_image
+
+        if not isinstance(image, Image.Image):
+            raise ValidationError("image", type(image).__name__, "must be an image (PNG, JPEG or WebP)")
+        hires = validate_hires(HiresConfig(scale=scale, upscaler=upscaler, denoise=denoise),
+                               _round8(image.width), _round8(image.height), self.limits)
+        if not hires.enabled:
+            raise ValidationError("scale", scale, f"must be in (1, {self.limits.max_hires_scale:g}]")
+        if is_latent(upscaler):
+            raise ValidationError("upscaler", upscaler, "must be a pixel upscaler (lanczos or a model file) for images")
+        resolve_upscaler(upscaler, self.manager.models_dir)
+        tw, th = hires_target(_round8(image.width), _round8(image.height), hires.scale)
+        device, dtype = self.manager.device_dtype
+        with self.gpu_lock:
+            big = upscale_image(image.convert("RGB"), upscaler, size=(tw, th), models_dir=self.manager.models_dir,
+                                device=device, dtype=dtype)
+        if hires.denoise:
+            req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, model=model or self.default_model,
+                                    width=tw, height=th, steps=steps, cfg=cfg, sampler=sampler, seed=seed,
+                                    init_image=big, strength=hires.denoise)
+            return self.generate(req, callback=callback, cancel=cancel, save=save)
+        text = (f"{prompt}\nSteps: 0, Size: {tw}x{th}, Hires upscale: {hires.scale:g}, "
+                f"Hires upscaler: {upscaler}, Source size: {image.width}x{image.height}")
+        result = GenerationResult(GenerationRequest(width=tw, height=th, prompt=prompt), [big], [0], [text])
+        if save and self.outputs_dir is not None:
+            result.paths.append(save_png(big, text, self.outputs_dir, 0))
+        return result
+
+    # ---------------------------------------------------------------- small services for the UI
+    def count_tokens(self, model_name: str, text: str) -> str:
+        """"83/150 tokens, 2 chunks" for the UI's token counter (uses only the tokenizer)."""
+        from pipelines.prompts import count_tokens_with
+
+        model = self._current_or_none(model_name)
+        if model is None:
+            return ""
+        return str(count_tokens_with(model.tokenizers[0], text))
+
+    def _current_or_none(self, name: str):
+        cur = self.manager._current
+        return cur if cur is not None and cur.name == name else None
+
+
+def check_request(engine: Engine, values: dict[str, Any]) -> GenerationRequest:
+    """Flat values (UI/API/CLI) -> a fully validated request, or a TesseraError with a one-line message."""
+    from pipelines.request import from_flat
+
+    try:
+        return engine.check(from_flat(values))
+    except TesseraError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ValidationError("request", values.get("prompt", ""), f"is invalid ({exc})") from exc

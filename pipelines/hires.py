@@ -1,0 +1,62 @@
+"""Two-stage generation: draft latents -> upscale (latent or pixel) -> img2img refine on the same weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from pipelines import vae_io
+from pipelines.request import GenerationRequest, hires_target
+from pipelines.stages import StageSpec
+from pipelines.upscale import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DENOISE = 0.35
+
+
+def hires_denoise(req: GenerationRequest) -> float:
+    """The refine strength: the request's, else 0.35 (0.55 for latent upscalers, which blur below 0.5)."""
+    if req.hires.denoise is not None:
+        return req.hires.denoise
+    return max(LATENT_MIN_DENOISE + 0.05, DEFAULT_DENOISE) if is_latent(req.hires.upscaler) else DEFAULT_DENOISE
+
+
+def hires_warning(req: GenerationRequest) -> str | None:
+    """A user-facing warning for settings known to give poor results."""
+    if req.hires.enabled and is_latent(req.hires.upscaler) and hires_denoise(req) < LATENT_MIN_DENOISE:
+        return (f"latent upscaling with denoise {hires_denoise(req):g} < {LATENT_MIN_DENOISE} gives blurry images; "
+                f"raise hires_denoise or use a pixel upscaler")
+    return None
+
+
+def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationRequest, *, models_dir, decode_opts: dict,
+                              encode_opts: dict) -> tuple[torch.Tensor, list[Image.Image] | None]:
+    """Stage-2 input: (init latents at the target size, upscaled pixel images or None for latent upscalers)."""
+    tw, th = hires_target(req.width, req.height, req.hires.scale)
+    if is_latent(req.hires.upscaler):
+        size = (th // model.vae_scale, tw // model.vae_scale)
+        return upscale_latents(latents.float(), size, req.hires.upscaler).to(latents.dtype), None
+    drafts = vae_io.to_pil(vae_io.decode(model, latents, **decode_opts))
+    big = [upscale_image(im, req.hires.upscaler, size=(tw, th), models_dir=models_dir, device=model.device,
+                         dtype=model.dtype) for im in drafts]
+    if hires_denoise(req) == 0:
+        return latents, big  # nothing to refine: the pixels are the result (no VAE round trip)
+    pixels = torch.cat([vae_io.from_pil(im, tw, th, model.device, model.dtype) for im in big])
+    return vae_io.encode(model, pixels, **encode_opts), big
+
+
+def refine_spec(req: GenerationRequest, stage1: StageSpec, init_latents: torch.Tensor, **overrides) -> StageSpec:
+    """The refine pass: its own steps/sampler/prompt/cfg when given, else stage 1's; strength = hires denoise."""
+    h = req.hires
+    tw, th = hires_target(req.width, req.height, h.scale)
+    return replace(
+        stage1, width=tw, height=th, init_latents=init_latents, strength=hires_denoise(req),
+        steps=h.steps or stage1.steps, sampler=h.sampler or stage1.sampler,
+        prompt=stage1.prompt if h.prompt is None else h.prompt,
+        negative_prompt=stage1.negative_prompt if h.negative_prompt is None else h.negative_prompt,
+        cfg=h.cfg or stage1.cfg, **overrides,
+    )

@@ -1,0 +1,245 @@
+"""The one denoising loop: tiles x CFG x ControlNet x previews x cancel.
+
+Used by txt2img, img2img, the hires refine pass and tiled runs alike. Per step (DESIGN.md):
+1. for each batch of tiles (one tile = the whole canvas when untiled), crop the latents and the control
+   images, run the UNet on [uncond, cond] (cond only when this step's guidance scale is 1);
+2. accumulate cond and uncond outputs on the canvas with per-tile weights and divide by the weight sum;
+3. apply guidance (schedule + rescale) ONCE on the whole canvas and take ONE scheduler step, so every
+   scheduler works without per-tile state;
+4. report progress (with the predicted x0 for previews) and check the cancel token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipelines.errors import CancelledError
+from pipelines.guidance import apply_cfg, needs_uncond
+from pipelines.tiling import Tile, accumulate, finish, grid_offset, new_canvas, plan_tiles, tile_weights
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning for one step: embeddings [1, S, D] and, for SDXL, pooled [1, P] + time ids [1, 6]."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    cond_pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """One prepared ControlNet unit: the model, the full-size control image [1,3,H,W] in [0,1], its window."""
+
+    model: Any
+    image: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+    def active(self, step: int, steps: int) -> bool:
+        """Active on steps i with start <= i/steps < end (end == 1 includes the last step)."""
+        p = step / steps
+        return self.scale > 0 and self.start <= p and (p < self.end or (self.end >= 1.0 and self.start < 1.0))
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """How to tile the latent canvas: sizes in latent pixels."""
+
+    size: int
+    overlap: int
+    blend: str = "gaussian"
+    batch: int = 4
+    shift: bool = False
+
+
+@dataclass
+class LoopStats:
+    """What the loop did: UNet evaluations (one per image-tile pass), passes saved by scale-1 steps."""
+
+    unet_evals: int = 0
+    unet_calls: int = 0
+    evals_saved: int = 0
+    steps_done: int = 0
+    tiles_per_step: int = 1
+    scales: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StepInfo:
+    """Handed to the per-step callback."""
+
+    step: int
+    total: int
+    timestep: Any
+    latents: torch.Tensor
+    denoised: torch.Tensor  # predicted x0 (latent space), for previews
+
+
+@dataclass
+class LoopInputs:
+    """Everything the loop needs; built by the engine."""
+
+    unet: Any
+    scheduler: Any
+    latents: torch.Tensor  # [B, C, h, w], already noised / scaled by init_noise_sigma
+    timesteps: Sequence[Any]
+    conditioning: Callable[[int], Conditioning]  # per-step (prompt scheduling lives here)
+    scales: Sequence[float]  # guidance scale per step
+    rescale: float = 0.0
+    tiles: TileSpec | None = None
+    control: Sequence[ControlInput] = ()
+    generators: Sequence[torch.Generator] | None = None
+    seed: int = 0
+    callback: Callable[[StepInfo], None] | None = None
+    cancel: Any = None  # anything with is_set()
+    vae_scale: int = 8
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("generation stopped")
+
+
+def predict_x0(scheduler, x_in: torch.Tensor, model_out: torch.Tensor, step_index: int, t) -> torch.Tensor:
+    """x0 from the (scaled, VP-form) model input and the model output: eps or v prediction."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > step_index and not hasattr(scheduler, "alpha_t"):
+        sigma = sigmas[step_index].to(torch.float32)
+        alpha_bar = 1.0 / (1.0 + sigma**2)
+    else:
+        alpha_bar = scheduler.alphas_cumprod[int(t)].to(torch.float32)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    x, m = x_in.float(), model_out.float()
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        return a * x - s * m
+    return (x - s * m) / a
+
+
+def _tiles_for_step(inp: LoopInputs, step: int) -> list[Tile]:
+    h, w = inp.latents.shape[-2:]
+    spec = inp.tiles
+    if spec is None or (spec.size >= h and spec.size >= w):
+        return [Tile(0, 0, h, w)]
+    offset = grid_offset(inp.seed, step, spec.size, spec.overlap) if spec.shift else (0, 0)
+    return plan_tiles(h, w, spec.size, spec.overlap, offset=offset)
+
+
+def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, n_img):
+    """Sum of ControlNet residuals for a batch of tiles; each tile gets the control map under it."""
+    down, mid = None, None
+    s = inp.vae_scale
+    for unit in inp.control:
+        if not unit.active(step, steps):
+            continue
+        crops = torch.cat([unit.image[..., t_.y * s:(t_.y + t_.h) * s, t_.x * s:(t_.x + t_.w) * s] for t_ in tiles])
+        crops = crops.repeat_interleave(n_img, dim=0).to(x_batch.device, unit.model.dtype)
+        if unit.guess_mode and do_cfg:
+            half = x_batch.shape[0] // 2
+            d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=crops,
+                              conditioning_scale=unit.scale, guess_mode=True,
+                              added_cond_kwargs=_half(added, half), return_dict=False)
+            d = [torch.cat([torch.zeros_like(r), r]) for r in d]
+            m = torch.cat([torch.zeros_like(m), m])
+        else:
+            cond_img = torch.cat([crops, crops]) if do_cfg else crops
+            d, m = unit.model(x_batch, t, encoder_hidden_states=enc, controlnet_cond=cond_img,
+                              conditioning_scale=unit.scale, guess_mode=unit.guess_mode,
+                              added_cond_kwargs=added, return_dict=False)
+        down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
+        mid = m if mid is None else mid + m
+    return down, mid
+
+
+def _half(added: dict | None, half: int) -> dict | None:
+    return None if added is None else {k: v[half:] for k, v in added.items()}
+
+
+def _batch_inputs(c: Conditioning, n: int, do_cfg: bool):
+    """Encoder states (and SDXL added conditions) for `n` samples, [uncond x n, cond x n] with CFG."""
+    enc = c.cond.expand(n, -1, -1)
+    if do_cfg:
+        enc = torch.cat([c.uncond.expand(n, -1, -1), enc])
+    added = None
+    if c.cond_pooled is not None:
+        pooled = c.cond_pooled.expand(n, -1)
+        if do_cfg:
+            pooled = torch.cat([c.uncond_pooled.expand(n, -1), pooled])
+        time_ids = c.time_ids.expand(pooled.shape[0], -1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+    return enc, added
+
+
+def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats):
+    """Model outputs (cond, uncond or None) on the canvas, blended over the tiles (MultiDiffusion)."""
+    b = x_in.shape[0]
+    single = len(tiles) == 1 and tiles[0].h == x_in.shape[-2] and tiles[0].w == x_in.shape[-1]
+    spec = inp.tiles
+    canvas_c = canvas_u = wsum = wsum_u = None
+    if not single:
+        canvas_c, wsum = new_canvas(*x_in.shape, device=x_in.device)
+        canvas_u, wsum_u = new_canvas(*x_in.shape, device=x_in.device) if do_cfg else (None, None)
+    per_call = len(tiles) if spec is None else max(1, spec.batch)
+    for i in range(0, len(tiles), per_call):
+        _check_cancel(inp.cancel)
+        group = tiles[i:i + per_call]
+        crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
+        n = crops.shape[0]
+        model_in = torch.cat([crops, crops]) if do_cfg else crops
+        enc, added = _batch_inputs(cond, n, do_cfg)
+        down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+        out = inp.unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                       return_dict=False)[0]
+        stats.unet_calls += 1
+        stats.unet_evals += model_in.shape[0] // b
+        out_u, out_c = out.chunk(2) if do_cfg else (None, out)
+        if single:
+            return out_c, out_u
+        weight = tile_weights(group[0].h, group[0].w, spec.blend, device=x_in.device)
+        for j, tl in enumerate(group):
+            sl = slice(j * b, (j + 1) * b)
+            accumulate(canvas_c, wsum, tl, out_c[sl], weight)
+            if do_cfg:
+                accumulate(canvas_u, wsum_u, tl, out_u[sl], weight)
+    out_c = finish(canvas_c, wsum).to(x_in.dtype)
+    out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
+    return out_c, out_u
+
+
+@torch.no_grad()
+def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
+    """Run the scheduler over `inp.timesteps`; returns the final latents."""
+    stats = stats if stats is not None else LoopStats()
+    sched, latents = inp.scheduler, inp.latents
+    steps = len(inp.timesteps)
+    gen = list(inp.generators) if inp.generators else None
+    for i, t in enumerate(inp.timesteps):
+        _check_cancel(inp.cancel)
+        scale = float(inp.scales[i])
+        do_cfg = needs_uncond(scale)
+        tiles = _tiles_for_step(inp, i)
+        stats.tiles_per_step = len(tiles)
+        x_in = sched.scale_model_input(latents, t)
+        out_c, out_u = _run_tiles(inp, x_in, t, inp.conditioning(i), tiles, i, steps, do_cfg, stats)
+        if not do_cfg:
+            stats.evals_saved += len(tiles)
+        model_out = apply_cfg(out_u, out_c, scale, inp.rescale) if do_cfg else out_c
+        stats.scales.append(scale)
+        step_index = getattr(sched, "step_index", None)
+        extra = {"generator": gen} if gen is not None else {}
+        latents = sched.step(model_out, t, latents, return_dict=False, **extra)[0]
+        stats.steps_done += 1
+        if inp.callback is not None:
+            idx = step_index if step_index is not None else i
+            x0 = predict_x0(sched, x_in, model_out, idx, t)
+            inp.callback(StepInfo(i, steps, t, latents, x0))
+    return latents

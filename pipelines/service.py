@@ -1,0 +1,264 @@
+"""The UI's backend: plain callables over the engine (flat values in, events out), so `ui/` needs no torch.
+
+`generate`/`upscale` run the engine in a worker thread and yield `Progress` events (with TAESD previews) and a
+final `Done`. Closing the generator (Gradio's Stop button, a client that went away) sets the cancel token;
+the loop stops within one step and the GPU lock is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from pipelines.errors import TesseraError, ValidationError
+from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
+
+log = logging.getLogger(__name__)
+
+CONTROL_KEYS = {"control_type": "type", "control_model": "model", "control_scale": "scale", "control_start": "start",
+                "control_end": "end", "control_low": "low", "control_high": "high", "control_guess_mode": "guess_mode"}
+_EXTRA_KEYS = {"preset", "init_image", "preview_every", "control_image", *CONTROL_KEYS}
+
+
+@dataclass
+class Progress:
+    """A step finished: counts, estimated seconds left, and (every few steps) a preview image."""
+
+    step: int
+    total: int
+    eta_s: float | None
+    preview: Image.Image | None
+    stage: str = "draft"
+
+
+@dataclass
+class Done:
+    """The run finished: images (already saved), their files and metadata."""
+
+    images: list[Image.Image]
+    paths: list[str]
+    infotexts: list[str]
+    seeds: list[int]
+    stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Timer:
+    """Steps/second over the run so far -> ETA; stage changes restart the step count."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.stage, self.last_step = "draft", -1
+
+    def tick(self, step: int, total: int) -> tuple[str, float | None]:
+        if step <= self.last_step:
+            self.stage, self.start = "refine", time.perf_counter()
+        self.last_step = step
+        done = step + 1
+        elapsed = time.perf_counter() - self.start
+        return self.stage, (elapsed / done * (total - done)) if done else None
+
+
+class Backend:
+    """Callables the UI and the Gradio API use. One instance per app."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    # ------------------------------------------------------------ requests
+    def request(self, values: dict[str, Any]) -> GenerationRequest:
+        """Flat UI/API values (None = preset/default) -> a validated request."""
+        from pipelines.presets import load_presets
+
+        values = {k: v for k, v in values.items() if v is not None and not (isinstance(v, str) and v == "" and
+                                                                              k not in ("prompt", "negative_prompt"))}
+        base = GenerationRequest(model=self.engine.default_model)
+        preset = values.get("preset")
+        if preset:
+            presets = load_presets()
+            if preset not in presets:
+                raise ValidationError("preset", preset, f"must be one of: {', '.join(presets)}")
+            base = presets[preset].apply(base)
+        flat = {k: v for k, v in values.items() if k not in _EXTRA_KEYS}
+        if isinstance(flat.get("loras"), str):
+            flat["loras"] = tuple(s.strip() for s in flat["loras"].split(",") if s.strip())
+        req = from_flat(flat, base, source="the request")
+        extra: dict[str, Any] = {}
+        if values.get("init_image") is not None:
+            extra["init_image"] = _image(values["init_image"], "init_image")
+        if values.get("control_image") is not None:
+            unit = {CONTROL_KEYS[k]: v for k, v in values.items() if k in CONTROL_KEYS}
+            extra["control"] = (ControlUnit(image=_image(values["control_image"], "control_image"), **unit),)
+        return self.engine.check(from_flat(extra, req)) if extra else self.engine.check(req)
+
+    def check(self, values: dict[str, Any]) -> None:
+        self.request(values)
+
+    # ------------------------------------------------------------ long-running calls
+    def generate(self, values: dict[str, Any]) -> Iterator[Progress | Done]:
+        req = self.request(values)
+        every = int(values.get("preview_every") or 0)
+        return self._stream(lambda cb, cancel: self.engine.generate(req, callback=cb, cancel=cancel), every)
+
+    def upscale(self, values: dict[str, Any]) -> Iterator[Progress | Done]:
+        image = _image(values.get("image"), "image")
+        kwargs = {k: values[k] for k in ("upscaler", "scale", "denoise", "prompt", "negative_prompt", "model",
+                                         "steps", "seed") if values.get(k) is not None}
+        return self._stream(lambda cb, cancel: self.engine.upscale(image, callback=cb, cancel=cancel, **kwargs), 0)
+
+    def _stream(self, run, preview_every: int) -> Iterator[Progress | Done]:
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        timer = _Timer()
+
+        def callback(info) -> None:
+            stage, eta = timer.tick(info.step, info.total)
+            preview = None
+            if preview_every and (info.step + 1) % preview_every == 0 and info.step + 1 < info.total:
+                preview = self._preview(info.denoised)
+            events.put(Progress(info.step + 1, info.total, eta, preview, stage))
+
+        def work() -> None:
+            try:
+                events.put(run(callback, cancel))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                events.put(exc)
+
+        worker = threading.Thread(target=work, name="tessera-generate", daemon=True)
+        worker.start()
+        return self._consume(events, cancel, worker)
+
+    @staticmethod
+    def _consume(events: queue.Queue, cancel: threading.Event, worker: threading.Thread):
+        try:
+            while True:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Progress):
+                    yield item
+                    continue
+                yield Done(item.images, [str(p) for p in item.paths], item.infotexts, item.seeds, item.stats,
+                           item.warnings)
+                return
+        finally:
+            cancel.set()  # Stop / client gone: the loop sees it at its next step and releases the GPU lock
+            worker.join(timeout=120)
+
+    def _preview(self, denoised) -> Image.Image | None:
+        from pipelines.vae_io import preview
+
+        model = self.engine.manager._current
+        try:
+            return preview(model, denoised) if model is not None else None
+        except Exception as exc:  # a preview must never break a generation
+            log.warning("preview failed: %s", exc)
+            return None
+
+    # ------------------------------------------------------------ small services
+    def describe(self, values: dict[str, Any]) -> str:
+        """What these settings will do, with the planner's estimate (markdown)."""
+        from pipelines.presets import load_presets
+
+        try:
+            req = self.request(values)
+        except TesseraError as exc:
+            return f"**Check settings:** {exc}"
+        lines = []
+        preset = values.get("preset")
+        if preset:
+            lines.append(f"**{preset}**: {load_presets()[preset].description}")
+        stage = f"{req.width}×{req.height}, {req.steps} steps {req.sampler}, CFG `{req.cfg}`"
+        if req.hires.enabled:
+            from pipelines.hires import hires_denoise
+            from pipelines.request import hires_target
+
+            tw, th = hires_target(req.width, req.height, req.hires.scale)
+            stage += (f" → {req.hires.upscaler} ×{req.hires.scale:g} to {tw}×{th}, refine "
+                      f"{req.hires.steps or req.steps} steps at denoise {hires_denoise(req):g}")
+            plan = self.engine.plan(req, width=tw, height=th)
+        else:
+            plan = self.engine.plan(req)
+        lines.append(stage)
+        lines.append(f"Plan: {plan.describe()}")
+        return "\n\n".join(lines)
+
+    def token_count(self, model: str, text: str) -> str:
+        try:
+            return self.engine.count_tokens(model or self.engine.default_model, text or "")
+        except Exception as exc:  # the counter is advisory: never fail the page for it
+            log.debug("token count unavailable: %s", exc)
+            return ""
+
+    def cfg_plot(self, cfg: str, steps: int) -> Image.Image:
+        from pipelines.guidance import parse_cfg, plot_schedule
+
+        return plot_schedule(parse_cfg(cfg), max(1, int(steps or 1)))
+
+    def read_info(self, image) -> tuple[str, dict]:
+        from pipelines.metadata import read_parameters, request_from_infotext
+
+        if image is None:
+            raise ValidationError("image", None, "is required: upload a PNG made by Tessera or A1111")
+        text = read_parameters(image)
+        if not text:
+            raise ValidationError("image", "upload", "has no generation parameters (a PNG from Tessera/A1111 has them)")
+        return text, flatten(request_from_infotext(text))
+
+    def control_preview(self, image, type: str, low: int, high: int) -> Image.Image:
+        from pipelines.control_units import control_map
+
+        unit = ControlUnit(image=_image(image, "control_image"), type=type, low=int(low), high=int(high))
+        return control_map(unit, self.engine.manager.models_dir)
+
+    def choices(self) -> dict[str, Any]:
+        from pipelines.control import PREPROCESSORS, list_controlnets
+        from pipelines.presets import load_presets
+        from pipelines.schedulers import sampler_names
+        from pipelines.upscale import LATENT_MIN_DENOISE, list_upscalers
+
+        models_dir = self.engine.manager.models_dir
+        defaults = flatten(GenerationRequest(model=self.engine.default_model))
+        return {
+            "models": self.engine.manager.list_models(), "samplers": sampler_names(),
+            "upscalers": list_upscalers(models_dir), "controlnets": list_controlnets(models_dir),
+            "preprocessors": list(PREPROCESSORS),
+            "presets": {n: p.description for n, p in load_presets().items()},
+            "defaults": defaults, "default_model": self.engine.default_model,
+            "latent_min_denoise": LATENT_MIN_DENOISE,
+        }
+
+    def preset_values(self, name: str) -> dict[str, Any]:
+        from pipelines.presets import load_presets
+
+        presets = load_presets()
+        if name not in presets:
+            raise ValidationError("preset", name, f"must be one of: {', '.join(presets)}")
+        return dict(presets[name].values)
+
+
+def _image(value: Any, name: str) -> Image.Image:
+    """An upload (PIL image, numpy array, file path) -> a checked RGB PIL image."""
+    from pipelines.control import load_control_image
+
+    if value is None:
+        raise ValidationError(name, None, "is required: upload an image")
+    try:
+        return load_control_image(value)
+    except ValidationError as exc:
+        raise ValidationError(name, exc.value, exc.fix) from None
+
+
+def make_backend(engine) -> Backend:
+    """The backend the UI is composed with (app.py)."""
+    return Backend(engine)
+
+
+__all__ = ["Backend", "Done", "Progress", "make_backend"]
