@@ -1,0 +1,80 @@
+"""Tessera: fast high-resolution Stable Diffusion in the browser.
+
+`python app.py` starts the web UI; `python app.py generate ...` / `python app.py upscale ...` run headless.
+Nothing is loaded or downloaded at import time (Hugging Face Spaces imports this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("tessera")
+
+
+def ui_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description="Start the Tessera web UI. "
+                                "Subcommands: generate, upscale (see `python app.py generate --help`).")
+    p.add_argument("--model", default=None, help="model loaded first (default: stable-diffusion-v1-5, "
+                                                  "or tiny when offline)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (use --auth!)")
+    p.add_argument("--auth", default=None, help="user:password required to open the UI")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--queue-size", type=int, default=16, help="maximum waiting requests before new ones are refused")
+    return p
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """"user:pass" -> (user, pass); raises SystemExit with a clear message when malformed."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("error: `--auth` must be user:password, got " + repr(text))
+    return user, password
+
+
+def build_demo(args: argparse.Namespace):
+    """Compose the engine with the UI (no weights are loaded until the first request)."""
+    from pipelines.engine import Engine
+    from pipelines.models import ModelManager
+    from ui.app import create_demo
+
+    manager = ModelManager(args.models_dir, device=args.device, dtype=args.dtype, attention=args.attention,
+                           compile_unet=args.compile, offload=args.offload)
+    engine = Engine(manager, args.out)
+    if args.model:
+        engine.default_model = args.model
+    return create_demo(engine, queue_size=args.queue_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("generate", "upscale"):
+        from cli import main as cli_main
+
+        return cli_main(argv)
+    args = ui_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    auth = parse_auth(args.auth)
+    if args.share and auth is None:
+        log.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
+    demo = build_demo(args)
+    from ui.app import launch_kwargs
+
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_kwargs())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The command line: outputs, help, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.metadata import read_parameters, request_from_infotext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_generate_writes_png_with_parameters(tmp_path, tiny_cache):
+    out = tmp_path / "out"
+    r = run_cli("generate", "--model", "tiny", "--prompt", "a (red:1.2) fox", "--negative-prompt", "blur",
+                "--width", "96", "--height", "64", "--steps", "3", "--cfg", "6.5", "--sampler", "Euler a",
+                "--seed", "5", "--batch", "2", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(line) for line in r.stdout.splitlines()]
+    assert len(paths) == 2 and all(p.exists() for p in paths)
+    for p, seed in zip(paths, (5, 6)):
+        img = Image.open(p)
+        assert img.size == (96, 64) and img.format == "PNG"
+        req = request_from_infotext(read_parameters(p))
+        assert (req.prompt, req.negative_prompt, req.steps, req.cfg, req.sampler, req.seed, req.width, req.height) == (
+            "a (red:1.2) fox", "blur", 3, "6.5", "Euler a", seed, 96, 64)
+
+
+def test_generate_help_documents_every_option(tmp_path):
+    r = run_cli("generate", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    for opt in ("--prompt", "--negative-prompt", "--width", "--height", "--steps", "--cfg", "--sampler", "--seed",
+                "--batch", "--out", "--model", "--hires-scale", "--tile-size", "--control", "--vae-tiling"):
+        assert opt in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--width", "1001"], "`width` must be a multiple of 8; try 1000 or 1008, got 1001"),
+        (["--height", "16"], "`height` must be between 64 and 8192"),
+        (["--steps", "0"], "`steps` must be between 1 and 150"),
+        (["--steps", "100000"], "`steps` must be between 1 and 150"),
+        (["--sampler", "Eulerish"], "`sampler` must be one of"),
+        (["--model", "no-such-model"], "`model` is not a known model"),
+        (["--model", "../../etc/passwd"], "`model`"),
+        (["--strength", "1.5"], "`strength` must be between 0 and 1"),
+        (["--cfg", "lots"], "`cfg` must be a number or one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_cache, args, expect):
+    r = run_cli("generate", "--model", "tiny", "--prompt", "x", "--steps", "2", *args, "--out", str(tmp_path),
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert expect in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_unreadable_model_file(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"this is not a checkpoint")
+    r = run_cli("generate", "--model", str(bad), "--prompt", "x", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "could not read model file broken.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_offline_hub_model_says_could_not_download(tmp_path):
+    r = run_cli("generate", "--model", "Lykon/dreamshaper-8", "--prompt", "x", "--steps", "1", cwd=tmp_path,
+                env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2
+    assert "could not download Lykon/dreamshaper-8 (offline?)" in r.stderr and "Traceback" not in r.stderr
