@@ -280,7 +280,7 @@ def validate_tiling(t: TileConfig) -> TileConfig:
     _choice("tile_mode", t.mode, ("auto", "on", "off"))
     _choice("tile_blend", t.blend, ("average", "gaussian"))
     _choice("vae_tiling", t.vae_tiling, ("auto", "on", "off"))
-    size = _optional_positive_int("tile_size", t.size, 16, 256)
+    size = _optional_positive_int("tile_size", t.size, 8, 256)
     overlap = _optional_positive_int("tile_overlap", t.overlap, 0, 128)
     if size is not None and overlap is not None and overlap >= size:
         raise ValidationError("tile_overlap", overlap, f"must be smaller than tile_size ({size})")

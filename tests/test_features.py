@@ -1,0 +1,211 @@
+"""Feature tests through the engine on the tiny models: long/scheduled prompts, metadata reproduction, tiling,
+two-stage generation and ControlNet."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.errors import TesseraError, ValidationError
+from pipelines.metadata import read_parameters, request_from_infotext
+from pipelines.request import ControlUnit, HiresConfig, TileConfig
+
+
+def _arr(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+# ---------------------------------------------------------------- prompts (issue 4)
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model):
+    from pipelines.prompts import PromptEncoder
+
+    head = "lorem " * 60  # 300 character tokens: chunk 5 starts after them
+    a, b = head + "tail words here", head + "other birds there"
+    loaded = manager.get(model)
+    enc = PromptEncoder(loaded.tokenizers, loaded.text_encoders, sdxl=loaded.is_sdxl)
+    assert enc.chunk_count(a) == 5
+    img_a = engine.generate(req_factory(model=model, prompt=a), save=False).images[0]
+    img_b = engine.generate(req_factory(model=model, prompt=b), save=False).images[0]
+    assert np.abs(_arr(img_a) - _arr(img_b)).mean() > 0.5, "words in the 5th chunk were ignored (truncated?)"
+
+
+def test_prompt_scheduling_reaches_the_loop(manager, engine):
+    from pipelines.prompts import PromptEncoder
+    from pipelines.stages import StageSpec, run_stage
+    from tests.test_loop import PointwiseUNet
+
+    model = manager.get("tiny")
+    enc = PromptEncoder(model.tokenizers, model.text_encoders, sdxl=False)
+    spy = PointwiseUNet()
+    spec = StageSpec(prompt="[cat:dog:0.5] and [red|blue]", negative_prompt="", width=64, height=64, steps=4,
+                     sampler="Euler", cfg="5", seeds=[1])
+    run_stage(model, spec, cache=engine.prompt_cache, unet=spy)
+    expected = ["cat and red", "cat and blue", "dog and red", "dog and blue"]
+    for call, text in zip(spy.calls, expected, strict=True):
+        want = enc.encode(text).embeds
+        assert torch.allclose(call["enc"][1:2], want), f"step got the wrong conditioning, expected {text!r}"
+
+
+# ---------------------------------------------------------------- metadata reproduces the image (issue 5)
+def test_png_parameters_regenerate_the_identical_image(engine, req_factory):
+    req = req_factory(prompt="a (castle:1.2) [day:night:0.5]", negative_prompt="fog, [rain]", sampler="Euler a",
+                      cfg="cosine(9,4), rescale=0.7", steps=4, seed=1234)
+    first = engine.generate(req)
+    again_req = request_from_infotext(read_parameters(first.paths[0]))
+    again = engine.generate(again_req)
+    assert first.paths[0].read_bytes() != b"" and again.paths[0] != first.paths[0]
+    assert np.array_equal(_arr(Image.open(first.paths[0])), _arr(Image.open(again.paths[0])))
+
+
+def test_guidance_interval_saves_unet_evaluations(engine, req_factory):
+    full = engine.generate(req_factory(steps=10, cfg="7"), save=False)
+    interval = engine.generate(req_factory(steps=10, cfg="interval(7,0.3,0.6)"), save=False)
+    assert full.stats["unet_evals"] == 20
+    assert interval.stats["unet_evals"] == 20 - interval.stats["evals_saved"]
+    assert interval.stats["evals_saved"] / full.stats["unet_evals"] >= 0.3
+    assert "UNet evals saved: " in interval.infotexts[0]
+
+
+# ---------------------------------------------------------------- tiling (issue 6)
+def test_tiled_run_reports_plan_and_seam_score(engine, req_factory):
+    res = engine.generate(req_factory(width=256, height=192, tiling=TileConfig(mode="on", size=16, overlap=8)))
+    assert res.stats["tiles_per_step"] > 1
+    assert res.stats["seam_score"] is not None and np.isfinite(res.stats["seam_score"])
+    text = read_parameters(res.paths[0])
+    assert "Seam score: " in text and "Tile plan: " in text
+    assert request_from_infotext(text).tiling == res.request.tiling
+
+
+def test_gaussian_overlap_blending_has_lower_seam_score_than_no_overlap(engine, req_factory):
+    from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
+
+    def run(overlap, blend):
+        tiling = TileConfig(mode="on", size=16, overlap=overlap, blend=blend)
+        return engine.generate(req_factory(width=384, height=384, steps=4, tiling=tiling), save=False).images[0]
+
+    hard, soft = run(0, "average"), run(8, "gaussian")
+    xs, ys = tile_boundaries(plan_tiles(48, 48, 16, 0), scale=8)  # the hard grid's seams, measured on both
+    s_hard, s_soft = seam_score(hard, xs, ys), seam_score(soft, xs, ys)
+    assert s_soft < s_hard, (s_soft, s_hard)
+
+
+def test_auto_tiling_switches_on_over_the_memory_budget(engine, req_factory):
+    small = engine.generate(req_factory(width=128, height=128), save=False)
+    assert small.stats["tiles_per_step"] == 1
+    tight = engine.generate(req_factory(width=128, height=128, tiling=TileConfig(memory_budget_gb=0.5, size=8,
+                                                                                   overlap=2)), save=False)
+    assert tight.stats["tiles_per_step"] > 1
+
+
+# ---------------------------------------------------------------- two-stage (issue 7)
+def test_hires_doubles_the_size_and_reuses_stage1(engine, req_factory):
+    req = req_factory(hires=HiresConfig(scale=2, upscaler="lanczos", denoise=0.5, steps=2))
+    first = engine.generate(req, save=False)
+    assert first.images[0].size == (128, 128)
+    runs = engine.stage1_runs
+    changed = engine.generate(replace(req, hires=replace(req.hires, denoise=0.3, upscaler="latent-bicubic")), save=False)
+    assert engine.stage1_runs == runs, "stage 1 ran again although only stage-2 settings changed"
+    assert changed.images[0].size == (128, 128)
+    engine.generate(replace(req, seed=99), save=False)
+    assert engine.stage1_runs == runs + 1
+    text = first.infotexts[0]
+    for key in ("Denoising strength: 0.5", "Hires upscale: 2", "Hires steps: 2", "Hires upscaler: Lanczos"):
+        assert key in text
+
+
+def test_hires_denoise_zero_returns_the_upscaled_draft(engine, req_factory):
+    draft = engine.generate(req_factory(), save=False).images[0]
+    up = engine.generate(req_factory(hires=HiresConfig(scale=2, upscaler="lanczos", denoise=0.0)), save=False)
+    assert np.array_equal(_arr(up.images[0]), _arr(draft.resize((128, 128), Image.LANCZOS)))
+
+
+def test_latent_upscaler_defaults_to_high_denoise_and_warns_below(engine, req_factory):
+    from pipelines.hires import hires_denoise
+
+    assert hires_denoise(req_factory(hires=HiresConfig(scale=2, upscaler="latent"))) >= 0.5
+    res = engine.generate(req_factory(hires=HiresConfig(scale=1.5, upscaler="latent", denoise=0.2, steps=2)),
+                          save=False)
+    assert res.images[0].size == (96, 96)
+    assert any("blurry" in w for w in res.warnings)
+
+
+def test_esrgan_upscaler_from_models_folder(engine, req_factory, manager):
+    from safetensors.torch import save_file
+
+    from tests.test_upscale import rrdb_state_dict
+
+    folder = manager.models_dir / "upscalers"
+    folder.mkdir(exist_ok=True)
+    save_file(rrdb_state_dict(), folder / "x4-test.safetensors")
+    res = engine.generate(req_factory(hires=HiresConfig(scale=2, upscaler="x4-test.safetensors", denoise=0.3,
+                                                        steps=2)), save=False)
+    assert res.images[0].size == (128, 128)
+    up = engine.upscale(Image.new("RGB", (40, 48), "red"), upscaler="x4-test.safetensors", scale=3, save=False)
+    assert up.images[0].size == (120, 144)
+
+
+@pytest.mark.parametrize(
+    ("hires", "msg"),
+    [
+        (HiresConfig(scale=2, upscaler="no-such-upscaler"), "hires_upscaler"),
+        (HiresConfig(scale=2, upscaler="../../etc/passwd"), "hires_upscaler"),
+        (HiresConfig(scale=0.5), "hires_scale"),
+        (HiresConfig(scale=9), "hires_scale"),
+        (HiresConfig(scale=2, denoise=1.5), "hires_denoise"),
+    ],
+)
+def test_hires_bad_input(engine, req_factory, hires, msg):
+    with pytest.raises(ValidationError, match=msg):
+        engine.generate(req_factory(hires=hires), save=False)
+
+
+def test_upscale_entry_point_bad_input(engine, manager):
+    (manager.models_dir / "upscalers").mkdir(exist_ok=True)
+    (manager.models_dir / "upscalers" / "fake.pth").write_bytes(b"not a model at all")
+    img = Image.new("RGB", (64, 64))
+    with pytest.raises(TesseraError, match="fake.pth"):
+        engine.upscale(img, upscaler="fake.pth", scale=2, save=False)
+    with pytest.raises(ValidationError, match="image"):
+        engine.upscale(b"not an image", scale=2, save=False)
+    with pytest.raises(ValidationError, match="scale"):
+        engine.upscale(img, scale=1.0, save=False)
+
+
+# ---------------------------------------------------------------- ControlNet (issue 8)
+def _control_image() -> Image.Image:
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[16:48, 16:48] = 255
+    return Image.fromarray(arr)
+
+
+def test_controlnet_scale_zero_is_uncontrolled_and_scale_one_changes(engine, req_factory):
+    plain = engine.generate(req_factory(), save=False).images[0]
+    zero = engine.generate(req_factory(control=(ControlUnit(_control_image(), "canny", scale=0.0),)), save=False)
+    assert np.array_equal(_arr(plain), _arr(zero.images[0]))
+    one = engine.generate(req_factory(control=(ControlUnit(_control_image(), "canny", scale=1.0),)), save=False)
+    assert not np.array_equal(_arr(plain), _arr(one.images[0]))
+    window = engine.generate(req_factory(control=(ControlUnit(_control_image(), "canny", start=0.5, end=0.5),)),
+                             save=False)
+    assert np.array_equal(_arr(plain), _arr(window.images[0]))
+
+
+def test_controlnet_in_tiled_and_two_stage_runs(engine, req_factory):
+    unit = ControlUnit(_control_image(), "canny", scale=1.0)
+    tiled = engine.generate(req_factory(width=128, height=96, control=(unit,),
+                                        tiling=TileConfig(mode="on", size=8, overlap=2)), save=False)
+    assert tiled.stats["tiles_per_step"] > 1 and tiled.images[0].size == (128, 96)
+    two = engine.generate(req_factory(control=(unit,), hires=HiresConfig(scale=2, denoise=0.5, steps=2)), save=False)
+    assert two.images[0].size == (128, 128)
+
+
+def test_control_bad_upload_and_unknown_model(engine, req_factory):
+    with pytest.raises(ValidationError, match="control"):
+        engine.generate(req_factory(control=(ControlUnit(b"GIF89a garbage", "canny"),)), save=False)
+    with pytest.raises(TesseraError, match="no-such-cn|controlnet|ControlNet"):
+        engine.generate(req_factory(control=(ControlUnit(_control_image(), "canny", model="no-such-cn"),)),
+                        save=False)
