@@ -48,6 +48,7 @@ def build_demo(args: argparse.Namespace):
     """Compose the engine with the UI (no weights are loaded until the first request)."""
     from pipelines.engine import Engine
     from pipelines.models import ModelManager
+    from pipelines.service import make_backend
     from ui.app import create_demo
 
     manager = ModelManager(args.models_dir, device=args.device, dtype=args.dtype, attention=args.attention,
@@ -55,7 +56,7 @@ def build_demo(args: argparse.Namespace):
     engine = Engine(manager, args.out)
     if args.model:
         engine.default_model = args.model
-    return create_demo(engine, queue_size=args.queue_size)
+    return create_demo(make_backend(engine), queue_size=args.queue_size)
 
 
 def main(argv: list[str] | None = None) -> int:

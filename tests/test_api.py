@@ -1,0 +1,120 @@
+"""The real app (engine + tiny model) through gradio_client: /generate and /upscale by parameter name."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from pipelines.metadata import request_from_infotext
+from pipelines.presets import load_presets
+from pipelines.request import hires_target
+
+pytestmark = pytest.mark.xdist_group("gradio-app")
+log = logging.getLogger(__name__)
+
+TINY = {"model": "tiny", "width": 64, "height": 64, "steps": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(manager, tmp_path_factory):
+    """The real app on the tiny model, on a free local port; yields (url, engine)."""
+    from pipelines.engine import Engine
+    from pipelines.service import make_backend
+    from ui.app import create_demo, launch_kwargs
+
+    engine = Engine(manager, tmp_path_factory.mktemp("api-outputs"))
+    engine.default_model = "tiny"
+    demo = create_demo(make_backend(engine), queue_size=8)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/", engine
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app, tmp_path_factory) -> Client:
+    return Client(app[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def check_png(path: str, size: tuple[int, int]) -> str:
+    """The file is a PNG of `size` with a `parameters` text chunk; returns that text."""
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == size
+        return img.info["parameters"]
+
+
+def test_generate_by_parameter_name(client):
+    files, texts = client.predict(prompt="a red fox in the snow", negative_prompt="blurry", model="tiny", width=64,
+                                  height=72, steps=3, cfg="linear(4,9)", sampler="Euler a", seed=42, batch_size=2,
+                                  api_name="/generate")
+    assert len(files) == len(texts) == 2
+    for i, (path, text) in enumerate(zip(files, texts)):
+        params = check_png(path, (64, 72))
+        assert params == text
+        req = request_from_infotext(params)
+        assert (req.prompt, req.negative_prompt, req.seed, req.steps) == ("a red fox in the snow", "blurry", 42 + i, 3)
+        assert (req.width, req.height, req.sampler, req.cfg, req.model) == (64, 72, "Euler a", "linear(4,9)", "tiny")
+
+
+@pytest.mark.parametrize("preset", list(load_presets()))
+def test_every_preset_generates_on_tiny(client, preset):
+    values = load_presets()[preset].values
+    files, texts = client.predict(prompt=f"{preset} test", preset=preset, seed=7, hires_steps=1, tile_size=16,
+                                  tile_overlap=4, **TINY, api_name="/generate")
+    scale = float(values.get("hires_scale", 1) or 1)
+    size = hires_target(64, 64, scale) if scale > 1 else (64, 64)
+    req = request_from_infotext(check_png(files[0], size))
+    assert (req.prompt, req.seed, req.steps, req.sampler) == (f"{preset} test", 7, 2, values["sampler"])
+    assert req.cfg == values["cfg"] and req.vae_decode == values["vae_decode"]
+    assert req.hires.scale == scale
+
+
+def test_bad_request_is_a_clear_error_and_the_server_keeps_answering(client):
+    with pytest.raises(AppError, match="multiple of 8") as err:
+        client.predict(prompt="x", model="tiny", width=1001, height=64, steps=2, api_name="/generate")
+    assert "`width`" in str(err.value)
+    with pytest.raises(AppError, match="preset"):
+        client.predict(prompt="x", preset="no-such-tier", **TINY, api_name="/generate")
+    files, _ = client.predict(prompt="still alive", seed=1, **TINY, api_name="/generate")
+    check_png(files[0], (64, 64))
+
+
+def test_upscale_by_parameter_name(client, tmp_path):
+    src = tmp_path / "small.png"
+    Image.new("RGB", (48, 40), (200, 60, 30)).save(src)
+    path, text = client.predict(image=handle_file(str(src)), upscaler="lanczos", scale=2, api_name="/upscale")
+    assert check_png(path, (96, 80)) == text
+    assert "Hires upscaler: lanczos" in text
+
+
+def test_upscale_with_refine(client, tmp_path):
+    src = tmp_path / "small.png"
+    Image.new("RGB", (64, 64), (20, 120, 200)).save(src)
+    path, text = client.predict(image=handle_file(str(src)), upscaler="lanczos", scale=1.5, denoise=0.3,
+                                prompt="sharper", model="tiny", steps=2, seed=3, api_name="/upscale")
+    req = request_from_infotext(check_png(path, (96, 96)))
+    assert (req.prompt, req.seed, req.width, req.height) == ("sharper", 3, 96, 96)
+    with pytest.raises(AppError, match="scale"):
+        client.predict(image=handle_file(str(src)), scale=20, api_name="/upscale")
+
+
+def test_api_is_documented_with_named_parameters(client):
+    info = client.view_api(print_info=False, return_format="dict")
+    gen = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
+    assert gen[:4] == ["prompt", "negative_prompt", "preset", "model"]
+    assert all(p["parameter_has_default"] for p in info["named_endpoints"]["/generate"]["parameters"])
+    assert "/upscale" in info["named_endpoints"]

@@ -1,0 +1,189 @@
+"""The real app on the tiny model, driven in Debian's chromium through Playwright: generate, then Stop."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STEP_DELAY_S = 0.05  # the Stop test slows each engine step a little, so it can click Stop mid-run
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing; fails loudly when that is impossible."""
+    if not Path(CHROMIUM).exists():
+        if shutil.which("apt-get") is None:
+            pytest.fail("chromium is missing and apt-get is not available to install it")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+            if proc.returncode != 0:
+                pytest.fail(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} still missing after apt-get install chromium")
+    return CHROMIUM
+
+
+class StepCounter:
+    """Wraps the engine's generate to count denoising steps (optionally slowed) and see runs end."""
+
+    def __init__(self, engine):
+        self.engine, self.real = engine, engine.generate
+        self.steps = 0
+        self.after_cancel = 0  # steps that ran after the run's cancel token was set
+        self.delay = 0.0
+        self.finished = 0
+        self.lock = threading.Lock()
+        engine.generate = self.generate
+
+    def generate(self, req, *, callback=None, cancel=None, **kw):
+        def counting(info):
+            with self.lock:
+                self.steps += 1
+                self.after_cancel += bool(cancel is not None and cancel.is_set())
+            if self.delay:
+                time.sleep(self.delay)
+            if callback is not None:
+                callback(info)
+
+        result = self.real(req, callback=counting, cancel=cancel, **kw)
+        self.finished += 1
+        return result
+
+
+@pytest.fixture(scope="module")
+def app(manager, tmp_path_factory):
+    """The real app on tiny, on a free local port: (url, engine, step counter)."""
+    from pipelines.engine import Engine
+    from pipelines.service import make_backend
+    from ui.app import create_demo, launch_kwargs
+
+    engine = Engine(manager, tmp_path_factory.mktemp("browser-outputs"))
+    engine.default_model = "tiny"
+    counter = StepCounter(engine)
+    demo = create_demo(make_backend(engine), queue_size=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/", engine, counter
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(app[0])
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    """Type into the number box of a slider or number widget and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose `option` in a dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.locator("ul[role=listbox] li", has_text=option).first.click()
+
+
+def gallery_sources(page) -> list[str]:
+    return page.locator("#gallery img").evaluate_all(
+        "imgs => imgs.filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_generate_in_the_browser(page, app):
+    pick(page, "preset", "draft")
+    page.wait_for_function("document.querySelector('#plan').innerText.includes('draft')")
+    page.locator("#prompt textarea").fill("a lighthouse on a cliff at dawn")
+    set_number(page, "width", 64)
+    set_number(page, "height", 64)
+    page.wait_for_function("document.querySelector('#plan').innerText.includes('64×64')")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length > 0 && "
+                           "[...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)")
+    assert any("/gradio_api/file=" in src for src in gallery_sources(page))
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Seed:')")
+    infotext = page.locator("#infotext textarea").input_value()
+    assert infotext.startswith("a lighthouse on a cliff at dawn") and "Size: 64x64" in infotext
+    assert "Steps: 8" in infotext  # the draft preset's steps
+    src = next(s for s in gallery_sources(page) if "/gradio_api/file=" in s)
+    with Image.open(io.BytesIO(page.request.get(src).body())) as served:  # what the download button saves
+        assert served.format == "PNG" and served.size == (64, 64)
+        assert served.info["parameters"] == infotext
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
+
+
+def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
+    _, engine, counter = app
+    page.locator("#advanced").get_by_text("Advanced settings").click()
+    set_number(page, "steps", 150)
+    set_number(page, "width", 64)
+    set_number(page, "height", 64)
+    page.locator("#prompt textarea").fill("a long run to stop")
+    before_src = gallery_sources(page)
+    counter.delay, start_steps, start_finished = STEP_DELAY_S, counter.steps, counter.finished
+    page.click("#generate")
+    wait_for(lambda: counter.steps - start_steps >= 5, 30, "the long run to start")
+    page.click("#stop")
+    clicked_at, steps_at_click = time.monotonic(), counter.steps
+    counter.after_cancel = 0
+    wait_for(lambda: not engine.gpu_lock.locked(), 30, "the GPU lock to be released")
+    stopped_after_s = time.monotonic() - clicked_at
+    extra_steps = counter.steps - steps_at_click
+    log.info("Stop: %d steps after the click, %d after the cancel token, GPU free after %.2f s",
+             extra_steps, counter.after_cancel, stopped_after_s)
+    assert counter.finished == start_finished, "the stopped run must not finish"
+    assert counter.steps - start_steps < 150
+    assert counter.after_cancel <= 2  # once the server closes the run, the loop stops within ~2 steps
+    assert stopped_after_s < 3.0  # click -> server -> GPU lock free, end to end
+    page.wait_for_function("document.querySelector('#progress').innerText.includes('Stopped')")
+
+    counter.delay = 0.0
+    set_number(page, "steps", 3)
+    page.locator("#prompt textarea").fill("after the stop")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.startsWith('after the stop')")
+    assert counter.finished == start_finished + 1
+    assert gallery_sources(page) != before_src

@@ -1,0 +1,97 @@
+"""Named API endpoints (`gr.api`): /generate and /upscale, called by parameter name from gradio_client.
+
+Parameters are the request's flat field names; None (the default) means "the preset's value, else the default".
+Both return the saved PNG files (with their `parameters` metadata) and the parameters texts, and both run in the
+same "gpu" queue as the UI.
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    files, texts = client.predict(prompt="a fox", preset="fast", width=768, api_name="/generate")
+    file, text = client.predict(image=handle_file("fox.png"), scale=2, api_name="/upscale")
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from ui.components import request_value
+from ui.runner import GpuCalls, open_upload, result_files, run_to_done
+
+GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+IMAGE_PARAMS = ("init_image", "control_image")
+
+# /generate's parameters, in order: name -> type (every one optional).
+GENERATE_PARAMS: dict[str, Any] = {
+    "prompt": str, "negative_prompt": str, "preset": str, "model": str, "width": int, "height": int,
+    "steps": int, "cfg": str, "sampler": str, "seed": int, "batch_size": int, "loras": str,
+    "vae_decode": str, "emphasis": str, "clip_skip": int,
+    "hires_scale": float, "hires_upscaler": str, "hires_denoise": float, "hires_steps": int, "hires_sampler": str,
+    "hires_prompt": str, "hires_negative_prompt": str, "hires_cfg": str,
+    "tile_mode": str, "tile_size": int, "tile_overlap": int, "tile_blend": str, "tile_batch": int,
+    "tile_shift": bool, "vae_tiling": str, "vae_tile_size": int, "memory_budget_gb": float,
+    "init_image": FileData, "strength": float,
+    "control_image": FileData, "control_type": str, "control_model": str, "control_scale": float,
+    "control_start": float, "control_end": float, "control_low": int, "control_high": int,
+    "control_guess_mode": bool,
+}
+
+GENERATE_DOC = ("Generate images. Every parameter is optional: None uses the preset's value, else the default. "
+                "cfg is a schedule text (7, linear(4,9), interval(7.5,0.2,0.8), ...); loras is 'name:weight, ...'. "
+                "Returns (PNG files, their parameters texts).")
+
+
+def file_data(path: str) -> dict[str, Any]:
+    """A returned file as Gradio's FileData dict, which gradio_client downloads."""
+    return FileData(path=path, orig_name=Path(path).name, mime_type="image/png").model_dump()
+
+
+def make_generate(gpu: GpuCalls):
+    """The /generate function, its signature built from GENERATE_PARAMS so clients call it by name."""
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=t | None)
+              for n, t in GENERATE_PARAMS.items()]
+    returns = tuple[list[FileData], list[str]]
+    signature = inspect.Signature(params, return_annotation=returns)
+
+    def generate(*args: Any, **kwargs: Any) -> tuple[list[dict], list[str]]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = {n: request_value(n, v) for n, v in bound.arguments.items()}
+        for name in IMAGE_PARAMS:
+            values[name] = open_upload(values[name], name)
+        values["preview_every"] = 0
+        done = run_to_done(gpu.generate, values, "Generation")
+        return [file_data(p) for p in result_files(done)], list(done.infotexts)
+
+    generate.__signature__ = signature  # type: ignore[attr-defined]
+    generate.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
+    generate.__doc__ = GENERATE_DOC
+    return generate
+
+
+def make_upscale(gpu: GpuCalls):
+    """The /upscale function."""
+
+    def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
+                denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
+                model: str | None = None, steps: int | None = None, seed: int | None = None) -> tuple[FileData, str]:
+        """Upscale an image (lanczos or an upscaler model), refining it with img2img when denoise > 0.
+        Returns (the PNG file, its parameters text)."""
+        values = {"image": open_upload(image, "image"), "upscaler": upscaler, "scale": scale, "denoise": denoise,
+                  "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "steps": steps, "seed": seed}
+        if values["image"] is None:
+            raise gr.Error("`image` is required: send an image file", print_exception=False)
+        done = run_to_done(gpu.upscale, values, "Upscaling")
+        return file_data(result_files(done)[0]), done.infotexts[0] if done.infotexts else ""
+
+    return upscale
+
+
+def add_api(gpu: GpuCalls) -> None:
+    """Register /generate and /upscale (inside an open gr.Blocks)."""
+    gr.api(make_generate(gpu), api_name="generate", api_description=GENERATE_DOC, **GPU)
+    gr.api(make_upscale(gpu), api_name="upscale", **GPU)

@@ -1,0 +1,122 @@
+"""The one place where widgets get names: a `Form` maps request field names to Gradio components.
+
+Handlers never see positional lists. An event's inputs are a *set* of components, so Gradio hands the handler a
+dict {component: value}; `Form.values` turns it into {field name: value} and `Form.updates` turns
+{field name: value} back into {component: value} for the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import gradio as gr
+
+# Request fields a preset does not touch unless it names them: what the user is working on.
+USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength"})
+
+
+class Form:
+    """Named components of one tab; names are the backend's flat request field names."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, gr.components.Component] = {}
+        self._names: dict[int, str] = {}
+
+    def add(self, name: str, component: gr.components.Component) -> gr.components.Component:
+        """Register `component` under `name` (unique) and return it, so builders can write x = form.add(...)."""
+        if name in self.by_name:
+            raise ValueError(f"form field {name!r} registered twice")
+        self.by_name[name] = component
+        self._names[component._id] = name
+        return component
+
+    def __getitem__(self, name: str) -> gr.components.Component:
+        return self.by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def inputs(self, names: Iterable[str] | None = None) -> set[gr.components.Component]:
+        """A set of components (Gradio's dict-input form) for `names` (default: all)."""
+        return {self.by_name[n] for n in (self.by_name if names is None else names)}
+
+    def components(self, names: Iterable[str] | None = None) -> list[gr.components.Component]:
+        return [self.by_name[n] for n in (self.by_name if names is None else names)]
+
+    def values(self, data: dict[Any, Any]) -> dict[str, Any]:
+        """{component: value} from Gradio -> {name: value} for the components of this form in `data`."""
+        return {self._names[c._id]: v for c, v in data.items() if getattr(c, "_id", None) in self._names}
+
+    def updates(self, values: dict[str, Any]) -> dict[gr.components.Component, Any]:
+        """{name: backend value} -> {component: widget value}; names this form lacks are ignored."""
+        return {self.by_name[n]: widget_value(self.by_name[n], v) for n, v in values.items() if n in self.by_name}
+
+    def outputs(self, values: dict[str, Any]) -> dict[gr.components.Component, Any]:
+        """{name: value or gr.update} -> {component: same}, unconverted (for result widgets)."""
+        return {self.by_name[n]: v for n, v in values.items()}
+
+
+def widget_value(component: gr.components.Component, value: Any) -> Any:
+    """A backend value as the widget shows it: LoRA tuples and numbers in text boxes as text, None as ""."""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if value is None and isinstance(component, gr.Textbox | gr.Dropdown):
+        return ""
+    if isinstance(value, int | float) and not isinstance(value, bool) and isinstance(component, gr.Textbox):
+        return f"{value:g}"
+    return value
+
+
+INT_FIELDS = frozenset({"width", "height", "steps", "seed", "batch_size", "clip_skip", "hires_steps", "tile_size",
+                        "tile_overlap", "tile_batch", "vae_tile_size", "control_low", "control_high", "preview_every"})
+# Numbers that may be left empty (= the preset's value or the planner's choice). They are text boxes, because
+# gr.Number shows and sends an empty value as 0.
+OPTIONAL_NUMBERS = frozenset({"hires_denoise", "hires_steps", "tile_size", "tile_overlap", "tile_batch",
+                              "vae_tile_size", "memory_budget_gb"})
+
+
+def request_value(name: str, value: Any) -> Any:
+    """A widget value as the backend wants it: "" -> None (= preset/default), LoRA text -> tuple, number text -> number.
+
+    Text that is not a number is passed on unchanged, so the backend's validation names the field and the value.
+    """
+    if name == "loras":
+        items = tuple(s.strip() for s in (value or "").split(",") if s.strip()) if isinstance(value, str) else value
+        return items or None
+    if isinstance(value, str) and not value.strip() and name not in ("prompt", "negative_prompt"):
+        return None
+    if isinstance(value, str) and name in OPTIONAL_NUMBERS:
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer() and name in INT_FIELDS:
+        return int(value)
+    return value
+
+
+def knob_values(defaults: dict[str, Any], preset: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """What a preset sets in the form: each request knob's default, then the preset's values.
+
+    Only flat request fields (keys of `defaults`) are reset; the user's own fields (prompt, size, seed, ...) change
+    only when the preset names them, and images and ControlNet settings are never touched.
+    """
+    names = set(names)
+    out = {n: defaults[n] for n in names if n in defaults and n not in USER_FIELDS}
+    out.update({n: v for n, v in preset.items() if n in names})
+    return out
+
+
+def optional_number(value: Any, label: str, placeholder: str, info: str | None = None) -> gr.Textbox:
+    """A number that may stay empty (see OPTIONAL_NUMBERS)."""
+    return gr.Textbox(value="" if value is None else f"{value:g}", label=label, placeholder=placeholder, info=info,
+                      max_lines=1, elem_classes=["optional-number"])
+
+
+def hint(text: str, **kw: Any) -> gr.Markdown:
+    """A small grey line of help under a group of widgets."""
+    return gr.Markdown(text, elem_classes=["hint"], **kw)

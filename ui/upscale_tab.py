@@ -1,0 +1,85 @@
+"""The Upscale tab: an uploaded image -> pixel upscaler (optionally an img2img refine) -> a PNG with metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import gradio as gr
+
+from ui.components import Form, hint
+from ui.runner import GpuCalls, Stream, done_text, is_done, progress_text, result_files, stream_events
+
+GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+OUTPUTS = ("progress", "result", "infotext", "notes")
+
+
+def pixel_upscalers(upscalers: list[str]) -> list[str]:
+    """Upscalers that work on images (latent ones only work inside a generation)."""
+    return [u for u in upscalers if not u.startswith("latent")]
+
+
+def upscale_updates(stream: Stream, values: dict[str, Any], progress=None) -> Iterator[dict[str, Any]]:
+    """Run the backend's upscale; progress text while refining, then the saved PNG and its parameters."""
+    if values.get("image") is None:
+        raise gr.Error("Upload an image to upscale.", print_exception=False)
+    values = {k: (None if isinstance(v, str) and not v.strip() and k not in ("prompt",) else v)
+              for k, v in values.items()}
+    yield {"progress": "Upscaling…", "notes": ""}
+    with closing(stream_events(stream, values, "Upscaling")) as events:
+        for event in events:
+            if is_done(event):
+                files = result_files(event)
+                yield {"progress": "", "result": files[0] if files else None,
+                       "infotext": event.infotexts[0] if event.infotexts else "", "notes": done_text(event)}
+                return
+            if progress is not None:
+                progress((event.step, event.total), desc=progress_text(event))
+            yield {"progress": progress_text(event)}
+    yield {"progress": "Stopped."}
+
+
+def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
+    """Lay out the tab (inside an open gr.Tab): (fields, outputs, run button)."""
+    f, v = Form(), Form()
+    upscalers = pixel_upscalers(choices["upscalers"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=360):
+            f.add("image", gr.Image(type="pil", label="Image to upscale", sources=["upload", "clipboard"],
+                                    height=340, elem_id="upscale-image"))
+            with gr.Row():
+                f.add("upscaler", gr.Dropdown(upscalers, value=upscalers[0] if upscalers else None, label="Upscaler",
+                                              info="lanczos is built in; put Real-ESRGAN-class files in "
+                                                   "models/upscalers."))
+                f.add("scale", gr.Slider(1.25, 8, value=2, step=0.25, label="Scale"))
+            f.add("denoise", gr.Slider(0, 1, value=0, step=0.05, label="Refine denoise",
+                                       info="0 = upscale only; 0.2-0.4 adds detail with an img2img pass."))
+            f.add("prompt", gr.Textbox(label="Refine prompt", lines=2, placeholder="what the image shows (for the "
+                                       "refine pass)"))
+            with gr.Accordion("Refine settings", open=False):
+                hint("Only used when the refine denoise is above 0.")
+                f.add("negative_prompt", gr.Textbox(label="Negative prompt", lines=1))
+                with gr.Row():
+                    f.add("model", gr.Dropdown(choices["models"], value=choices.get("default_model"),
+                                               allow_custom_value=True, label="Model"))
+                    f.add("steps", gr.Slider(1, 150, value=20, step=1, label="Steps"))
+                    f.add("seed", gr.Number(value=-1, precision=0, label="Seed", info="-1 = random"))
+            run = gr.Button("Upscale", variant="primary", size="lg", elem_id="upscale")
+        with gr.Column(scale=6, min_width=360):
+            v.add("progress", gr.Markdown(elem_classes=["progress-text"]))
+            v.add("result", gr.Image(label="Upscaled (PNG with metadata)", type="filepath", format="png",
+                                     interactive=False, height=520, buttons=["download", "fullscreen"],
+                                     elem_id="upscale-result"))
+            v.add("infotext", gr.Textbox(label="Parameters", lines=2, interactive=False, buttons=["copy"]))
+            v.add("notes", gr.Markdown(elem_classes=["notes"]))
+    return f, v, run
+
+
+def wire_upscale(f: Form, v: Form, run: gr.Button, gpu: GpuCalls) -> None:
+    def on_upscale(data: dict, progress=gr.Progress()):  # noqa: B008 - Gradio's progress-tracker idiom
+        for update in upscale_updates(gpu.upscale, f.values(data), progress):
+            yield v.outputs(update)
+
+    run.click(on_upscale, inputs=f.inputs(), outputs=v.components(OUTPUTS), show_progress_on=[v["result"]],
+              api_visibility="private", **GPU)
