@@ -186,9 +186,23 @@ def _over(estimate: int, budget: int | None) -> bool:
     return budget is not None and estimate > budget
 
 
+def available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def free_device_memory(device: torch.device | str) -> int | None:
-    """Free bytes on a CUDA device (`torch.cuda.mem_get_info`); None on CPU, MPS or anything else."""
+    """Free bytes: CUDA `mem_get_info`, available RAM on CPU (Linux); None where unknown (MPS, others)."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return available_ram()
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info(device)
