@@ -82,3 +82,20 @@ def test_offline_hub_model_says_could_not_download(tmp_path):
                 env_extra={"HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2
     assert "could not download Lykon/dreamshaper-8 (offline?)" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_2048_tiled_generation_on_cpu_in_bounded_memory(tmp_path, tiny_cache):
+    """The issue's must-show: 2048x2048 on CPU with tiling; the child's peak RSS stays bounded."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = run_cli("generate", "--model", "tiny", "--prompt", "a wide landscape", "--width", "2048", "--height", "2048",
+                "--steps", "1", "--tiling", "on", "--vae-tiling", "on", "--seed", "3", "--out", str(tmp_path),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(r.stdout.strip()).size == (2048, 2048)
+    assert "seam score" in r.stderr and "16 tiles" in r.stderr
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kb >= before
+    assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
