@@ -118,6 +118,13 @@ def pick(page, elem_id: str, option: str) -> None:
     page.locator("ul[role=listbox] li", has_text=option).first.click()
 
 
+def open_advanced(page, tab: str = "Sampling") -> None:
+    """Open the Advanced accordion (when closed) and one of its tabs."""
+    if not page.locator("#advanced [role=tablist]").is_visible():
+        page.locator("#advanced").get_by_text("Advanced settings").click()
+    page.locator("#advanced").get_by_role("tab", name=tab).first.click()
+
+
 def gallery_sources(page) -> list[str]:
     return page.locator("#gallery img").evaluate_all(
         "imgs => imgs.filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)")
@@ -157,7 +164,7 @@ def test_generate_in_the_browser(page, app):
 
 def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     _, engine, counter = app
-    page.locator("#advanced").get_by_text("Advanced settings").click()
+    open_advanced(page)
     set_number(page, "steps", 150)
     set_number(page, "width", 64)
     set_number(page, "height", 64)
@@ -187,3 +194,22 @@ def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     page.wait_for_function("document.querySelector('#infotext textarea').value.startsWith('after the stop')")
     assert counter.finished == start_finished + 1
     assert gallery_sources(page) != before_src
+
+
+def test_live_hints_latent_warning_and_cfg_errors(page, app):
+    open_advanced(page, "Hires fix")
+    set_number(page, "hires-scale", 2)
+    pick(page, "hires-upscaler", "latent-bicubic")
+    page.locator("#hires-denoise input").fill("0.3")
+    page.locator("#hires-denoise input").blur()
+    page.wait_for_function("document.querySelector('#latent-warning')?.innerText.includes('Latent upscalers')")
+    page.locator("#hires-denoise input").fill("0.6")
+    page.locator("#hires-denoise input").blur()
+    page.wait_for_selector("#latent-warning", state="hidden")
+    page.wait_for_function("document.querySelector('#plan').innerText.includes('×2')")
+
+    open_advanced(page, "Sampling")
+    page.locator("#cfg textarea, #cfg input").first.fill("linear(4")
+    page.wait_for_function("document.querySelector('#cfg-error')?.innerText.includes('cfg')")
+    page.locator("#cfg textarea, #cfg input").first.fill("linear(4,9)")
+    page.wait_for_selector("#cfg-error", state="hidden")

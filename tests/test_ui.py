@@ -318,6 +318,9 @@ def test_small_helpers(backend):
     assert latent_warning("latent", 0.6, 2, 0.5)["visible"] is False
     assert latent_warning("lanczos", 0.3, 2, 0.5)["visible"] is False
     assert latent_warning("latent", 0.3, 1, 0.5)["visible"] is False
+    assert latent_warning("latent", "0.3", 2, 0.5)["visible"] is True  # the text box's value
+    assert latent_warning("latent", "", 2, 0.5)["visible"] is False  # auto = 0.55 for latent
+    assert latent_warning("latent", "abc", 2, 0.5)["visible"] is False
     bad = cfg_plot(backend, "linear(4", 20)
     assert bad["cfg_error"]["visible"] is True and "`cfg`" in bad["cfg_error"]["value"]
     assert isinstance(cfg_plot(backend, "7", 20)["cfg_plot"], Image.Image)

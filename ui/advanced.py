@@ -39,9 +39,9 @@ def _sampling(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> SimpleN
                                     info="Denoising steps of stage 1."))
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=220):
-            form.add("cfg", gr.Textbox(value=str(v["cfg"]), label="CFG (guidance) schedule", info=CFG_HELP,
+            form.add("cfg", gr.Textbox(value=str(v["cfg"]), label="CFG (guidance) schedule", info=CFG_HELP, elem_id="cfg",
                                        max_lines=1))
-            cfg_error = gr.Markdown(visible=False, elem_classes=["warning"])
+            cfg_error = gr.Markdown(visible=False, elem_classes=["warning"], elem_id="cfg-error")
         with gr.Column(scale=2, min_width=200):
             cfg_plot = gr.Image(label="CFG scale per step", type="pil", format="png", interactive=False,
                                 height=170, buttons=[], elem_id="cfg-plot")
@@ -66,18 +66,21 @@ def _hires(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> gr.Markdow
     hint("Stage 2: upscale the draft, then refine it with img2img (tiled when large). Scale 1 switches it off.")
     with gr.Row():
         form.add("hires_scale", gr.Slider(1, 8, value=v["hires_scale"] or 1, step=0.25, label="Upscale by",
+                                          elem_id="hires-scale",
                                           info="Final size = width/height × this; 1 = off."))
         form.add("hires_upscaler", gr.Dropdown(choices["upscalers"], value=v["hires_upscaler"], label="Upscaler",
+                                               elem_id="hires-upscaler",
                                                info="latent-* upscale the latents (needs denoise ≥ "
                                                     f"{choices['latent_min_denoise']:g}); model files sharpen most."))
     with gr.Row():
         form.add("hires_denoise", optional_number(v["hires_denoise"], "Denoise", "auto",
-                                                  "0-1: how much the refine pass changes; empty = 0.35 (0.55 latent)."))
+                                                  "0-1: how much the refine pass changes; empty = 0.35 (0.55 latent).",
+                                                  elem_id="hires-denoise"))
         form.add("hires_steps", optional_number(v["hires_steps"], "Refine steps", SAME,
                                                 "Steps actually run in stage 2; empty = same as stage 1."))
         form.add("hires_sampler", gr.Dropdown([(SAME, ""), *choices["samplers"]], value=v["hires_sampler"] or "",
                                               label="Refine sampler"))
-    latent_warning = gr.Markdown(visible=False, elem_classes=["warning"])
+    latent_warning = gr.Markdown(visible=False, elem_classes=["warning"], elem_id="latent-warning")
     with gr.Row():
         form.add("hires_cfg", gr.Textbox(value=v["hires_cfg"] or "", label="Refine CFG schedule", max_lines=1,
                                          placeholder=SAME, info="Empty = the stage-1 schedule."))

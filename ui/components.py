@@ -111,10 +111,10 @@ def knob_values(defaults: dict[str, Any], preset: dict[str, Any], names: Iterabl
     return out
 
 
-def optional_number(value: Any, label: str, placeholder: str, info: str | None = None) -> gr.Textbox:
+def optional_number(value: Any, label: str, placeholder: str, info: str | None = None, **kw: Any) -> gr.Textbox:
     """A number that may stay empty (see OPTIONAL_NUMBERS)."""
     return gr.Textbox(value="" if value is None else f"{value:g}", label=label, placeholder=placeholder, info=info,
-                      max_lines=1, elem_classes=["optional-number"])
+                      max_lines=1, elem_classes=["optional-number"], **kw)
 
 
 def hint(text: str, **kw: Any) -> gr.Markdown:

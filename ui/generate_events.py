@@ -127,9 +127,10 @@ def cfg_plot(backend: Any, cfg: str | None, steps: Any) -> dict[str, Any]:
     return {"cfg_plot": image, "cfg_error": gr.update(value="", visible=False)}
 
 
-def latent_warning(upscaler: str | None, denoise: float | None, scale: float | None, min_denoise: float) -> Any:
-    """Warn when a latent upscaler is paired with a denoise too low to repair its blur."""
-    bad = (scale or 1) > 1 and str(upscaler or "").startswith("latent") and denoise is not None and \
+def latent_warning(upscaler: str | None, denoise: Any, scale: float | None, min_denoise: float) -> Any:
+    """Warn when a latent upscaler is paired with a denoise (number or the box's text) too low to repair its blur."""
+    denoise = request_value("hires_denoise", denoise)
+    bad = (scale or 1) > 1 and str(upscaler or "").startswith("latent") and isinstance(denoise, int | float) and \
         denoise < min_denoise
     text = (f"⚠️ Latent upscalers stay blurry below denoise {min_denoise:g} (now {denoise:g}): raise the denoise "
             "or pick lanczos / an upscaler model.") if bad else ""

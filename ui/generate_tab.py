@@ -62,13 +62,15 @@ def build_generate_tab(backend: Any, choices: dict[str, Any]) -> GenerateTab:
 
 def _prompts(tab: GenerateTab) -> None:
     f, v = tab.form, tab.view
-    f.add("prompt", gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="prompt", autofocus=True,
-                               placeholder="a lighthouse on a cliff at dawn, (dramatic clouds:1.2), detailed"))
-    v.add("prompt_tokens", gr.Markdown(elem_classes=["token-count"], elem_id="prompt-tokens", visible=False))
-    f.add("negative_prompt", gr.Textbox(label="Negative prompt", lines=1, max_lines=6, elem_id="negative-prompt",
-                                        placeholder="blurry, low quality, watermark"))
-    v.add("negative_tokens", gr.Markdown(elem_classes=["token-count"], elem_id="negative-tokens",
-                                           visible=False))
+    with gr.Group(elem_classes=["prompt-box"]):  # the counter sits right under its box, no gap
+        f.add("prompt", gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="prompt", autofocus=True,
+                                   placeholder="a lighthouse on a cliff at dawn, (dramatic clouds:1.2), detailed"))
+        v.add("prompt_tokens", gr.Markdown(elem_classes=["token-count"], elem_id="prompt-tokens", visible=False))
+    with gr.Group(elem_classes=["prompt-box"]):
+        f.add("negative_prompt", gr.Textbox(label="Negative prompt", lines=1, max_lines=6,
+                                            elem_id="negative-prompt", placeholder="blurry, low quality, watermark"))
+        v.add("negative_tokens", gr.Markdown(elem_classes=["token-count"], elem_id="negative-tokens",
+                                             visible=False))
 
 
 def _preset_and_model(tab: GenerateTab, choices: dict[str, Any], values: dict[str, Any]) -> None:
