@@ -54,6 +54,13 @@ def _recorded(req: GenerationRequest, seed: int) -> GenerationRequest:
     return replace(req, seed=seed, init_image=None, control=())
 
 
+def _model_sizes(model: LoadedModel) -> dict[str, Any]:
+    """The loaded model's real weight bytes, and its width relative to the real architecture (320 channels)."""
+    modules = [model.unet, model.vae, *model.text_encoders]
+    weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return {"weights": int(weights), "activation_scale": model.unet.config.block_out_channels[0] / 320}
+
+
 def _round8(v: int) -> int:
     return max(8, v - v % 8)
 
@@ -97,10 +104,11 @@ class Engine:
         if budget is None and model is not None:
             budget = free_device_memory(model.device)
         dtype_bytes = 4 if model is None or model.dtype == torch.float32 else 2
+        sizes = _model_sizes(model) if model is not None else {}
         return plan_generation(width or req.width, height or req.height, batch=req.batch_size, budget_bytes=budget,
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
                                tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
-                               vae_tiling=t.vae_tiling)
+                               vae_tiling=t.vae_tiling, **sizes)
 
     # ---------------------------------------------------------------- public entry points
     def generate(self, req: GenerationRequest, *, callback: Callback | None = None, cancel=None,
@@ -148,7 +156,8 @@ class Engine:
 
     def _codec_opts(self, plan: Plan, low_memory: bool) -> tuple[dict, dict]:
         tiled = plan.vae_tiled or low_memory
-        tile = min(plan.vae_tile_size, 32) if low_memory else plan.vae_tile_size
+        # the low-memory retry tiles the VAE even when the plan did not (vae_tile_size is 0 then)
+        tile = min(plan.vae_tile_size or 32, 32) if low_memory else plan.vae_tile_size
         dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4)}
         enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2)}
         return dec, enc
