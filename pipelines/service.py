@@ -132,11 +132,11 @@ class Backend:
                 events.put(exc)
 
         worker = threading.Thread(target=work, name="tessera-generate", daemon=True)
-        worker.start()
         return self._consume(events, cancel, worker)
 
     @staticmethod
     def _consume(events: queue.Queue, cancel: threading.Event, worker: threading.Thread):
+        worker.start()  # on the first next(): a stream dropped before it was iterated runs nothing
         try:
             while True:
                 item = events.get()
