@@ -31,11 +31,11 @@ def save_png(image: Image.Image, parameters: str, outputs_dir: Path, seed: int) 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     tmp = folder / f".tmp-{uuid.uuid4().hex}.png"
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG", pnginfo=info)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
+    try:  # a failed write (disk full, bad image) removes its temporary file too
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
         with _lock:
             index = _next_index(folder)
             while True:
