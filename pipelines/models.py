@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,10 +190,12 @@ class ModelManager:
         attention: str = "sdpa",
         compile_unet: bool = False,
         offload: bool = False,
+        warmup: bool = True,
     ):
         self.models_dir = Path(models_dir)
         self._device_arg, self._dtype_arg = device, dtype
         self.attention, self.compile_unet, self.offload = attention, compile_unet, offload
+        self.warmup = warmup
         self._current: LoadedModel | None = None
         self._lock = threading.RLock()
         self._device = None
@@ -292,9 +295,10 @@ class ModelManager:
         family = src.family or _family_of_pipe(pipe)
         self._configure(pipe, device)
         taesd = self._load_taesd(src, family, device, dtype)
-        with torch.no_grad():
-            pass
-        return LoadedModel(name=name, source=src, family=family, pipe=pipe, device=device, dtype=dtype, taesd=taesd)
+        model = LoadedModel(name=name, source=src, family=family, pipe=pipe, device=device, dtype=dtype, taesd=taesd)
+        if self.warmup:
+            warm_up(model)
+        return model
 
     def _from_hub(self, hub_id: str, dtype):
         from diffusers import DiffusionPipeline
@@ -393,6 +397,35 @@ class ModelManager:
         if names:
             pipe.set_adapters(names, adapter_weights=weights)
         model.loras = loras
+
+
+def warm_up(model: LoadedModel) -> None:
+    """One tiny UNet + VAE call after loading: CUDA kernels, cuDNN plans and allocator pools get set up before the
+    user's first request (and a torch.compile'd UNet compiles its smallest graph)."""
+    import torch
+
+    with torch.no_grad():
+        _warm_up(model)
+
+
+def _warm_up(model: LoadedModel) -> None:
+    import torch
+
+    unet, vae = model.unet, model.vae
+    h = w = 8
+    x = torch.zeros(2, unet.config.in_channels, h, w, device=model.device, dtype=model.dtype)
+    enc = torch.zeros(2, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    added = None
+    if model.is_sdxl:
+        pooled = model.pipe.text_encoder_2.config.projection_dim
+        added = {"text_embeds": torch.zeros(2, pooled, device=model.device, dtype=model.dtype),
+                 "time_ids": torch.zeros(2, 6, device=model.device, dtype=model.dtype)}
+    t0 = time.perf_counter()
+    unet(x, 999, encoder_hidden_states=enc, added_cond_kwargs=added)
+    vae.decode(x[:1].to(vae.dtype))
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    log.info("warm-up of %s took %.2fs", model.name, time.perf_counter() - t0)
 
 
 def _offline() -> bool:
