@@ -24,7 +24,8 @@ _FIELDS = {
     "batch": "batch_size", "strength": "strength", "vae_decode": "vae_decode", "emphasis": "emphasis",
     "clip_skip": "clip_skip", "hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler",
     "hires_denoise": "hires_denoise", "hires_steps": "hires_steps", "hires_sampler": "hires_sampler",
-    "hires_prompt": "hires_prompt", "hires_cfg": "hires_cfg", "tiling": "tile_mode", "tile_size": "tile_size",
+    "hires_prompt": "hires_prompt", "hires_cfg": "hires_cfg", "hires_control_tile": "hires_control_tile",
+    "tiling": "tile_mode", "tile_size": "tile_size",
     "tile_overlap": "tile_overlap", "tile_blend": "tile_blend", "tile_batch": "tile_batch",
     "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
     "memory_budget_gb": "memory_budget_gb",
@@ -73,6 +74,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--hires-sampler", help="refine sampler (default: --sampler)")
     h.add_argument("--hires-prompt", help="refine prompt (default: --prompt)")
     h.add_argument("--hires-cfg", help="refine guidance schedule (default: --cfg)")
+    h.add_argument("--hires-control-tile", type=float, help="tile ControlNet scale in the refine (0 = off); keeps "
+                                                            "the draft's structure at higher denoise")
     t = p.add_argument_group("tiling")
     t.add_argument("--tiling", choices=["auto", "on", "off"], help="tiled diffusion (default auto: when needed)")
     t.add_argument("--tile-size", type=int, help="tile size in latent pixels (x8 = image pixels)")

@@ -50,3 +50,17 @@ def prepare_units(model, units, width: int, height: int, models_dir: Path) -> tu
         image = prepare_control_image(control_map(unit, models_dir), width, height).to(model.device, model.dtype)
         out.append(ControlInput(cn, image, unit.scale, unit.start, unit.end, unit.guess_mode))
     return tuple(out)
+
+
+def tile_model_name(model, models_dir: Path) -> tuple[str, bool]:
+    """(spec, allow_paths) of the tile ControlNet for `model`: tiny stand-in, a local tile*, or tile-sd15."""
+    if model.source.kind == "tiny" and not model.is_sdxl:
+        return str(_tiny_controlnet_dir(model)), True
+    local = sorted(p.name for p in (Path(models_dir) / "controlnet").glob("*tile*"))
+    if local:
+        return local[0], False
+    if model.is_sdxl:
+        from pipelines.errors import ModelError
+
+        raise ModelError("no SDXL tile ControlNet in the catalogue; put one in models/controlnet/ (name with 'tile')")
+    return "tile-sd15", False

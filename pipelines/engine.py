@@ -21,8 +21,16 @@ from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_l
 from pipelines.metadata import infotext
 from pipelines.models import LoadedModel, ModelManager
 from pipelines.planner import Plan, free_device_memory, plan_generation
-from pipelines.request import DEFAULT_MODEL, GenerationRequest, HiresConfig, Limits, hires_target, resolve_seed, validate
-from pipelines.sampling import LoopStats, StepInfo, TileSpec
+from pipelines.request import (
+    DEFAULT_MODEL,
+    GenerationRequest,
+    HiresConfig,
+    Limits,
+    hires_target,
+    resolve_seed,
+    validate,
+)
+from pipelines.sampling import ControlInput, LoopStats, StepInfo, TileSpec
 from pipelines.saving import save_png
 from pipelines.schedulers import check_sampler
 from pipelines.stages import PromptCache, StageSpec, run_stage
@@ -187,7 +195,7 @@ class Engine:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
             spec.init_latents = vae_io.encode(model, pixels, **enc)
         latents = self._stage1(model, req, spec, seeds, callback, cancel, stats, unet)
-        final_plan, pixels_done = plan, None
+        final_plan, pixels_done, warnings = plan, None, []
         if req.hires.enabled:
             tw, th = hires_target(req.width, req.height, req.hires.scale)
             final_plan = self.plan(req, model, width=tw, height=th)
@@ -197,11 +205,15 @@ class Engine:
             if big is not None and init is latents:
                 pixels_done = big
             else:
+                control = self._control_inputs(model, req, tw, th)
+                tile_unit, note = self._tile_control(model, req, latents, big, tw, th, dec)
+                warnings = [note] if note else []
                 spec2 = refine_spec(req, spec, init, tiles=self._tile_spec(final_plan, req, low_memory),
-                                    control=self._control_inputs(model, req, tw, th))
+                                    control=(*control, *tile_unit))
                 latents = run_stage(model, spec2, cache=self.prompt_cache, callback=callback, cancel=cancel,
                                     stats=stats, unet=unet).latents
         result = self._finish(model, req, seeds, latents, pixels_done, final_plan, dec, report, stats, save)
+        result.warnings.extend(warnings)
         result.stats["seconds"] = round(time.perf_counter() - t0, 3)
         result.stats["plan"] = final_plan.describe()
         if (w := hires_warning(req)) is not None:
@@ -222,6 +234,26 @@ class Engine:
             while len(self._stage1_cache) > 2:
                 self._stage1_cache.popitem(last=False)
         return latents
+
+    def _tile_control(self, model, req, latents, big, width, height, dec) -> tuple[tuple, str | None]:
+        """A tile ControlNet unit for the refine, fed each image's upscaled draft; (() , why) if unavailable."""
+        if not req.hires.control_tile:
+            return (), None
+        from pipelines.control import load_controlnet
+        from pipelines.control_units import tile_model_name
+        from pipelines.errors import ModelError
+
+        try:
+            spec, allow = tile_model_name(model, self.manager.models_dir)
+            cn = load_controlnet(spec, device=model.device, dtype=model.dtype, models_dir=self.manager.models_dir,
+                                 allow_paths=allow)
+        except (ModelError, ValidationError) as exc:
+            return (), f"no tile ControlNet available ({exc}); the refine ran without it"
+        if big is None:  # latent upscaler: the draft's pixels, resized
+            drafts = vae_io.to_pil(vae_io.decode(model, latents, **dec))
+            big = [d.resize((width, height), Image.LANCZOS) for d in drafts]
+        maps = torch.cat([vae_io.from_pil(b, width, height, model.device, model.dtype) for b in big])
+        return (ControlInput(cn, (maps + 1) / 2, req.hires.control_tile),), None
 
     def _control_inputs(self, model, req, width, height):
         if not req.control:

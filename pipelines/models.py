@@ -214,9 +214,7 @@ class ModelManager:
             return []
         out = []
         for p in sorted(self.models_dir.iterdir()):
-            if p.is_dir() and (p / "model_index.json").exists():
-                out.append(p.name)
-            elif p.is_file() and p.suffix == ".safetensors":
+            if p.is_dir() and (p / "model_index.json").exists() or p.is_file() and p.suffix == ".safetensors":
                 out.append(p.name)
         return out
 
@@ -273,7 +271,6 @@ class ModelManager:
                 torch.cuda.empty_cache()
 
     def _load(self, name: str, src: Source) -> LoadedModel:
-        import torch
         from diffusers import DiffusionPipeline
 
         device, dtype = self.device_dtype

@@ -50,6 +50,9 @@ class HiresConfig:
     """Negative prompt of the refine pass; None = the stage-1 negative prompt."""
     cfg: str | None = None
     """Guidance schedule text of the refine pass; None = the stage-1 schedule."""
+    control_tile: float = 0.0
+    """Scale of a tile ControlNet holding the draft's structure during the refine (0 = off). Uses `tile-sd15`
+    (or models/controlnet/tile*) when available; without one the refine runs uncontrolled, with a warning."""
 
     @property
     def enabled(self) -> bool:
@@ -196,6 +199,16 @@ def from_flat(values: dict[str, Any], base: GenerationRequest | None = None, *, 
 
 # ---------------------------------------------------------------- validation
 
+_MAX_INT_BITS = 64  # no setting needs bigger whole numbers
+
+
+def _shown(value: Any) -> Any:
+    """`value` as an error message can show it: Python refuses to print ints of more than 4300 digits."""
+    if isinstance(value, int) and value.bit_length() > 10_000:
+        return f"<{value.bit_length()}-bit integer>"
+    return value
+
+
 def _int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ValidationError(name, value, "must be a whole number")
@@ -208,6 +221,8 @@ def _int(name: str, value: Any) -> int:
             pass
     if not isinstance(value, int):
         raise ValidationError(name, value, "must be a whole number")
+    if value.bit_length() > _MAX_INT_BITS:
+        raise ValidationError(name, _shown(value), "is out of range")
     return value
 
 
@@ -216,6 +231,8 @@ def _float(name: str, value: Any) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise ValidationError(name, value, "must be a number") from None
+    except OverflowError:  # an int too big for a float
+        raise ValidationError(name, _shown(value), "must be a finite number") from None
     if isinstance(value, bool) or not math.isfinite(out):
         raise ValidationError(name, value, "must be a finite number")
     return out
@@ -268,11 +285,18 @@ def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> H
     if denoise is not None:
         _in_range("hires_denoise", denoise, 0.0, 1.0)
     steps = _optional_positive_int("hires_steps", h.steps, 1, limits.max_steps)
+    control_tile = _float("hires_control_tile", h.control_tile)
+    _in_range("hires_control_tile", control_tile, 0.0, 2.0)
+    if h.sampler is not None and not isinstance(h.sampler, str):
+        raise ValidationError("hires_sampler", h.sampler, "must be a sampler name")
+    prompt = None if h.prompt is None else _text("hires_prompt", h.prompt, limits)
+    negative = None if h.negative_prompt is None else _text("hires_negative_prompt", h.negative_prompt, limits)
+    cfg = None if h.cfg is None else _cfg_text("hires_cfg", h.cfg)
     if scale > 1:
         tw, th = hires_target(width, height, scale)
         if max(tw, th) > limits.max_side or tw * th > limits.max_pixels:
             raise ValidationError("hires_scale", scale, f"makes {tw}x{th}, over the {limits.max_side}px limit; lower it")
-    return replace(h, scale=scale, denoise=denoise, steps=steps)
+    return replace(h, scale=scale, denoise=denoise, steps=steps, prompt=prompt, negative_prompt=negative, cfg=cfg)
 
 
 def validate_tiling(t: TileConfig) -> TileConfig:
@@ -280,6 +304,8 @@ def validate_tiling(t: TileConfig) -> TileConfig:
     _choice("tile_mode", t.mode, ("auto", "on", "off"))
     _choice("tile_blend", t.blend, ("average", "gaussian"))
     _choice("vae_tiling", t.vae_tiling, ("auto", "on", "off"))
+    if not isinstance(t.shift, bool):
+        raise ValidationError("tile_shift", t.shift, "must be true or false")
     size = _optional_positive_int("tile_size", t.size, 8, 256)
     overlap = _optional_positive_int("tile_overlap", t.overlap, 0, 128)
     if size is not None and overlap is not None and overlap >= size:
@@ -310,10 +336,24 @@ def validate_control(u: ControlUnit, i: int) -> ControlUnit:
     return replace(u, scale=scale, start=start, end=end, low=low, high=high)
 
 
-def validate(req: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
-    """Check every field once, at the boundary; return the request with values normalised to their types."""
+def _cfg_text(name: str, value: Any) -> str:
+    """A guidance schedule (number or text) checked by `parse_cfg`, as its text; errors name `name`."""
     from pipelines.guidance import parse_cfg
 
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValidationError(name, value, "must be a number or a schedule like linear(4,9)")
+    if not isinstance(value, str):
+        _float(name, value)  # nan, inf and ints too big for a float stop here
+    text = str(value).strip()
+    try:
+        parse_cfg(text)
+    except ValidationError as err:
+        raise ValidationError(name, value, err.fix) from None
+    return text
+
+
+def validate(req: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
+    """Check every field once, at the boundary; return the request with values normalised to their types."""
     limits = limits or Limits()
     width, height = _side("width", req.width, limits), _side("height", req.height, limits)
     if width * height > limits.max_pixels:
@@ -328,15 +368,17 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
     _in_range("strength", strength, 0.0, 1.0)
     clip_skip = _int("clip_skip", req.clip_skip)
     _in_range("clip_skip", clip_skip, 1, 12)
-    if not isinstance(req.cfg, str | int | float) or isinstance(req.cfg, bool):
-        raise ValidationError("cfg", req.cfg, "must be a number or a schedule like linear(4,9)")
-    cfg = str(req.cfg).strip()
-    parse_cfg(cfg)
-    if req.hires.cfg is not None:
-        parse_cfg(req.hires.cfg)
+    cfg = _cfg_text("cfg", req.cfg)
     if not isinstance(req.model, str) or not req.model.strip():
         raise ValidationError("model", req.model, "must name a model (see the model list)")
-    loras = tuple(req.loras or ())
+    if not isinstance(req.sampler, str):
+        raise ValidationError("sampler", req.sampler, "must be a sampler name")
+    loras = req.loras or ()
+    if isinstance(loras, str):  # the text form "name:weight, name2:weight" (API, infotext)
+        loras = [spec.strip() for spec in loras.split(",") if spec.strip()]
+    if not isinstance(loras, tuple | list):
+        raise ValidationError("loras", loras, "must be a list of name:weight")
+    loras = tuple(loras)
     for spec in loras:
         parse_lora(spec)
     return replace(

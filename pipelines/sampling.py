@@ -35,7 +35,7 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class ControlInput:
-    """One prepared ControlNet unit: the model, the full-size control image [1,3,H,W] in [0,1], its window."""
+    """One prepared ControlNet unit: the model, the full-size control image [1 or B,3,H,W] in [0,1], its window."""
 
     model: Any
     image: torch.Tensor
@@ -141,7 +141,9 @@ def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, 
         if not unit.active(step, steps):
             continue
         crops = torch.cat([unit.image[..., t_.y * s:(t_.y + t_.h) * s, t_.x * s:(t_.x + t_.w) * s] for t_ in tiles])
-        crops = crops.repeat_interleave(n_img, dim=0).to(x_batch.device, unit.model.dtype)
+        if unit.image.shape[0] == 1:  # one map for every image of the batch; else one map per image
+            crops = crops.repeat_interleave(n_img, dim=0)
+        crops = crops.to(x_batch.device, unit.model.dtype)
         if unit.guess_mode and do_cfg:
             half = x_batch.shape[0] // 2
             d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=crops,

@@ -209,3 +209,18 @@ def test_control_bad_upload_and_unknown_model(engine, req_factory):
     with pytest.raises(TesseraError, match="no-such-cn|controlnet|ControlNet"):
         engine.generate(req_factory(control=(ControlUnit(_control_image(), "canny", model="no-such-cn"),)),
                         save=False)
+
+
+def test_tile_controlnet_holds_structure_in_the_refine(engine, req_factory):
+    base = req_factory(batch_size=2, hires=HiresConfig(scale=2, denoise=0.6, steps=2))
+    plain = engine.generate(base, save=False)
+    held = engine.generate(replace(base, hires=replace(base.hires, control_tile=1.0)), save=False)
+    assert held.warnings == [] and held.images[0].size == (128, 128)
+    for a, b in zip(plain.images, held.images):
+        assert not np.array_equal(_arr(a), _arr(b))
+    assert "hires_control_tile" in held.infotexts[0]
+    latent = engine.generate(replace(base, hires=replace(base.hires, upscaler="latent", control_tile=0.5)), save=False)
+    assert latent.images[1].size == (128, 128)
+    xl = engine.generate(req_factory(model="tiny-sdxl", hires=HiresConfig(scale=2, denoise=0.5, steps=2,
+                                                                          control_tile=1.0)), save=False)
+    assert any("no tile ControlNet" in w for w in xl.warnings)

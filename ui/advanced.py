@@ -80,6 +80,10 @@ def _hires(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> gr.Markdow
                                                 "Steps actually run in stage 2; empty = same as stage 1."))
         form.add("hires_sampler", gr.Dropdown([(SAME, ""), *choices["samplers"]], value=v["hires_sampler"] or "",
                                               label="Refine sampler"))
+        form.add("hires_control_tile", gr.Slider(0, 2, value=v["hires_control_tile"] or 0, step=0.05,
+                                                 label="Tile ControlNet",
+                                                 info="Holds the draft's structure at higher denoise (0 = off; "
+                                                      "needs tile-sd15 or a tile model in models/controlnet)."))
     latent_warning = gr.Markdown(visible=False, elem_classes=["warning"], elem_id="latent-warning")
     with gr.Row():
         form.add("hires_cfg", gr.Textbox(value=v["hires_cfg"] or "", label="Refine CFG schedule", max_lines=1,

@@ -31,7 +31,7 @@ GENERATE_PARAMS: dict[str, Any] = {
     "steps": int, "cfg": str, "sampler": str, "seed": int, "batch_size": int, "loras": str,
     "vae_decode": str, "emphasis": str, "clip_skip": int,
     "hires_scale": float, "hires_upscaler": str, "hires_denoise": float, "hires_steps": int, "hires_sampler": str,
-    "hires_prompt": str, "hires_negative_prompt": str, "hires_cfg": str,
+    "hires_prompt": str, "hires_negative_prompt": str, "hires_cfg": str, "hires_control_tile": float,
     "tile_mode": str, "tile_size": int, "tile_overlap": int, "tile_blend": str, "tile_batch": int,
     "tile_shift": bool, "vae_tiling": str, "vae_tile_size": int, "memory_budget_gb": float,
     "init_image": FileData, "strength": float,
