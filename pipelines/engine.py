@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipelines import vae_io
-from pipelines.errors import OutOfMemoryError, TesseraError, ValidationError
+from pipelines.errors import OutOfMemoryError, ValidationError
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.metadata import infotext
 from pipelines.models import LoadedModel, ModelManager
@@ -339,26 +339,8 @@ class Engine:
 
     # ---------------------------------------------------------------- small services for the UI
     def count_tokens(self, model_name: str, text: str) -> str:
-        """"83/150 tokens, 2 chunks" for the UI's token counter (uses only the tokenizer)."""
+        """"83/150 tokens, 2 chunks" for the UI's token counter (loads only the tokenizer, never weights)."""
         from pipelines.prompts import count_tokens_with
 
-        model = self._current_or_none(model_name)
-        if model is None:
-            return ""
-        return str(count_tokens_with(model.tokenizers[0], text))
-
-    def _current_or_none(self, name: str):
-        cur = self.manager._current
-        return cur if cur is not None and cur.name == name else None
-
-
-def check_request(engine: Engine, values: dict[str, Any]) -> GenerationRequest:
-    """Flat values (UI/API/CLI) -> a fully validated request, or a TesseraError with a one-line message."""
-    from pipelines.request import from_flat
-
-    try:
-        return engine.check(from_flat(values))
-    except TesseraError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ValidationError("request", values.get("prompt", ""), f"is invalid ({exc})") from exc
+        tokenizer = self.manager.tokenizer(model_name)
+        return "" if tokenizer is None else str(count_tokens_with(tokenizer, text))

@@ -197,6 +197,7 @@ class ModelManager:
         self.attention, self.compile_unet, self.offload = attention, compile_unet, offload
         self.warmup = warmup
         self._current: LoadedModel | None = None
+        self._tokenizers: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._device = None
 
@@ -356,6 +357,33 @@ class ModelManager:
             except Exception as exc:
                 log.warning("TAESD not available from %s (%s); previews and taesd decode are off", ref, exc)
         return None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The loaded model, if any (for previews; never loads)."""
+        return self._current
+
+    def tokenizer(self, name: str):
+        """The first tokenizer of model `name` without loading its weights; None where it cannot be had."""
+        if self._current is not None and self._current.name == name:
+            return self._current.tokenizers[0]
+        if name in self._tokenizers:
+            return self._tokenizers[name]
+        from transformers import CLIPTokenizer
+
+        tok = None
+        try:
+            src = self.resolve(name)
+            if src.kind == "tiny":
+                tok = CLIPTokenizer.from_pretrained(ensure_tiny(src.ref) / "tokenizer")
+            elif src.kind == "folder":
+                tok = CLIPTokenizer.from_pretrained(Path(src.ref) / "tokenizer")
+            elif src.kind == "hub":
+                tok = CLIPTokenizer.from_pretrained(src.ref, subfolder="tokenizer", local_files_only=_offline())
+        except Exception as exc:  # the counter is advisory; say why once in the log
+            log.info("no tokenizer for %s yet (%s)", name, str(exc).splitlines()[0][:120] if str(exc) else exc)
+        self._tokenizers[name] = tok
+        return tok
 
     # ------------------------------------------------------------- LoRA
     def lora_path(self, name: str) -> str:

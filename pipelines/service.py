@@ -155,7 +155,7 @@ class Backend:
     def _preview(self, denoised) -> Image.Image | None:
         from pipelines.vae_io import preview
 
-        model = self.engine.manager._current
+        model = self.engine.manager.current
         try:
             return preview(model, denoised) if model is not None else None
         except Exception as exc:  # a preview must never break a generation

@@ -154,3 +154,13 @@ def test_fp16_nan_guard_decodes_again_in_fp32(engine, manager, req_factory, monk
     assert torch.isfinite(out).all()
     assert calls == [torch.float16, torch.float32]
     assert report.notes == ["fp32 VAE fallback"]
+
+
+def test_token_counter_needs_no_loaded_weights(tiny_cache, tmp_path):
+    from pipelines.engine import Engine
+    from pipelines.models import ModelManager
+
+    engine = Engine(ModelManager(tmp_path, device="cpu", dtype="fp32"), None)
+    assert engine.count_tokens("tiny", "abc def") == "6/75 tokens, 1 chunk"
+    assert engine.manager.current is None  # only the tokenizer was read
+    assert engine.count_tokens("stable-diffusion-v1-5/stable-diffusion-v1-5", "x") in ("", "1/75 tokens, 1 chunk")
