@@ -164,3 +164,28 @@ def test_token_counter_needs_no_loaded_weights(tiny_cache, tmp_path):
     assert engine.count_tokens("tiny", "abc def") == "6/75 tokens, 1 chunk"
     assert engine.manager.current is None  # only the tokenizer was read
     assert engine.count_tokens("stable-diffusion-v1-5/stable-diffusion-v1-5", "x") in ("", "1/75 tokens, 1 chunk")
+
+
+def test_v_prediction_model_from_a_local_folder(engine, manager, req_factory, tiny_dir):
+    """An SD 2.x-style v-prediction model (a local diffusers folder) runs with every kind of scheduler."""
+    import json
+    import shutil
+
+    folder = manager.models_dir / "tiny-v"
+    if not folder.exists():
+        shutil.copytree(tiny_dir, folder)
+        cfg_path = folder / "scheduler" / "scheduler_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["prediction_type"] = "v_prediction"
+        cfg_path.write_text(json.dumps(cfg))
+    assert "tiny-v" in manager.list_models()
+    seen = []
+    for sampler in ("DPM++ 2M Karras", "Euler a", "DDIM"):
+        res = engine.generate(req_factory(model="tiny-v", sampler=sampler),
+                              callback=lambda info: seen.append(float(info.denoised.abs().mean())), save=False)
+        assert res.images[0].size == (64, 64)
+    assert manager.get("tiny-v").prediction_type == "v_prediction"
+    assert all(np.isfinite(seen))
+    eps = engine.generate(req_factory(), save=False).images[0]
+    v = engine.generate(req_factory(model="tiny-v"), save=False).images[0]
+    assert not np.array_equal(_arr(eps), _arr(v))
