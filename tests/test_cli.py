@@ -99,3 +99,22 @@ def test_2048_tiled_generation_on_cpu_in_bounded_memory(tmp_path, tiny_cache):
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kb >= before
     assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+
+
+def test_control_option_and_upscale_subcommand(tmp_path, tiny_cache):
+    import numpy as np
+
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[20:44, 20:44] = 255
+    Image.fromarray(arr).save(tmp_path / "edges.png")
+    common = ["--model", "tiny", "--prompt", "a box", "--steps", "2", "--seed", "1", "--out", str(tmp_path / "o")]
+    plain = run_cli("generate", *common, cwd=tmp_path)
+    held = run_cli("generate", *common, "--control", "canny:edges.png:1.0:0:1", cwd=tmp_path)
+    assert plain.returncode == 0 and held.returncode == 0, held.stderr
+    a, b = (np.asarray(Image.open(r.stdout.strip())) for r in (plain, held))
+    assert not np.array_equal(a, b)
+    bad = run_cli("generate", *common, "--control", "canny", cwd=tmp_path)
+    assert bad.returncode == 2 and "TYPE:IMAGE" in bad.stderr
+    up = run_cli("upscale", "--image", "edges.png", "--scale", "2", "--out", str(tmp_path / "u"), cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    assert Image.open(up.stdout.strip()).size == (128, 128)

@@ -224,3 +224,18 @@ def test_tile_controlnet_holds_structure_in_the_refine(engine, req_factory):
     xl = engine.generate(req_factory(model="tiny-sdxl", hires=HiresConfig(scale=2, denoise=0.5, steps=2,
                                                                           control_tile=1.0)), save=False)
     assert any("no tile ControlNet" in w for w in xl.warnings)
+
+
+def test_sdxl_controlnet_from_models_folder(engine, manager, req_factory, tiny_sdxl_dir):
+    from pipelines.tiny import build_tiny_controlnet
+
+    folder = manager.models_dir / "controlnet" / "tiny-sdxl-cn"
+    if not folder.exists():
+        folder.parent.mkdir(exist_ok=True)
+        build_tiny_controlnet(tiny_sdxl_dir, folder)
+    plain = engine.generate(req_factory(model="tiny-sdxl"), save=False).images[0]
+    unit = ControlUnit(_control_image(), "canny", model="tiny-sdxl-cn", scale=1.0)
+    held = engine.generate(req_factory(model="tiny-sdxl", control=(unit,)), save=False).images[0]
+    assert not np.array_equal(_arr(plain), _arr(held))
+    zero = engine.generate(req_factory(model="tiny-sdxl", control=(replace(unit, scale=0.0),)), save=False).images[0]
+    assert np.array_equal(_arr(plain), _arr(zero))
