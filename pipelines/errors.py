@@ -14,7 +14,10 @@ class ValidationError(TesseraError, ValueError):
 
     def __init__(self, field: str, value: Any, fix: str):
         self.field, self.value, self.fix = field, value, fix
-        shown = repr(value)
+        try:
+            shown = repr(value)
+        except ValueError:  # Python will not print ints of more than 4300 digits
+            shown = f"<{type(value).__name__} too long to show>"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         super().__init__(f"`{field}` {fix}, got {shown}")
