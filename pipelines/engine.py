@@ -69,6 +69,17 @@ def _model_sizes(model: LoadedModel) -> dict[str, Any]:
     return {"weights": int(weights), "activation_scale": model.unet.config.block_out_channels[0] / 320}
 
 
+def _check_control_names(unit, i: int, models_dir: Path) -> None:
+    """A unit's preprocessor and ControlNet names, refused before any model loads (no paths outside models/)."""
+    from pipelines.control import PREPROCESSORS, resolve_controlnet
+    from pipelines.control_units import TINY_CONTROLNET
+
+    if unit.type not in PREPROCESSORS:
+        raise ValidationError(f"control[{i}].type", unit.type, f"must be one of {', '.join(PREPROCESSORS)}")
+    if unit.model is not None and unit.model != TINY_CONTROLNET:
+        resolve_controlnet(unit.model, models_dir)
+
+
 def _round8(v: int) -> int:
     return max(8, v - v % 8)
 
@@ -102,6 +113,8 @@ class Engine:
         self.manager.resolve(req.model, allow_paths=self.allow_paths)
         if req.hires.enabled:
             resolve_upscaler(req.hires.upscaler, self.manager.models_dir)
+        for i, unit in enumerate(req.control):
+            _check_control_names(unit, i, self.manager.models_dir)
         return req
 
     def plan(self, req: GenerationRequest, model: LoadedModel | None = None, *, width=None, height=None) -> Plan:
