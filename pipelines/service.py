@@ -83,7 +83,7 @@ class Backend:
         preset = values.get("preset")
         if preset:
             presets = load_presets()
-            if preset not in presets:
+            if not isinstance(preset, str) or preset not in presets:
                 raise ValidationError("preset", preset, f"must be one of: {', '.join(presets)}")
             base = presets[preset].apply(base)
         flat = {k: v for k, v in values.items() if k not in _EXTRA_KEYS}
