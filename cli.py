@@ -131,6 +131,16 @@ def _parse_control(spec: str, model: str | None, i: int) -> ControlUnit:
     return ControlUnit(image=image, type=parts[0], model=model, **dict(zip(("scale", "start", "end"), nums, strict=False)))
 
 
+def _load_image(path: str, name: str):
+    """An image file as a checked RGB PIL image; errors name `name` (not "control image")."""
+    from pipelines.control import load_control_image
+
+    try:
+        return load_control_image(Path(path))
+    except ValidationError as exc:
+        raise ValidationError(name, exc.value, exc.fix) from None
+
+
 def _values(args: argparse.Namespace) -> dict[str, Any]:
     values = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
     if args.lora:
@@ -161,9 +171,7 @@ def _request(args: argparse.Namespace):
     req = from_flat(_values(args), base, source="the command line")
     extra: dict[str, Any] = {}
     if args.init_image:
-        from pipelines.control import load_control_image
-
-        extra["init_image"] = load_control_image(Path(args.init_image))
+        extra["init_image"] = _load_image(args.init_image, "init_image")
     if args.control:
         models = args.control_model + [None] * len(args.control)
         extra["control"] = tuple(_parse_control(s, models[i], i) for i, s in enumerate(args.control))
@@ -192,10 +200,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    from pipelines.control import load_control_image
-
     engine = _engine(args)
-    image = load_control_image(Path(args.image))
+    image = _load_image(args.image, "image")
     result = engine.upscale(image, upscaler=args.upscaler, scale=args.scale, denoise=args.denoise,
                             prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
                             steps=args.steps, seed=args.seed)
