@@ -44,6 +44,13 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def share_warning(share: bool, auth: tuple[str, str] | None) -> str | None:
+    """The warning for a public link without a password (anyone with the link can use the GPU), else None."""
+    if share and auth is None:
+        return "--share without --auth: anyone with the link can use your GPU. Add --auth user:password."
+    return None
+
+
 def build_demo(args: argparse.Namespace):
     """Compose the engine with the UI (no weights are loaded until the first request)."""
     from pipelines.engine import Engine
@@ -68,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ui_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     auth = parse_auth(args.auth)
-    if args.share and auth is None:
-        log.warning("--share without --auth: anyone with the link can use your GPU. Add --auth user:password.")
+    if (warning := share_warning(args.share, auth)) is not None:
+        log.warning(warning)
     demo = build_demo(args)
     from ui.app import launch_kwargs
 
