@@ -350,8 +350,18 @@ def request_from_infotext(text: str, base: GenerationRequest | None = None) -> G
     """The request an infotext describes (ours or A1111's), over `base` for what the text does not say.
 
     Unknown A1111 keys are ignored; a bad value raises ValidationError naming its key; the `Tessera` JSON key
-    is applied last with `from_flat`, whose unknown field names are rejected.
+    is applied last with `from_flat`, whose unknown field names are rejected. Hostile text (numbers of
+    thousands of digits, JSON nested 100,000 deep) gets a ValidationError too, never another exception.
     """
+    try:
+        return _request_from_infotext(text, base)
+    except ValidationError:
+        raise
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise ValidationError("parameters", text, f"could not be read ({type(exc).__name__})") from None
+
+
+def _request_from_infotext(text: str, base: GenerationRequest | None) -> GenerationRequest:
     params = parse_infotext(text) if isinstance(text, str) else {}
     if not any(k in params for k in _CORE_KEYS):
         raise ValidationError(
