@@ -479,7 +479,11 @@ def _emphasize(z: torch.Tensor, weights: tuple[float, ...], emphasis: Emphasis) 
 
     weighted = z * torch.tensor(weights, dtype=z.dtype, device=z.device).reshape(1, -1, 1)
     if emphasis == "a1111":
-        weighted = weighted * (z.mean() / weighted.mean())
+        factor = z.float().mean() / weighted.float().mean()
+        # A1111 divides by the weighted mean; when that is ~0 (extreme or cancelling weights) the factor explodes
+        # and the image turns to NaN there. Skip the mean restore in that case: the weights still apply.
+        if torch.isfinite(factor) and abs(float(factor)) < 1e3:
+            weighted = weighted * factor.to(z.dtype)
     return weighted
 
 
