@@ -114,7 +114,7 @@ def test_gaussian_overlap_blending_has_lower_seam_score_than_no_overlap(engine, 
 def test_auto_tiling_switches_on_over_the_memory_budget(engine, req_factory):
     small = engine.generate(req_factory(width=128, height=128), save=False)
     assert small.stats["tiles_per_step"] == 1
-    tight = engine.generate(req_factory(width=1024, height=1024, steps=1, vae_decode="taesd",
+    tight = engine.generate(req_factory(width=512, height=512, steps=1, vae_decode="taesd",
                                         tiling=TileConfig(memory_budget_gb=0.1, size=32, overlap=8)), save=False)
     assert tight.stats["tiles_per_step"] > 1 and "tiles of 32" in tight.stats["plan"]
 
