@@ -144,20 +144,19 @@ def test_prompt_over_the_limit_is_refused_with_the_limit(engine):
 @example(prompt="(x:1e308) " * 40)
 @example(prompt=("[(" * 400 + "a" + ")]" * 400))
 def test_any_prompt_encodes(manager, prompt):
-    """Through the tiny text encoder: no crash with either emphasis; without mean restore, always finite."""
+    """Through the tiny text encoder with either emphasis: no crash, and no NaN/inf reaching the UNet."""
     import torch
 
     encoder = PromptEncoder.from_pipe(manager.get("tiny").pipe)
     a1111 = encoder.encode_per_step(prompt, 3)
     plain = encoder.encode_per_step(prompt, 3, emphasis="none")
     assert len(a1111) == len(plain) == 3 and a1111[0].embeds.shape == plain[0].embeds.shape
-    for enc in plain:
+    for enc in (*a1111, *plain):
         assert torch.isfinite(enc.embeds).all(), f"non-finite embeddings for {prompt[:60]!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/prompts._emphasize divides by the weighted mean, which is ~0 for a "
-                                       "text encoder whose final LayerNorm has no bias (the tiny SD1 model): inf")
 def test_a1111_emphasis_stays_finite_when_the_mean_is_near_zero(manager):
+    """Found by the fuzz above: the tiny SD1 encoder's outputs average ~0, and the mean restore divided by it."""
     import torch
 
     encoder = PromptEncoder.from_pipe(manager.get("tiny").pipe)
