@@ -63,6 +63,9 @@ def build_demo(args: argparse.Namespace):
     engine = Engine(manager, args.out)
     if args.model:
         engine.default_model = args.model
+    notice = manager.availability(engine.default_model)
+    if notice:
+        log.warning("%s", notice)
     return create_demo(make_backend(engine), queue_size=args.queue_size)
 
 

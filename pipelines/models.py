@@ -358,6 +358,23 @@ class ModelManager:
                 log.warning("TAESD not available from %s (%s); previews and taesd decode are off", ref, exc)
         return None
 
+    def availability(self, name: str) -> str | None:
+        """None when `name` can load without the network; otherwise a sentence saying what must be fetched."""
+        try:
+            src = self.resolve(name)
+        except ValidationError as exc:
+            return str(exc)
+        if src.kind != "hub":
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(src.ref, "model_index.json"), str):
+            return None
+        where = "the hub is switched off (HF_HUB_OFFLINE)" if _offline() else "it needs network access"
+        return (f"{src.ref} is not downloaded yet and {where}: the first generation will fail with 'could not "
+                f"download' unless it can be fetched. Use --model tiny to try the app, or put a model in "
+                f"{self.models_dir}/.")
+
     @property
     def current(self) -> LoadedModel | None:
         """The loaded model, if any (for previews; never loads)."""

@@ -233,6 +233,7 @@ class Backend:
             "presets": {n: p.description for n, p in load_presets().items()},
             "defaults": defaults, "default_model": self.engine.default_model,
             "latent_min_denoise": LATENT_MIN_DENOISE,
+            "notice": self.engine.manager.availability(self.engine.default_model),
         }
 
     def preset_values(self, name: str) -> dict[str, Any]:

@@ -189,3 +189,11 @@ def test_v_prediction_model_from_a_local_folder(engine, manager, req_factory, ti
     eps = engine.generate(req_factory(), save=False).images[0]
     v = engine.generate(req_factory(model="tiny-v"), save=False).images[0]
     assert not np.array_equal(_arr(eps), _arr(v))
+
+
+def test_availability_names_what_must_be_fetched(manager, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert manager.availability("tiny") is None
+    msg = manager.availability("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert msg is not None and "not downloaded yet" in msg and "--model tiny" in msg
+    assert "not a known model" in manager.availability("../../etc/passwd")

@@ -34,6 +34,8 @@ def create_demo(backend: Any, *, queue_size: int = 16) -> gr.Blocks:
     gpu = GpuCalls(backend)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(HEADER, elem_id="header")
+        if choices.get("notice"):
+            gr.Markdown(f"⚠️ {choices['notice']}", elem_id="notice", elem_classes=["warning"])
         with gr.Tabs(selected="generate") as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = build_generate_tab(backend, choices)
