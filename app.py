@@ -39,8 +39,8 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     if text is None:
         return None
     user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("error: `--auth` must be user:password, got " + repr(text))
+    if not sep or not user.strip() or not password.strip():
+        raise SystemExit("error: `--auth` must be user:password (both non-empty), e.g. --auth alice:s3cret")
     return user, password
 
 
