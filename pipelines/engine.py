@@ -102,6 +102,7 @@ class Engine:
         self.prompt_cache = PromptCache()
         self._stage1_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.stage1_runs = 0
+        self._saved: list[tuple[Image.Image, str, Path]] = []
 
     # ---------------------------------------------------------------- checks
     def check(self, req: GenerationRequest) -> GenerationRequest:
@@ -146,6 +147,7 @@ class Engine:
                     torch.cuda.empty_cache()
 
     def _generate_with_fallback(self, req, callback, cancel, save, unet) -> GenerationResult:
+        self._saved = []  # (image, infotext, path) saved so far in this run; a retry never saves them twice
         try:
             return self._generate(req, callback, cancel, save, unet, low_memory=False)
         except Exception as exc:
@@ -280,6 +282,12 @@ class Engine:
         result = GenerationResult(request=req, images=images, seeds=seeds, infotexts=[])
         seams = None
         for i, seed in enumerate(seeds):
+            if i < len(self._saved):  # finished and saved by an attempt that then ran out of memory: keep it
+                img, text, path = self._saved[i]
+                images.append(img)
+                result.infotexts.append(text)
+                result.paths.append(path)
+                continue
             if pixels_done is not None:
                 img = pixels_done[i]
             else:
@@ -292,6 +300,7 @@ class Engine:
             result.infotexts.append(text)
             if save and self.outputs_dir is not None:
                 result.paths.append(save_png(img, text, self.outputs_dir, seed))  # saved now: a later crash keeps it
+                self._saved.append((img, text, result.paths[-1]))
         result.stats.update({"unet_evals": stats.unet_evals, "unet_calls": stats.unet_calls,
                              "evals_saved": stats.evals_saved, "tiles_per_step": stats.tiles_per_step,
                              "seam_score": seams, "notes": list(report.notes)})

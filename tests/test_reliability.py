@@ -272,3 +272,26 @@ def test_crash_mid_batch_keeps_the_images_already_finished(engine, req_factory, 
     assert seeds == [100, 101]
     assert not _leftovers(engine.outputs_dir)
     assert not engine.gpu_lock.locked()
+
+
+def test_oom_while_decoding_image_3_keeps_images_1_2_without_saving_them_twice(engine, req_factory, monkeypatch):
+    import torch as _torch
+
+    from pipelines import vae_io
+
+    real = vae_io.decode
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vae_io, "decode", flaky)
+    res = engine.generate(req_factory(batch_size=4, seed=10))
+    files = sorted(engine.outputs_dir.rglob("*.png"))
+    assert len(res.paths) == 4 and len(files) == 4, "an image was saved twice or lost"
+    assert sorted(res.paths) == files
+    assert [p.name.split("-")[1] for p in res.paths] == ["10.png", "11.png", "12.png", "13.png"]
+    assert any("retried" in w for w in res.warnings)
