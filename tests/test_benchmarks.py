@@ -1,0 +1,61 @@
+"""The benchmark harness (`python -m benchmarks`) runs every case end to end on the tiny model at a tiny size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_has_every_case_with_both_numbers(tiny_cache, tmp_path, capsys):
+    from benchmarks.__main__ import main
+    from benchmarks.settings import CASES
+
+    out = tmp_path / "results.json"
+    code = main(["--device", "cpu", "--model", "tiny", "--quick", "--size-scale", "0.25", "--warmup", "0",
+                 "--repeats", "1", "--memory", "inprocess", "--json", str(out), "--cache-dir", str(tmp_path)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert {r["case"] for r in rows.values()} == set(CASES)
+    printed = capsys.readouterr().out
+    for key, row in rows.items():
+        for side in ("app", "baseline"):
+            m = row[side]
+            assert m["error"] is None, f"{key} {side}: {m['error']}"
+            assert m["median_s"] > 0 and m["runs"] == 1, (key, side, m)
+            assert m["memory"] is not None and m["memory"]["peak_mb"] > 0, (key, side)
+        assert row["speedup"] > 0
+        assert f"| {key}: " in printed
+    # Same weights, scheduler and initial latents: the app's txt2img is diffusers' image.
+    assert rows["txt2img"]["extra"]["max_abs_pixel_diff"] <= 2
+    assert rows["txt2img"]["app"]["unet_evals"] == rows["txt2img"]["baseline"]["unet_evals"] == 2 * 6
+    guidance = rows["guidance-interval"]
+    assert guidance["app"]["unet_evals"] == guidance["extra"]["predicted_evals_app"]
+    assert guidance["target"]["met"] is True  # counts are device-independent, so judged on CPU too
+    assert rows["vae-tiling"]["extra"]["mae_app"] < rows["vae-tiling"]["extra"]["mae_diffusers"] / 2
+    assert rows["txt2img"]["target"]["judged"] is False  # speed targets are for a GPU, not judged here
+    assert data["meta"]["quick"] is True and data["meta"]["sizes"]["native"] == 64
+
+
+def test_memory_is_measured_in_a_fresh_process(tiny_cache, tmp_path):
+    from benchmarks.runner import memory_in_fresh_process
+    from benchmarks.settings import Settings
+
+    settings = Settings(device="cpu", quick=True, size_scale=0.25, cache_dir=str(tmp_path))
+    memory, problem = memory_in_fresh_process(settings, "vae-full")
+    assert problem is None
+    assert memory.peak_mb > 100 and memory.delta_mb >= 0
+    assert "fresh process" in memory.method
+
+
+def test_sizes_follow_the_issue_and_scale_down():
+    from benchmarks.settings import Settings, sizes_for
+
+    full = sizes_for(Settings(), "sd1")
+    assert (full.native, full.steps, full.tiled, full.vae, full.ultra) == (512, 20, 2048, 2048, 4096)
+    assert sizes_for(Settings(), "sdxl").native == 1024
+    tiny = sizes_for(Settings(quick=True, size_scale=0.25), "sd1")
+    assert tiny.native == 64 and tiny.ultra == 256 and tiny.tile >= 16 and tiny.native % 8 == 0
