@@ -88,11 +88,31 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def preload_libraries() -> None:
+    """Import diffusers' and transformers' lazily-loaded classes once, up front.
+
+    Their lazy modules are not thread-safe: a first import racing in two threads (a generation worker and a UI
+    callback) can fail with "cannot import name 'DiffusionPipeline'". No weights, no device probing.
+    """
+    import diffusers
+    import transformers
+
+    from pipelines.schedulers import SAMPLERS
+
+    names = ["DiffusionPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "AutoencoderKL",
+             "AutoencoderTiny", "ControlNetModel", "UNet2DConditionModel", *{c for c, _ in SAMPLERS.values()}]
+    for name in names:
+        getattr(diffusers, name)
+    for name in ("CLIPTokenizer", "CLIPTextModel", "CLIPTextModelWithProjection"):
+        getattr(transformers, name)
+
+
 class Engine:
     """Owns the GPU lock, the prompt and stage-1 caches, and the outputs folder."""
 
     def __init__(self, manager: ModelManager, outputs_dir: Path | str | None = "outputs", *,
                  limits: Limits | None = None, allow_paths: bool = False):
+        preload_libraries()
         self.manager = manager
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None
         self.limits = limits or Limits()
@@ -138,13 +158,14 @@ class Engine:
         """Generate (txt2img, img2img, two-stage), save each image as soon as it is decoded, return the result."""
         req = self.check(req)
         req = replace(req, seed=resolve_seed(req.seed))
-        with self.gpu_lock:
+        with self.gpu_lock:  # released on success, error and cancel alike
             try:
                 return self._generate_with_fallback(req, callback, cancel, save, unet)
-            finally:
-                gc.collect()
+            except BaseException:
+                # a stopped or failed run hands its cached GPU blocks back (a full gc per run would cost ~0.2 s)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                raise
 
     def _generate_with_fallback(self, req, callback, cancel, save, unet) -> GenerationResult:
         self._saved = []  # (image, infotext, path) saved so far in this run; a retry never saves them twice

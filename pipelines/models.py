@@ -463,7 +463,8 @@ def _warm_up(model: LoadedModel) -> None:
         added = {"text_embeds": torch.zeros(2, pooled, device=model.device, dtype=model.dtype),
                  "time_ids": torch.zeros(2, 6, device=model.device, dtype=model.dtype)}
     t0 = time.perf_counter()
-    unet(x, 999, encoder_hidden_states=enc, added_cond_kwargs=added)
+    t = torch.tensor(999.0, device=model.device)  # a tensor, like the loop passes: a compiled UNet compiles once
+    unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
     vae.decode(x[:1].to(vae.dtype))
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -168,26 +171,47 @@ def build_tiny(name: str, folder: Path) -> Path:
             vae=vae, text_encoder=te1, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-    tmp_out = folder.with_name(folder.name + ".partial")
+    tmp_out = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     pipe.save_pretrained(tmp_out, safe_serialization=True)
     _taesd().save_pretrained(tmp_out / "taesd", safe_serialization=True)
     (tmp_out / "TINY_VERSION").write_text(TINY_VERSION)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp_out.rename(folder)  # atomic publish: a half-written folder is never loaded
+    _publish(tmp_out, folder)
     log.info("built tiny model %s in %s", name, folder)
     return folder
 
 
-def ensure_tiny(name: str, cache_dir: Path | None = None) -> Path:
-    """Return the folder of tiny model `name`, building it once if missing or outdated."""
-    folder = (cache_dir or default_cache_dir()) / name
+def _publish(built: Path, folder: Path) -> None:
+    """Move a finished build into place atomically; an up-to-date folder that appeared meanwhile wins."""
+    if folder.exists():
+        if _current(folder):
+            shutil.rmtree(built, ignore_errors=True)
+            return
+        stale = folder.with_name(f"{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+        folder.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        built.rename(folder)  # a half-written folder is never visible under the final name
+    except OSError:  # another process published first
+        shutil.rmtree(built, ignore_errors=True)
+
+
+def _current(folder: Path) -> bool:
     stamp = folder / "TINY_VERSION"
-    if not (stamp.exists() and stamp.read_text() == TINY_VERSION):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny(name, folder)
+    return stamp.exists() and stamp.read_text() == TINY_VERSION
+
+
+_build_lock = threading.Lock()
+
+
+def ensure_tiny(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the folder of tiny model `name`, building it once if missing or outdated (thread-safe)."""
+    folder = (cache_dir or default_cache_dir()) / name
+    if _current(folder):
+        return folder
+    with _build_lock:  # the UI's token counter and a generation may ask at the same moment
+        if not _current(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            build_tiny(name, folder)
     return folder
 
 

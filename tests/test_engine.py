@@ -197,3 +197,14 @@ def test_availability_names_what_must_be_fetched(manager, monkeypatch, tmp_path)
     msg = manager.availability("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert msg is not None and "not downloaded yet" in msg and "--model tiny" in msg
     assert "not a known model" in manager.availability("../../etc/passwd")
+
+
+def test_tiny_models_build_once_when_asked_from_many_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.tiny import ensure_tiny
+
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: ensure_tiny("tiny", tmp_path), range(4)))
+    assert len(set(folders)) == 1 and (folders[0] / "unet" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no partial or stale folders left
