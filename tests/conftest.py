@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -72,3 +73,23 @@ def tiny_request(**kw):
 @pytest.fixture
 def req_factory():
     return tiny_request
+
+
+@contextlib.contextmanager
+def running_app(engine, *, queue_size: int = 8):
+    """The real Gradio app over `engine` (default model tiny) on a free loopback port; yields its URL."""
+    import socket
+
+    from pipelines.service import make_backend
+    from ui.app import create_demo, launch_kwargs
+
+    engine.default_model = "tiny"
+    demo = create_demo(make_backend(engine), queue_size=queue_size)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 from gradio_client import Client, handle_file
@@ -13,6 +12,7 @@ from PIL import Image
 from pipelines.metadata import request_from_infotext
 from pipelines.presets import load_presets
 from pipelines.request import hires_target
+from tests.conftest import running_app
 
 pytestmark = pytest.mark.xdist_group("gradio-app")
 log = logging.getLogger(__name__)
@@ -20,28 +20,14 @@ log = logging.getLogger(__name__)
 TINY = {"model": "tiny", "width": 64, "height": 64, "steps": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(manager, tmp_path_factory):
     """The real app on the tiny model, on a free local port; yields (url, engine)."""
     from pipelines.engine import Engine
-    from pipelines.service import make_backend
-    from ui.app import create_demo, launch_kwargs
 
     engine = Engine(manager, tmp_path_factory.mktemp("api-outputs"))
-    engine.default_model = "tiny"
-    demo = create_demo(make_backend(engine), queue_size=8)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", engine
-    finally:
-        demo.close()
+    with running_app(engine) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.conftest import running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 log = logging.getLogger(__name__)
@@ -73,21 +74,11 @@ class StepCounter:
 def app(manager, tmp_path_factory):
     """The real app on tiny, on a free local port: (url, engine, step counter)."""
     from pipelines.engine import Engine
-    from pipelines.service import make_backend
-    from ui.app import create_demo, launch_kwargs
 
     engine = Engine(manager, tmp_path_factory.mktemp("browser-outputs"))
-    engine.default_model = "tiny"
     counter = StepCounter(engine)
-    demo = create_demo(make_backend(engine), queue_size=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", engine, counter
-    finally:
-        demo.close()
+    with running_app(engine) as url:
+        yield url, engine, counter
 
 
 @pytest.fixture(scope="module")

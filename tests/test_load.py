@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from gradio_client.utils import QueueError
 from PIL import Image
 
 from pipelines.metadata import read_parameters, request_from_infotext
+from tests.conftest import running_app
 
 pytestmark = pytest.mark.xdist_group("gradio-app")
 log = logging.getLogger(__name__)
@@ -33,29 +33,15 @@ REQUEST_TIMEOUT_S = 180  # one request, queue wait included
 TINY = {"model": "tiny", "width": 64, "height": 64, "steps": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(manager, tmp_path_factory):
     """The real app (engine + tiny model) on a free loopback port with a queue of 4; yields (url, outputs folder)."""
     from pipelines.engine import Engine
-    from pipelines.service import make_backend
-    from ui.app import create_demo, launch_kwargs
 
     outputs = tmp_path_factory.mktemp("load-outputs")
     engine = Engine(manager, outputs)
-    engine.default_model = "tiny"
-    demo = create_demo(make_backend(engine), queue_size=QUEUE_SIZE)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", outputs, engine
-    finally:
-        demo.close()
+    with running_app(engine, queue_size=QUEUE_SIZE) as url:
+        yield url, outputs, engine
 
 
 def _client(url: str, downloads: Path) -> Client:
