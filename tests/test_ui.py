@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -18,27 +17,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
 from pipelines.request import GenerationRequest, flatten
+from pipelines.service import Done, Progress  # the contract's event types (torch-free)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Progress:
-    step: int
-    total: int
-    eta_s: float | None
-    preview: Image.Image | None
-    stage: str = "draft"
-
-
-@dataclass
-class Done:
-    images: list
-    paths: list
-    infotexts: list
-    seeds: list
-    stats: dict = field(default_factory=dict)
-    warnings: list = field(default_factory=list)
 
 
 PRESETS = {"draft": {"steps": 8, "vae_decode": "taesd", "hires_scale": 1},
