@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import ModelError, OfflineError, ValidationError
+from pipelines.lru import LRUCache
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ ANNOTATORS: dict[str, Annotator] = {
 PREPROCESSORS: tuple[str, ...] = ("none", "canny", *ANNOTATORS)
 
 _CACHE_SIZE = 2
-_controlnets: OrderedDict[tuple, Any] = OrderedDict()
+_controlnets = LRUCache(_CACHE_SIZE)
 _annotators: dict[tuple, Any] = {}
 
 
@@ -362,9 +362,10 @@ def load_controlnet(spec: str, *, device: torch.device | str = "cpu", dtype: tor
     resolved = resolve_controlnet(spec, models_dir, allow_paths=allow_paths)
     stamp = resolved.stat().st_mtime_ns if isinstance(resolved, Path) else 0
     key = (str(resolved), stamp, str(device), dtype)
-    if key in _controlnets:
-        _controlnets.move_to_end(key)
-        return _controlnets[key]
+    return _controlnets.get(key, lambda: _load_controlnet(resolved, spec, device, dtype))
+
+
+def _load_controlnet(resolved: str | Path, spec: str, device: torch.device | str, dtype: torch.dtype):
     if isinstance(resolved, str):
         model = _load_hub(resolved, dtype)
     elif resolved.is_dir():
@@ -378,9 +379,6 @@ def load_controlnet(spec: str, *, device: torch.device | str = "cpu", dtype: tor
         model = _load_single_file(resolved, dtype)
     model = model.to(device).eval()
     log.info("loaded ControlNet %s", spec)
-    _controlnets[key] = model
-    while len(_controlnets) > _CACHE_SIZE:
-        _controlnets.popitem(last=False)
     return model
 
 

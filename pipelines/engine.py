@@ -6,7 +6,6 @@ import gc
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from pipelines import vae_io
 from pipelines.errors import OutOfMemoryError, ValidationError
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
+from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
 from pipelines.models import LoadedModel, ModelManager
 from pipelines.planner import Plan, free_device_memory, plan_generation
@@ -120,7 +120,7 @@ class Engine:
         self.default_model = DEFAULT_MODEL
         self.gpu_lock = threading.Lock()
         self.prompt_cache = PromptCache()
-        self._stage1_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._stage1_cache = LRUCache(2)  # stage-1 latents (on CPU) of the last two two-stage requests
         self.stage1_runs = 0
         self._saved: list[tuple[Image.Image, str, Path]] = []
 
@@ -259,17 +259,14 @@ class Engine:
     def _stage1(self, model, req, spec, seeds, callback, cancel, stats, unet) -> torch.Tensor:
         """Stage-1 latents, from the cache when only stage-2 settings changed."""
         key = self._stage1_key(req, model, seeds) if req.hires.enabled and unet is None else None
-        if key is not None and key in self._stage1_cache:
-            self._stage1_cache.move_to_end(key)
-            return self._stage1_cache[key].to(model.device)
-        self.stage1_runs += 1
-        latents = run_stage(model, spec, cache=self.prompt_cache, callback=callback, cancel=cancel,
-                            stats=stats, unet=unet).latents
-        if key is not None:
-            self._stage1_cache[key] = latents.detach().to("cpu")
-            while len(self._stage1_cache) > 2:
-                self._stage1_cache.popitem(last=False)
-        return latents
+        def run() -> torch.Tensor:
+            self.stage1_runs += 1
+            return run_stage(model, spec, cache=self.prompt_cache, callback=callback, cancel=cancel,
+                             stats=stats, unet=unet).latents
+
+        if key is None:
+            return run()
+        return self._stage1_cache.get(key, lambda: run().detach().to("cpu")).to(model.device)
 
     def _tile_control(self, model, req, latents, big, width, height, dec) -> tuple[tuple, str | None]:
         """A tile ControlNet unit for the refine, fed each image's upscaled draft; (() , why) if unavailable."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import logging
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -492,12 +491,11 @@ class PromptEncoder:
 
     SD 1.x/2.x: the last hidden state, or with `clip_skip` = k > 1 hidden_states[-k] through the final
     layer norm (A1111). SDXL: hidden_states[-(clip_skip + 1)] of both encoders without final norm,
-    concatenated on features; pooled from text_encoder_2. Results are cached by text (LRU); call
-    `clear_cache()` after changing the encoders' weights (e.g. a text-encoder LoRA).
+    concatenated on features; pooled from text_encoder_2. Nothing is cached here: the engine's PromptCache
+    (keyed by model, LoRAs, text and options) is the one cache of encodings.
     """
 
-    def __init__(self, tokenizers: list, text_encoders: list, *, sdxl: bool, clip_skip: int = 1,
-                 cache_size: int = 32):
+    def __init__(self, tokenizers: list, text_encoders: list, *, sdxl: bool, clip_skip: int = 1):
         expected = 2 if sdxl else 1
         if len(tokenizers) != expected or len(text_encoders) != expected:
             raise ValueError(
@@ -508,8 +506,7 @@ class PromptEncoder:
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"`clip_skip` must be between 1 and {layers}, got {clip_skip}")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
-        self.sdxl, self.clip_skip, self.cache_size = sdxl, clip_skip, cache_size
-        self._cache: OrderedDict[tuple[str, str, int], EncodedPrompt] = OrderedDict()
+        self.sdxl, self.clip_skip = sdxl, clip_skip
 
     @classmethod
     def from_pipe(cls, pipe: Any, *, clip_skip: int = 1) -> PromptEncoder:
@@ -518,10 +515,6 @@ class PromptEncoder:
         tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
         encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
         return cls(tokenizers, encoders, sdxl=sdxl, clip_skip=clip_skip)
-
-    def clear_cache(self) -> None:
-        """Forget cached encodings."""
-        self._cache.clear()
 
     def chunk_count(self, text: str) -> int:
         """How many 77-token chunks `text` (one step's prompt) needs."""
@@ -535,22 +528,15 @@ class PromptEncoder:
         """Encode one step's prompt (scheduling already resolved), padded with empty chunks to `min_chunks`."""
         if emphasis not in ("a1111", "none"):
             raise ValueError(f"`emphasis` must be 'a1111' or 'none', got {emphasis!r}")
-        key = (text, emphasis, max(1, min_chunks))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        encoded = self._encode(text, emphasis, key[2])
-        self._cache[key] = encoded
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return encoded
+        return self._encode(text, emphasis, max(1, min_chunks))
 
     def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111",
                         min_chunks: int = 1) -> list[EncodedPrompt]:
         """One encoding per step (see `prompts_per_step`), all padded to the same chunk count."""
         texts = prompts_per_step(text, steps)
         chunks = max([min_chunks, *(self.chunk_count(prompt) for prompt in set(texts))])
-        return [self.encode(prompt, emphasis=emphasis, min_chunks=chunks) for prompt in texts]
+        encoded = {prompt: self.encode(prompt, emphasis=emphasis, min_chunks=chunks) for prompt in set(texts)}
+        return [encoded[prompt] for prompt in texts]  # each distinct text encoded once
 
     def _encode(self, text: str, emphasis: Emphasis, min_chunks: int) -> EncodedPrompt:
         """Tokenize per tokenizer, encode chunk by chunk, weight, concatenate."""

@@ -62,7 +62,3 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         config.setdefault("clip_sample", False)
     return getattr(diffusers, cls_name).from_config(config, **overrides)
 
-
-def is_stochastic(name: str) -> bool:
-    """True for samplers that inject noise each step (ancestral, SDE, LCM)."""
-    return name in ("Euler a", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "LCM")

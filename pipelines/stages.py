@@ -8,14 +8,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from pipelines.guidance import parse_cfg, scales_for_steps
+from pipelines.lru import LRUCache
 from pipelines.prompts import PromptEncoder, prompts_per_step
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.schedulers import make_scheduler
@@ -23,26 +22,11 @@ from pipelines.schedulers import make_scheduler
 log = logging.getLogger(__name__)
 
 
-class PromptCache:
-    """LRU cache of encoded prompts keyed by model, LoRAs, text and encoding options; counts encoder calls."""
+class PromptCache(LRUCache):
+    """The one cache of encoded prompts, keyed by model, LoRAs, text and encoding options."""
 
     def __init__(self, size: int = 64):
-        self.size, self._data = size, OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key, make: Callable[[], Any]):
-        if key in self._data:
-            self._data.move_to_end(key)
-            self.hits += 1
-            return self._data[key]
-        self.misses += 1
-        value = self._data[key] = make()
-        if len(self._data) > self.size:
-            self._data.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._data.clear()
+        super().__init__(size)
 
 
 @dataclass

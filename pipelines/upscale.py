@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.lru import LRUCache
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ LATENT_MIN_DENOISE = 0.5
 """Below this hires denoising strength a latent upscale stays blurry; the UI warns."""
 
 _CACHE_SIZE = 2
-_cache: OrderedDict[tuple, object] = OrderedDict()
+_cache = LRUCache(_CACHE_SIZE)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -137,16 +137,14 @@ def load_upscaler(path: Path, device: torch.device | str = "cpu", dtype: torch.d
     except OSError as err:
         raise ModelError(f"upscaler {path} does not exist or cannot be read ({err})") from err
     key = (str(path.resolve()), mtime, str(device), dtype)
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
+    return _cache.get(key, lambda: _load_checked(path, device, dtype))
+
+
+def _load_checked(path: Path, device: torch.device | str, dtype: torch.dtype):
     model = _read_model(path)
     _check_descriptor(model, path)
     model = model.to(device=torch.device(device), dtype=_pick_dtype(model, dtype)).eval()
     log.info("loaded upscaler %s (%s, %dx)", path.name, model.architecture.name, model.scale)
-    _cache[key] = model
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
     return model
 
 

@@ -350,7 +350,8 @@ def test_sdxl_shapes_and_first_chunk_pooled(sdxl: PromptEncoder) -> None:
 
 
 def test_cache_and_per_step_encoding(sd: PromptEncoder) -> None:
-    assert sd.encode("abcd") is sd.encode("abcd")
+    # caching across calls is the engine's PromptCache (test_engine counts encoder calls); encoding is deterministic
+    assert torch.equal(sd.encode("abcd").embeds, sd.encode("abcd").embeds)
     steps = sd.encode_per_step("[abcd:" + LONG + ":0.5]", 4)
     assert [s.chunks for s in steps] == [5, 5, 5, 5]
     assert steps[0] is steps[1] and steps[2] is steps[3] and steps[1] is not steps[2]
