@@ -93,3 +93,20 @@ def running_app(engine, *, queue_size: int = 8):
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def assert_valid_png(path, size: tuple[int, int] = (64, 64)) -> str:
+    """The file is a complete PNG of `size` with a `parameters` text that parses back; returns that text."""
+    from PIL import Image
+
+    from pipelines.metadata import read_parameters, request_from_infotext
+
+    with Image.open(path) as img:
+        img.verify()  # checks every chunk's CRC: a truncated file fails here
+    with Image.open(path) as img:
+        img.load()
+        assert img.format == "PNG" and img.size == size
+    text = read_parameters(path)
+    assert text, f"{Path(path).name} has no parameters"
+    request_from_infotext(text)
+    return text

@@ -22,8 +22,8 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 from PIL import Image
 
-from pipelines.metadata import read_parameters, request_from_infotext
-from tests.conftest import running_app
+from pipelines.metadata import request_from_infotext
+from tests.conftest import assert_valid_png, running_app
 
 pytestmark = pytest.mark.xdist_group("gradio-app")
 log = logging.getLogger(__name__)
@@ -46,19 +46,6 @@ def server(manager, tmp_path_factory):
 
 def _client(url: str, downloads: Path) -> Client:
     return Client(url, verbose=False, download_files=str(downloads))
-
-
-def _check_png(path: str | Path, size: tuple[int, int] = (64, 64)) -> str:
-    """A complete PNG of `size` whose `parameters` parse back to a request; returns the parameters."""
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        img.load()
-        assert img.format == "PNG" and img.size == size
-    text = read_parameters(path)
-    assert text, f"{Path(path).name} has no parameters"
-    request_from_infotext(text)
-    return text
 
 
 # ---------------------------------------------------------------- load
@@ -109,17 +96,17 @@ def test_concurrent_callers_finish_or_are_refused_and_nothing_is_lost(server, tm
 
     for _, seed, (files, texts) in (o for o in outcomes if o[0] == "done"):
         assert len(files) == len(texts) == 1
-        assert _check_png(files[0]) == texts[0]
+        assert assert_valid_png(files[0]) == texts[0]
         req = request_from_infotext(texts[0])
         assert (req.seed, req.width, req.height, req.steps) == (seed, 64, 64, 2)
 
     # the server still answers, and the outputs folder lost or truncated nothing
     files, _ = _client(url, tmp_path / "after").predict(prompt="after the storm", seed=7, **TINY, api_name="/generate")
-    _check_png(files[0])
+    assert_valid_png(files[0])
     saved = sorted(outputs.rglob("*.png"))
     assert len(saved) == kinds["done"] + 1, f"{len(saved)} files for {kinds['done'] + 1} finished requests"
     assert not list(outputs.rglob(".tmp-*"))
-    seeds = sorted(request_from_infotext(_check_png(p)).seed for p in saved)
+    seeds = sorted(request_from_infotext(assert_valid_png(p)).seed for p in saved)
     assert seeds == sorted([s for kind, s, _ in outcomes if kind == "done"] + [7])
     assert not engine.gpu_lock.locked()
 

@@ -21,6 +21,7 @@ from pipelines.errors import CancelledError, OutOfMemoryError
 from pipelines.metadata import read_parameters, request_from_infotext
 from pipelines.saving import save_png
 from pipelines.service import Backend, Done, Progress
+from tests.conftest import assert_valid_png
 
 LOCK_WAIT_S = 15  # the loop checks the cancel token every step; a tiny-model step takes well under a second
 RETRY_WARNING = "retried with tiling, tile batch 1 and tiled VAE"
@@ -56,19 +57,6 @@ def _leftovers(folder: Path) -> list[Path]:
     return sorted(folder.rglob(".tmp-*")) if folder.exists() else []
 
 
-def _assert_valid_png(path: Path, size: tuple[int, int] = (64, 64)) -> str:
-    """The file is a complete PNG of `size` with a `parameters` text that parses back; returns that text."""
-    with Image.open(path) as img:
-        img.verify()  # checks every chunk's CRC: a truncated file fails here
-    with Image.open(path) as img:
-        img.load()
-        assert img.format == "PNG" and img.size == size
-    text = read_parameters(path)
-    assert text, f"{path.name} has no parameters"
-    request_from_infotext(text)
-    return text
-
-
 def _generator_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "tessera-generate" and t.is_alive()]
 
@@ -81,7 +69,7 @@ def test_oom_on_first_unet_call_is_retried_with_low_memory_settings(engine, mana
     assert unet.calls == 1 + 2, "expected the failed call, then one call per step of the retry"
     assert any(RETRY_WARNING in w for w in res.warnings), res.warnings
     assert len(res.paths) == 1
-    _assert_valid_png(res.paths[0])
+    assert_valid_png(res.paths[0])
     assert not engine.gpu_lock.locked()
 
 
@@ -134,7 +122,7 @@ def test_nan_from_fp16_vae_decodes_again_in_fp32_and_says_so(engine, manager, re
         vae.to(torch.float32)
     assert dtypes == [torch.float16, torch.float32]
     assert res.stats["notes"] == ["fp32 VAE fallback"]
-    text = _assert_valid_png(res.paths[0])
+    text = assert_valid_png(res.paths[0])
     assert "fp32 VAE fallback" in text
     assert torch.tensor(list(res.images[0].getdata()), dtype=torch.float32).std() > 0
 
@@ -268,7 +256,7 @@ def test_crash_mid_batch_keeps_the_images_already_finished(engine, req_factory, 
         engine.generate(req_factory(steps=2, batch_size=4, seed=100))
     files = _pngs(engine.outputs_dir)
     assert len(files) == 2, [f.name for f in files]
-    seeds = sorted(request_from_infotext(_assert_valid_png(f)).seed for f in files)
+    seeds = sorted(request_from_infotext(assert_valid_png(f)).seed for f in files)
     assert seeds == [100, 101]
     assert not _leftovers(engine.outputs_dir)
     assert not engine.gpu_lock.locked()
