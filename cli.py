@@ -28,6 +28,7 @@ _FIELDS = {
     "tiling": "tile_mode", "tile_size": "tile_size",
     "tile_overlap": "tile_overlap", "tile_blend": "tile_blend", "tile_batch": "tile_batch",
     "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
+    "vae_tile_mode": "vae_tile_mode",
     "memory_budget_gb": "memory_budget_gb",
 }
 
@@ -85,6 +86,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tile-shift", action="store_true", default=None, help="shift the tile grid randomly each step")
     t.add_argument("--vae-tiling", choices=["auto", "on", "off"], help="tiled VAE decode/encode (default auto)")
     t.add_argument("--vae-tile-size", type=int, help="VAE tile size in latent pixels")
+    t.add_argument("--vae-tile-mode", choices=["auto", "exact", "stream"],
+                   help="tiled VAE: exact = layer by layer (fast, ~3 full-size layers in RAM), stream = tile by tile "
+                        "(bounded memory, slower); default auto: exact when it fits")
     t.add_argument("--memory-budget-gb", type=float, help="memory budget for the tiling planner")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",

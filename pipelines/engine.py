@@ -20,7 +20,7 @@ from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_l
 from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
 from pipelines.models import LoadedModel, ModelManager
-from pipelines.planner import Plan, free_device_memory, plan_generation
+from pipelines.planner import Plan, available_ram, free_device_memory, plan_generation
 from pipelines.request import (
     DEFAULT_MODEL,
     GenerationRequest,
@@ -36,6 +36,7 @@ from pipelines.schedulers import check_sampler
 from pipelines.stages import PromptCache, StageSpec, run_stage
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
 from pipelines.upscale import resolve_upscaler
+from pipelines.vae_tiling import layerwise_store_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ def _model_sizes(model: LoadedModel) -> dict[str, Any]:
     modules = [model.unet, model.vae, *model.text_encoders]
     weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     return {"weights": int(weights), "activation_scale": model.unet.config.block_out_channels[0] / 320}
+
+
+def _vae_store(model: LoadedModel | None, width: int, height: int, budget: int | None) -> dict[str, int | None]:
+    """The layer-wise tiled VAE's canvas bytes at this size, and the host memory they may take: on a CPU the
+    planner's budget less the weights (the same RAM), on an accelerator half the available RAM."""
+    if model is None:
+        return {}
+    store = layerwise_store_bytes(tuple(model.vae.config.block_out_channels), height // 8, width // 8,
+                                  model.vae.dtype.itemsize)
+    if model.device.type == "cpu":
+        host = None if budget is None else max(budget - _model_sizes(model)["weights"], 0)
+    else:
+        ram = available_ram()
+        host = None if ram is None else ram // 2
+    return {"vae_store_bytes": store, "host_budget_bytes": host}
 
 
 def _check_control_names(unit, i: int, models_dir: Path) -> None:
@@ -147,10 +163,12 @@ class Engine:
             budget = free_device_memory(model.device)
         dtype_bytes = 4 if model is None or model.dtype == torch.float32 else 2
         sizes = _model_sizes(model) if model is not None else {}
-        return plan_generation(width or req.width, height or req.height, batch=req.batch_size, budget_bytes=budget,
+        width, height = width or req.width, height or req.height
+        return plan_generation(width, height, batch=req.batch_size, budget_bytes=budget,
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
                                tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
-                               vae_tiling=t.vae_tiling, **sizes)
+                               vae_tiling=t.vae_tiling, vae_tile_size=t.vae_tile_size, vae_mode=t.vae_tile_mode,
+                               **_vae_store(model, width, height, budget), **sizes)
 
     # ---------------------------------------------------------------- public entry points
     def generate(self, req: GenerationRequest, *, callback: Callback | None = None, cancel=None,
@@ -198,12 +216,14 @@ class Engine:
             return None
         return TileSpec(plan.tile_size, plan.overlap, req.tiling.blend, plan.tile_batch, req.tiling.shift)
 
-    def _codec_opts(self, plan: Plan, low_memory: bool) -> tuple[dict, dict]:
+    def _codec_opts(self, plan: Plan, low_memory: bool, device: torch.device) -> tuple[dict, dict]:
         tiled = plan.vae_tiled or low_memory
         # the low-memory retry tiles the VAE even when the plan did not (vae_tile_size is 0 then)
         tile = min(plan.vae_tile_size or 32, 32) if low_memory else plan.vae_tile_size
-        dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4)}
-        enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2)}
+        # out of memory on a CPU means out of host RAM, where the layer-wise canvases live: stream then
+        mode = "stream" if low_memory and device.type == "cpu" else plan.vae_mode or "exact"
+        dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4), "tile_mode": mode}
+        enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2), "tile_mode": mode}
         return dec, enc
 
     def _stage1_key(self, req: GenerationRequest, model: LoadedModel, seeds) -> tuple:
@@ -218,7 +238,7 @@ class Engine:
         model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
         seeds = [req.seed + i for i in range(req.batch_size)]
         plan = self.plan(req, model)
-        dec, enc = self._codec_opts(plan, low_memory)
+        dec, enc = self._codec_opts(plan, low_memory, model.device)
         stats = LoopStats()
         report = vae_io.DecodeReport()
         spec = StageSpec(
@@ -235,7 +255,7 @@ class Engine:
         if req.hires.enabled:
             tw, th = hires_target(req.width, req.height, req.hires.scale)
             final_plan = self.plan(req, model, width=tw, height=th)
-            dec, enc = self._codec_opts(final_plan, low_memory)
+            dec, enc = self._codec_opts(final_plan, low_memory, model.device)
             init, big = upscale_latents_or_pixels(model, latents, req, models_dir=self.manager.models_dir,
                                                   decode_opts=dec, encode_opts=enc)
             if big is not None and init is latents:

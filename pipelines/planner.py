@@ -10,7 +10,11 @@ The memory model is deliberately rough and stated here so it can be recalibrated
 * VAE decode: ~4.5 KB per output pixel at fp16 (SD 1.5's VAE needs ~1.2 GB of activations at 512²), one image
   at a time (sliced), so not multiplied by the batch; tiled, the device holds one tile's working set plus the
   latent-resolution mid-block (`pipelines.vae_tiling`);
-* the UNet and the VAE never run at the same time, so the peak is weights + the larger of the two.
+* the UNet and the VAE never run at the same time, so the peak is weights + the larger of the two;
+* a tiled VAE runs layer by layer ("exact") when its full-size stage canvases
+  (`pipelines.vae_tiling.layerwise_store_bytes`) fit the host budget (on a CPU that is the device budget minus the
+  weights; on an accelerator, half the available RAM), else tile by tile ("stream": bounded memory, several times
+  the compute). Both are exact; only time and host memory differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pipelines.tiling import plan_tiles
 
 Family = Literal["sd1", "sdxl"]
 Switch = Literal["auto", "on", "off"]
+VaeMode = Literal["auto", "exact", "stream"]
 
 PARAMS = {  # (unet, vae, text encoders) parameter counts
     "sd1": (0.86e9, 84e6, 123e6),
@@ -37,6 +42,7 @@ VAE_MID_BYTES_PER_LATENT_PX = 8e3  # whole-latent mid-block when the VAE is tile
 DEFAULT_TILE = {"sd1": 96, "sdxl": 128}  # latent pixels: 768 px and 1024 px, the families' native scales
 DEFAULT_OVERLAP = 32
 DEFAULT_VAE_TILE = 64  # latent pixels = 512 px
+STREAM_MARGIN = 13  # latent px of context a streamed VAE tile carries (SD's VAE; `pipelines.vae_stream.margin`)
 MAX_TILE_BATCH = 8
 SCALE = 8  # pixels per latent pixel
 
@@ -65,6 +71,9 @@ class Plan:
     """Whether the VAE decodes tile by tile (`pipelines.vae_tiling`)."""
     vae_tile_size: int
     """VAE tile edge in latent pixels (0 when the VAE is not tiled)."""
+    vae_mode: str
+    """How a tiled VAE runs: exact (layer by layer, full-size canvases in host memory) | stream (tile by tile,
+    bounded memory, more compute) | "" when the VAE is not tiled."""
     est_peak_bytes: int
     """Rough peak device memory, see the module docstring."""
     unet_evals_per_step: int
@@ -80,7 +89,7 @@ class Plan:
             )
         else:
             unet = "1 tile (untiled) → 1 UNet call/step"
-        vae = f"VAE tiled {self.vae_tile_size}² latent" if self.vae_tiled else "VAE whole"
+        vae = f"VAE tiled {self.vae_tile_size}² latent ({self.vae_mode})" if self.vae_tiled else "VAE whole"
         return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB"
 
 
@@ -152,6 +161,10 @@ def plan_generation(
     tile_batch: int | None = None,
     force: Switch = "auto",
     vae_tiling: Switch = "auto",
+    vae_tile_size: int | None = None,
+    vae_mode: VaeMode = "auto",
+    vae_store_bytes: int | None = None,
+    host_budget_bytes: int | None = None,
     weights: int | None = None,
     activation_scale: float = 1.0,
 ) -> Plan:
@@ -159,10 +172,13 @@ def plan_generation(
 
     `weights` (bytes of the loaded model) replaces the family's constant; `activation_scale` scales the
     per-pixel activation constants for models narrower than the real architecture (e.g. the tiny test models).
+    `vae_store_bytes` (the layer-wise tiled VAE's canvases for this size) against `host_budget_bytes` (None = no
+    limit) picks the tiled VAE's mode when `vae_mode` is auto.
     """
     _validate(width, height, batch, budget_bytes, family, dtype_bytes)
     _check_choice("force", force, ("auto", "on", "off"))
     _check_choice("vae_tiling", vae_tiling, ("auto", "on", "off"))
+    _check_choice("vae_mode", vae_mode, ("auto", "exact", "stream"))
     if tile_batch is not None and (not isinstance(tile_batch, int) or tile_batch < 1):
         raise ValidationError("tile_batch", tile_batch, "must be an integer >= 1, or None to choose from the budget")
     lw, lh = width // SCALE, height // SCALE
@@ -172,9 +188,18 @@ def plan_generation(
     tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
     vae_full = int(act * vae_activation_bytes(width, height, dtype_bytes))
     vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
-    vae_tile = DEFAULT_VAE_TILE if vae_tiled else 0
-    vae_act = int(act * vae_activation_bytes(width, height, dtype_bytes, vae_tile)) if vae_tiled else vae_full
-    common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile)
+    vae_tile = (vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
+    if not vae_tiled:
+        mode = ""
+    elif vae_mode != "auto":
+        mode = vae_mode
+    else:
+        mode = "stream" if vae_store_bytes is not None and _over(vae_store_bytes, host_budget_bytes) else "exact"
+    # a streamed tile also carries its context margin on both sides
+    device_tile = vae_tile + 2 * STREAM_MARGIN if mode == "stream" else vae_tile
+    vae_act = int(act * vae_activation_bytes(width, height, dtype_bytes, device_tile)) if vae_tiled else vae_full
+    common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile,
+                  vae_mode=mode)
     if not tiled:
         return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
                     est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=1)

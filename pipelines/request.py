@@ -79,6 +79,9 @@ class TileConfig:
     """auto | on | off: decode/encode the VAE in tiles with whole-image GroupNorm statistics."""
     vae_tile_size: int | None = None
     """VAE tile size in latent pixels; None = planner's choice."""
+    vae_tile_mode: str = "auto"
+    """auto | exact (layer by layer: fastest, holds ~3 full-size layer activations in host RAM) | stream (tile by
+    tile: bounded memory at any size, several times the compute). Both equal the full decode."""
     memory_budget_gb: float | None = None
     """Memory budget for planning; None = free device memory (CUDA) or unlimited (CPU)."""
 
@@ -142,6 +145,7 @@ class GenerationRequest:
 # Flat names: nested fields get a prefix (hires.scale -> hires_scale, tiling.size -> tile_size).
 _PREFIX = {"hires": "hires_", "tiling": "tile_"}
 _FLAT_EXCEPTIONS = {"tile_vae_tiling": "vae_tiling", "tile_vae_tile_size": "vae_tile_size",
+                    "tile_vae_tile_mode": "vae_tile_mode",
                     "tile_memory_budget_gb": "memory_budget_gb"}
 _NESTED_TYPES = {"hires": HiresConfig, "tiling": TileConfig}
 
@@ -297,6 +301,7 @@ def validate_tiling(t: TileConfig) -> TileConfig:
     _choice("tile_mode", t.mode, ("auto", "on", "off"))
     _choice("tile_blend", t.blend, ("average", "gaussian"))
     _choice("vae_tiling", t.vae_tiling, ("auto", "on", "off"))
+    _choice("vae_tile_mode", t.vae_tile_mode, ("auto", "exact", "stream"))
     if not isinstance(t.shift, bool):
         raise ValidationError("tile_shift", t.shift, "must be true or false")
     size = _optional_positive_int("tile_size", t.size, 8, 256)

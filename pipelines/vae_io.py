@@ -44,16 +44,17 @@ def _vae_factor(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int) -> torch.Tensor:
+def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: str) -> torch.Tensor:
     if tiled:
-        return tiled_decode(vae, z, tile_size=tile, overlap=overlap)
+        return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode)
     return vae.decode(z, return_dict=False)[0]
 
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = False, tile: int = 64,
-           overlap: int = 16, report: DecodeReport | None = None) -> torch.Tensor:
-    """Diffusion latents -> [-1,1] images. mode: full | taesd. Decodes one image at a time (bounded memory)."""
+           overlap: int = 16, tile_mode: str = "exact", report: DecodeReport | None = None) -> torch.Tensor:
+    """Diffusion latents -> [-1,1] images. mode: full | taesd; tile_mode: exact | stream (`vae_tiling`).
+    Decodes one image at a time (bounded memory)."""
     report = report if report is not None else DecodeReport()
     if mode == "taesd" and model.taesd is not None:
         return torch.cat([model.taesd.decode(x[None].to(model.taesd.dtype), return_dict=False)[0] for x in latents])
@@ -64,27 +65,28 @@ def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = Fa
     outs = []
     for x in latents:
         z = (x[None] / scale + shift).to(vae.dtype)
-        img = _decode_once(vae, z, tiled, tile, overlap)
+        img = _decode_once(vae, z, tiled, tile, overlap, tile_mode)
         if not torch.isfinite(img).all() and vae.dtype != torch.float32:
             # fp16 VAEs (SDXL's especially) overflow to NaN/inf; decode again in fp32 and say so.
             log.warning("VAE decode produced NaN/inf in %s; decoding again in fp32", vae.dtype)
             report.notes.append("fp32 VAE fallback")
-            img = _fp32_decode(vae, z, tiled, tile, overlap)
+            img = _fp32_decode(vae, z, tiled, tile, overlap, tile_mode)
         outs.append(img.float())
     return torch.cat(outs)
 
 
-def _fp32_decode(vae, z, tiled, tile, overlap):
+def _fp32_decode(vae, z, tiled, tile, overlap, tile_mode):
     dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        return _decode_once(vae, z.float(), tiled, tile, overlap)
+        return _decode_once(vae, z.float(), tiled, tile, overlap, tile_mode)
     finally:
         vae.to(dtype)
 
 
 @torch.no_grad()
-def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 512, overlap_px: int = 64) -> torch.Tensor:
+def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 512, overlap_px: int = 64,
+           tile_mode: str = "exact") -> torch.Tensor:
     """[-1,1] images -> diffusion latents (distribution mode, scaled), one image at a time."""
     vae = model.vae
     scale, shift = _vae_factor(vae)
@@ -92,7 +94,7 @@ def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 5
     for x in images:
         x = x[None].to(vae.dtype)
         if tiled:
-            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px)
+            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px, mode=tile_mode)
         else:
             z = vae.encode(x).latent_dist.mode()
         outs.append((z - shift) * scale)

@@ -25,151 +25,37 @@ host<->device round trip per stage (~2 x layers) instead of the O(layers^2) reco
 would need. The mid-block's attention at latent resolution relies on memory-efficient SDPA (the torch 2 default
 on CUDA). Encoding mirrors this: the down-blocks (and ``conv_in``) tiled with whole-image statistics, then the
 mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent resolution.
+
+``mode="stream"`` swaps the layer-wise runner for `pipelines.vae_stream` (each tile end to end, exact statistics
+from one extra sweep per GroupNorm): no full-resolution canvas at all, for images whose canvases would not fit the store device
+(`layerwise_store_bytes`); the planner picks it (`pipelines.planner`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from pipelines.errors import ValidationError
-from pipelines.tiling import Tile, plan_tiles, tile_starts
+from pipelines.tiling import Tile, plan_tiles
+from pipelines.vae_stages import (
+    Moments,
+    Stage,
+    core_stats,
+    crop_span,
+    decoder_stages,
+    encoder_stages,
+    group_norm,
+    tile_cores,
+)
+from pipelines.vae_stream import run_streamed
 
 log = logging.getLogger(__name__)
 
-Body = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the tiled path: optional GroupNorm (whole-image stats), then `body(h, skip)`."""
-
-    norm: nn.GroupNorm | None
-    body: Body
-    scale: float  # output resolution / input resolution: 1, 2 (upsample) or 0.5 (downsample)
-    halo: int  # context pixels (at the input resolution) the body needs around a core
-    keeps_input: bool = False  # this stage's input is the next stage's skip (resnet first half)
-    uses_skip: bool = False  # body needs the skip tensor (resnet second half)
-
-
-class Moments:
-    """Per-(sample, group) count, mean and M2 merged across tiles (Chan et al. 1979 parallel variance)."""
-
-    def __init__(self, groups: int):
-        self.groups = groups
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        """Add the elements of one tile's core [B, C, h, w]."""
-        g = x.detach().reshape(x.shape[0], self.groups, -1).to(torch.float64)
-        n_b = g.shape[-1]
-        mean_b = g.mean(-1)
-        m2_b = ((g - mean_b[..., None]) ** 2).sum(-1)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta * delta * (self.n * n_b / n)
-        self.n = n
-
-    def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, biased variance) per [B, groups], float64."""
-        return self.mean, self.m2 / self.n
-
-
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm of a tile with given whole-image (mean, var) per [B, groups] (Wu & He 2018, eq. 1)."""
-    b, c = x.shape[:2]
-    mean, var = (s.to(device=x.device, dtype=torch.float32) for s in stats)
-    rstd = torch.rsqrt(var + norm.eps)
-    g = x.to(torch.float32).reshape(b, norm.num_groups, -1)
-    y = ((g - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-    if norm.affine:
-        y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
-    return y.to(x.dtype)
-
-
-def _resnet_stages(res: nn.Module, resample: nn.Module | None, scale: float) -> list[Stage]:
-    """ResnetBlock2D split at its two GroupNorms; an up/downsampler after it is fused into the second half."""
-    if getattr(res, "time_emb_proj", None) is not None or res.upsample is not None or res.downsample is not None:
-        raise ValidationError("vae", type(res).__name__, "has a resnet layout tiled VAE does not support")
-
-    def first(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:
-        return res.conv1(res.nonlinearity(h))
-
-    def second(h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        h = res.conv2(res.dropout(res.nonlinearity(h)))
-        shortcut = res.conv_shortcut(skip) if res.conv_shortcut is not None else skip
-        out = (shortcut + h) / res.output_scale_factor
-        return resample(out) if resample is not None else out
-
-    halo = 4 if scale != 1 else 2
-    return [
-        Stage(res.norm1, first, 1, 1, keeps_input=True),
-        Stage(res.norm2, second, scale, halo, uses_skip=True),
-    ]
-
-
-def _block_stages(blocks: nn.ModuleList, samplers: str, scale: float) -> list[Stage]:
-    """Stages of every resnet in up/down blocks, with the block's resampler fused into its last resnet."""
-    stages: list[Stage] = []
-    for block in blocks:
-        if getattr(block, "attentions", None):
-            raise ValidationError("vae", type(block).__name__, "has attention in its blocks; only plain ones tile")
-        resample = getattr(block, samplers)
-        resample = resample[0] if resample is not None else None
-        for i, res in enumerate(block.resnets):
-            last = i == len(block.resnets) - 1
-            stages += _resnet_stages(res, resample if last else None, scale if last and resample is not None else 1)
-    return stages
-
-
-def decoder_stages(decoder: nn.Module) -> list[Stage]:
-    """The decoder's up path (after the mid-block) as GroupNorm-delimited stages."""
-    if not isinstance(decoder.conv_norm_out, nn.GroupNorm):
-        raise ValidationError("vae", type(decoder.conv_norm_out).__name__, "must use GroupNorm (AutoencoderKL)")
-    stages = _block_stages(decoder.up_blocks, "upsamplers", 2)
-
-    def out(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:
-        return decoder.conv_out(decoder.conv_act(h))
-
-    return stages + [Stage(decoder.conv_norm_out, out, 1, 1)]
-
-
-def encoder_stages(encoder: nn.Module) -> list[Stage]:
-    """The encoder's conv_in and down path (before the mid-block) as GroupNorm-delimited stages."""
-
-    def conv_in(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:
-        return encoder.conv_in(h)
-
-    return [Stage(None, conv_in, 1, 1)] + _block_stages(encoder.down_blocks, "downsamplers", 0.5)
-
-
-def tile_cores(height: int, width: int, tile_size: int, overlap: int) -> list[Tile]:
-    """Partition of the canvas: the tiles of `plan_tiles`, with each overlap split at its midpoint."""
-    plan_tiles(height, width, tile_size, overlap)  # validates
-
-    def spans(size: int) -> list[tuple[int, int]]:
-        t = min(tile_size, size)
-        starts = tile_starts(size, tile_size, overlap)
-        cuts = [0] + [(b + a + t) // 2 for a, b in zip(starts, starts[1:], strict=False)] + [size]
-        return list(zip(cuts, cuts[1:], strict=False))
-
-    return [Tile(y0, x0, y1 - y0, x1 - x0) for y0, y1 in spans(height) for x0, x1 in spans(width)]
-
-
-def _crop(start: int, stop: int, halo: int, size: int) -> tuple[int, int]:
-    """[start - halo, stop + halo) clamped to [0, size)."""
-    return max(start - halo, 0), min(stop + halo, size)
-
+Mode = Literal["exact", "stream"]
 
 def _run_stage(
     stage: Stage, h: torch.Tensor, skip: torch.Tensor | None, cores: list[Tile], res: int,
@@ -180,8 +66,8 @@ def _run_stage(
     moments = Moments(next_groups) if next_groups else None
     height, width = h.shape[-2:]
     for core in cores:
-        y0, y1 = _crop(core.y * res, (core.y + core.h) * res, stage.halo, height)
-        x0, x1 = _crop(core.x * res, (core.x + core.w) * res, stage.halo, width)
+        y0, y1 = crop_span(core.y * res, (core.y + core.h) * res, stage.halo, height)
+        x0, x1 = crop_span(core.x * res, (core.x + core.w) * res, stage.halo, width)
         x = h[..., y0:y1, x0:x1].to(device)
         if stage.norm is not None:
             x = group_norm(x, stage.norm, stats)
@@ -206,11 +92,7 @@ def run_stages(
     skip: torch.Tensor | None = None
     stats = None
     if stages[0].norm is not None:
-        first = Moments(stages[0].norm.num_groups)
-        for core in cores:
-            rows, cols = slice(core.y * res, (core.y + core.h) * res), slice(core.x * res, (core.x + core.w) * res)
-            first.update(h[..., rows, cols].to(device))
-        stats = first.finalize()
+        stats = core_stats(h, cores, res, stages[0].norm.num_groups, device)
     for i, stage in enumerate(stages):
         following = stages[i + 1].norm if i + 1 < len(stages) else None
         groups = following.num_groups if following is not None else None
@@ -228,11 +110,34 @@ def _default_store(device: torch.device, store_device: torch.device | str | None
     return torch.device("cpu") if device.type != "cpu" else device
 
 
-def _check_args(x: torch.Tensor, tile_size: int, overlap: int, multiple: int, what: str) -> None:
-    """Validate a 4-D input whose sides are multiples of `multiple`, and the tile arguments."""
+def layerwise_store_bytes(block_out_channels: tuple[int, ...], latent_h: int, latent_w: int, itemsize: int,
+                          batch: int = 1) -> int:
+    """Store-device bytes the layer-wise runner holds at its peak: input, skip and output canvases of the widest
+    decoder stage (an up block's channels x its resolution², its output upsampled). The encoder's are smaller."""
+    rev = list(reversed(block_out_channels))
+    widest, c_in = 0, rev[0]
+    for i, c in enumerate(rev):
+        up = 4 if i < len(rev) - 1 else 1
+        widest = max(widest, 4**i * (c_in + c + c * up))
+        c_in = c
+    return widest * latent_h * latent_w * itemsize * batch
+
+
+def _run(stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device, mode: Mode
+         ) -> torch.Tensor:
+    if mode == "stream":
+        return run_streamed(stages, h, cores, res, device)
+    return run_stages(stages, h, cores, res, device)
+
+
+def _check_args(x: torch.Tensor, tile_size: int, overlap: int, multiple: int, what: str, mode: str = "exact"
+                ) -> None:
+    """Validate a 4-D input whose sides are multiples of `multiple`, the tile arguments and the mode."""
     if x.ndim != 4 or x.shape[-1] % multiple or x.shape[-2] % multiple:
         raise ValidationError(what, tuple(x.shape), f"must be [B, C, H, W] with H and W multiples of {multiple}")
     plan_tiles(max(x.shape[-2] // multiple, 1), max(x.shape[-1] // multiple, 1), tile_size, overlap)
+    if mode not in ("exact", "stream"):
+        raise ValidationError("mode", mode, "must be 'exact' (layer by layer) or 'stream' (tile by tile)")
 
 
 def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
@@ -243,30 +148,35 @@ def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_cores(
-    vae: nn.Module, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None
+    vae: nn.Module, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
+    mode: Mode = "exact",
 ) -> torch.Tensor:
-    """Decode with the given latent core partition: whole mid-block, up path layer by layer over the cores."""
+    """Decode with the given latent core partition: whole mid-block, up path over the cores (by `mode`)."""
     dec = vae.decoder
     z = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
     h = dec.mid_block(dec.conv_in(z), None)
     store = _default_store(latents.device, store_device)
-    out = run_stages(decoder_stages(dec), h.to(store), cores, 1, latents.device)
+    out = _run(decoder_stages(dec), h.to(store), cores, 1, latents.device, mode)
     return out.to(latents.device)
 
 
 @torch.no_grad()
 def tiled_decode(
     vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16,
-    *, store_device: torch.device | str | None = None,
+    *, store_device: torch.device | str | None = None, mode: Mode = "exact",
 ) -> torch.Tensor:
-    """`vae.decode(latents).sample` in bounded device memory; tile_size/overlap in latent pixels."""
-    _check_args(latents, tile_size, overlap, 1, "latents")
+    """`vae.decode(latents).sample` in bounded device memory; tile_size/overlap in latent pixels.
+
+    mode: exact (layer by layer, full-size canvases on the store device) | stream (tile by tile, bounded host
+    memory too, several times the compute; `pipelines.vae_stream`). Both equal the full decode up to rounding.
+    """
+    _check_args(latents, tile_size, overlap, 1, "latents", mode)
     latents = latents.to(vae.dtype)
     if tile_size >= max(latents.shape[-2:]):
         return plain_decode(vae, latents)
     cores = tile_cores(latents.shape[-2], latents.shape[-1], tile_size, overlap)
     log.debug("tiled VAE decode: %s latent in %d tiles", tuple(latents.shape[-2:]), len(cores))
-    return decode_cores(vae, latents, cores, store_device)
+    return decode_cores(vae, latents, cores, store_device, mode)
 
 
 def _downscale(vae: nn.Module) -> int:
@@ -283,12 +193,13 @@ def plain_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_cores(
-    vae: nn.Module, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None
+    vae: nn.Module, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
+    mode: Mode = "exact",
 ) -> torch.Tensor:
     """Encode with the given latent core partition; returns the latent distribution's mode (its mean)."""
     enc, scale = vae.encoder, _downscale(vae)
     store = _default_store(images.device, store_device)
-    h = run_stages(encoder_stages(enc), images.to(store), cores, scale, images.device).to(images.device)
+    h = _run(encoder_stages(enc), images.to(store), cores, scale, images.device, mode).to(images.device)
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     moments = vae.quant_conv(h) if vae.quant_conv is not None else h
     return moments.chunk(2, dim=1)[0]
@@ -297,13 +208,14 @@ def encode_cores(
 @torch.no_grad()
 def tiled_encode(
     vae: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: int = 64,
-    *, store_device: torch.device | str | None = None,
+    *, store_device: torch.device | str | None = None, mode: Mode = "exact",
 ) -> torch.Tensor:
-    """`vae.encode(images).latent_dist.mode()` in bounded device memory; tile_size/overlap in pixels."""
+    """`vae.encode(images).latent_dist.mode()` in bounded device memory; tile_size/overlap in pixels (see
+    `tiled_decode` for `mode`)."""
     scale = _downscale(vae)
-    _check_args(images, max(tile_size // scale, 1), overlap // scale, scale, "images")
+    _check_args(images, max(tile_size // scale, 1), overlap // scale, scale, "images", mode)
     images = images.to(vae.dtype)
     if tile_size >= max(images.shape[-2:]):
         return plain_encode(vae, images)
     cores = tile_cores(images.shape[-2] // scale, images.shape[-1] // scale, tile_size // scale, overlap // scale)
-    return encode_cores(vae, images, cores, store_device)
+    return encode_cores(vae, images, cores, store_device, mode)

@@ -119,6 +119,24 @@ def test_auto_tiling_switches_on_over_the_memory_budget(engine, req_factory):
     assert tight.stats["tiles_per_step"] > 1 and "tiles of 32" in tight.stats["plan"]
 
 
+def test_streamed_and_exact_tiled_vae_give_the_same_image(engine, req_factory):
+    # img2img encodes and the final decode both go through the tiled VAE
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 256, 3), dtype=np.uint8))
+    base = req_factory(width=256, height=192, steps=2, init_image=init, strength=0.5)
+    runs = {mode: engine.generate(replace(base, tiling=TileConfig(vae_tiling="on", vae_tile_size=16,
+                                                                  vae_tile_mode=mode)), save=False)
+            for mode in ("exact", "stream")}
+    assert "(exact)" in runs["exact"].stats["plan"] and "(stream)" in runs["stream"].stats["plan"]
+    a, b = (_arr(r.images[0]) for r in runs.values())
+    assert np.abs(a - b).max() <= 1  # both equal the full decode up to float rounding
+    # auto: layer-wise while its canvases (~134 MB for the tiny VAE at 1024²) fit a CPU budget, else streamed
+    model = engine.manager.get("tiny")
+    big = replace(base, width=1024, height=1024, init_image=None)
+    modes = [engine.plan(replace(big, tiling=TileConfig(vae_tiling="on", memory_budget_gb=gb)), model).vae_mode
+             for gb in (1.0, 0.1)]
+    assert modes == ["exact", "stream"]
+
+
 # ---------------------------------------------------------------- two-stage (issue 7)
 def test_hires_doubles_the_size_and_reuses_stage1(engine, req_factory):
     req = req_factory(hires=HiresConfig(scale=2, upscaler="lanczos", denoise=0.5, steps=2))

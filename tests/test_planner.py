@@ -96,3 +96,27 @@ def test_free_device_memory_cpu_is_available_ram() -> None:
     assert ram is None or ram > 2**20
     if torch.cuda.is_available():
         assert free_device_memory("cuda") > 0
+
+
+def test_tiled_vae_streams_when_its_canvases_exceed_the_host_budget() -> None:
+    common = dict(budget_bytes=None, family="sd1", force="on", tile_batch=1, vae_tiling="on",
+                  vae_store_bytes=17 * GB)
+    roomy = plan_generation(4096, 4096, host_budget_bytes=64 * GB, **common)
+    tight = plan_generation(4096, 4096, host_budget_bytes=8 * GB, **common)
+    unknown = plan_generation(4096, 4096, host_budget_bytes=None, **common)
+    assert (roomy.vae_mode, tight.vae_mode, unknown.vae_mode) == ("exact", "stream", "exact")
+    assert "(stream)" in tight.describe() and "(exact)" in roomy.describe()
+    # a streamed tile carries its context margin: a larger device working set
+    assert tight.est_peak_bytes > roomy.est_peak_bytes
+    forced = plan_generation(4096, 4096, host_budget_bytes=64 * GB, vae_mode="stream", **common)
+    assert forced.vae_mode == "stream"
+    assert plan_generation(512, 512, budget_bytes=None, family="sd1").vae_mode == ""  # not tiled: no mode
+    with pytest.raises(ValidationError) as err:
+        plan_generation(512, 512, budget_bytes=None, family="sd1", vae_mode="fast")
+    assert err.value.field == "vae_mode"
+
+
+def test_vae_tile_size_is_honoured() -> None:
+    plan = plan_generation(2048, 2048, budget_bytes=None, family="sd1", vae_tiling="on", vae_tile_size=32)
+    assert plan.vae_tile_size == 32 and "32² latent" in plan.describe()
+    assert plan_generation(2048, 2048, budget_bytes=None, family="sd1", vae_tiling="on").vae_tile_size == 64

@@ -10,7 +10,16 @@ from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile
-from pipelines.vae_tiling import decode_cores, encode_cores, tile_cores, tiled_decode, tiled_encode
+from pipelines.vae_stages import decoder_stages, encoder_stages
+from pipelines.vae_stream import margin
+from pipelines.vae_tiling import (
+    decode_cores,
+    encode_cores,
+    layerwise_store_bytes,
+    tile_cores,
+    tiled_decode,
+    tiled_encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +135,79 @@ def test_cuda_peak_memory_far_below_full_decode(vae) -> None:
     assert tiled_peak * 3 < full_peak
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(("shape", "tile", "overlap"), [((1, 4, 48, 48), 16, 4), ((2, 4, 20, 36), 8, 2),
+                                                        ((1, 4, 25, 13), 13, 0)])
+def test_streamed_decode_equals_full_decode(vae, shape, tile: int, overlap: int) -> None:
+    z = _latents(*shape, seed=3)
+    out = tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode="stream")
+    _close(out, vae.decode(z).sample)  # exact statistics + a context margin >= the receptive field
+
+
+@torch.no_grad()
+def test_streamed_encode_equals_full_encode(vae) -> None:
+    images = torch.tanh(_latents(1, 3, 136, 200, seed=1))
+    full = vae.encode(images).latent_dist.mode()
+    _close(tiled_encode(vae, images, tile_size=64, overlap=16, mode="stream"), full)
+
+
+def test_stream_margin_is_the_receptive_field(vae) -> None:
+    # hand count from the modules: each resnet has two 3x3 convs (1 px each at its resolution), an upsampler's
+    # conv adds 1 px at twice the resolution (0.5 px at the block's), conv_out 1 px at full resolution
+    stages = decoder_stages(vae.decoder)
+    hand = 0.0
+    res = 1
+    for block in vae.decoder.up_blocks:
+        n = len(block.resnets)
+        hand += (2 * n + (0.5 if block.upsamplers is not None else 0)) / res
+        res *= 2 if block.upsamplers is not None else 1
+    hand += 1 / res
+    assert margin(stages, 1) == int(-(-hand // 1))
+    assert margin(encoder_stages(vae.encoder), 8) >= 1
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.numel = max(self.numel, o.numel())
+        return out
+
+
+@torch.no_grad()
+def test_stream_never_holds_a_full_size_activation(vae) -> None:
+    largest = {}
+    for side in (48, 96):  # latent px: 384² and 768² images
+        z = _latents(1, 4, side, side)
+        for mode in ("exact", "stream"):
+            with _Largest() as seen:
+                tiled_decode(vae, z, tile_size=16, overlap=4, mode=mode)
+            largest[mode, side] = seen.numel
+    log.warning("largest tensor (elements): %s", largest)
+    full_layer = 16 * 768 * 768  # the tiny decoder's widest full-resolution layer at 768²
+    assert largest["exact", 96] >= full_layer  # layer-wise canvases grow with the image
+    # streamed: one tile's working set, or the 3-channel output canvas, whichever is larger
+    assert largest["stream", 96] <= max(3 * 768 * 768, largest["stream", 48])
+    assert largest["stream", 96] * 4 < largest["exact", 96]
+
+
+def test_layerwise_store_estimate_covers_the_canvases(vae) -> None:
+    z = _latents(1, 4, 64, 64)
+    with _Largest() as exact:
+        tiled_decode(vae, z, tile_size=16, overlap=4, mode="exact")
+    estimate = layerwise_store_bytes(tuple(vae.config.block_out_channels), 64, 64, 4)
+    assert 2 * exact.numel * 4 <= estimate <= 6 * exact.numel * 4  # ~3 canvases as large as the largest
+    # SD's VAE at 4096² in fp16: about 17 GB, the reason stream mode exists
+    assert 15e9 < layerwise_store_bytes((128, 256, 512, 512), 512, 512, 2) < 20e9
+
+
 def test_invalid_arguments_rejected(vae) -> None:
     with pytest.raises(ValidationError) as err:
         tiled_decode(vae, _latents(1, 4, 16, 16), tile_size=8, overlap=8)
@@ -133,3 +215,6 @@ def test_invalid_arguments_rejected(vae) -> None:
     with pytest.raises(ValidationError) as err:
         tiled_encode(vae, torch.zeros(1, 3, 100, 100))
     assert err.value.field == "images"
+    with pytest.raises(ValidationError) as err:
+        tiled_decode(vae, _latents(1, 4, 16, 16), tile_size=8, overlap=2, mode="fast")
+    assert err.value.field == "mode"

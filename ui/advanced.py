@@ -115,6 +115,10 @@ def _tiling(form: Form, v: dict[str, Any]) -> None:
                                         info="Decode in tiles with whole-image GroupNorm statistics."))
         form.add("vae_tile_size", optional_number(v["vae_tile_size"], "VAE tile size", "auto",
                                                         "16-512 latent pixels."))
+        form.add("vae_tile_mode", gr.Radio(["auto", "exact", "stream"], value=v["vae_tile_mode"],
+                                           label="Tiled VAE mode",
+                                           info="exact: fastest, keeps full-size layers in RAM. stream: bounded "
+                                                "memory at any size, slower. Same pixels."))
         form.add("memory_budget_gb", optional_number(v["memory_budget_gb"], "Memory budget (GB)", "free GPU memory",
                                                            "The planner tiles to stay under this."))
 

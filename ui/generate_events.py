@@ -36,7 +36,8 @@ RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "notes", "result
 # Widgets whose changes change what describe() says (the preset's description, the planner's estimate).
 DESCRIBE_FIELDS = ("preset", "model", "width", "height", "batch_size", "steps", "sampler", "cfg", "hires_scale",
                    "hires_upscaler", "hires_denoise", "hires_steps", "tile_mode", "tile_size", "tile_overlap",
-                   "tile_batch", "vae_tiling", "vae_tile_size", "memory_budget_gb", "vae_decode")
+                   "tile_batch", "vae_tiling", "vae_tile_size", "vae_tile_mode", "memory_budget_gb",
+                   "vae_decode")
 
 
 # ---------------------------------------------------------------- handlers (names in, names out)
