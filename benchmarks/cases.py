@@ -130,6 +130,12 @@ def app_vae_tiled(ctx: Context, s: Sizes) -> Run:
     return lambda: tiled_decode(ctx.model.vae, z, tile_size=s.vae_tile, overlap=max(4, s.vae_tile // 4))
 
 
+def app_vae_stream(ctx: Context, s: Sizes) -> Run:
+    z = _vae_latents(ctx, s.vae)
+    return lambda: tiled_decode(ctx.model.vae, z, tile_size=s.vae_tile, overlap=max(4, s.vae_tile // 4),
+                                mode="stream")
+
+
 def app_taesd(ctx: Context, s: Sizes) -> Run:
     if ctx.model.taesd is None:
         raise NotMeasured("no TAESD for this model")
@@ -272,6 +278,17 @@ def vae_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict
             "mae_ratio": mae_app / mae_base if mae_base > 0 else None}
 
 
+def stream_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict[str, Measurement]) -> dict:
+    """Mean absolute error of the streamed and the layer-wise tiled decodes against the full decode."""
+    full = measured.get("vae-full")
+    if full is not None and full.output is not None:
+        ref = full.output
+    else:
+        with torch.no_grad():
+            ref = full_vae_decode(ctx, ctx.sizes)()
+    return {"mae_stream": _mae(app.output, ref), "mae_layerwise": _mae(base.output, ref)}
+
+
 def predicted_evals(ctx: Context, app: Measurement, base: Measurement, _all) -> dict[str, Any]:
     steps = ctx.sizes.steps
     pred_app = unet_evaluations(parse_cfg(INTERVAL_CFG), steps)
@@ -326,6 +343,7 @@ V = {
     "app-vae-tiled": Variant("app-vae-tiled", "vae_tiling.tiled_decode", app_vae_tiled),
     "diffusers-vae-tiled": Variant("diffusers-vae-tiled", "diffusers vae.enable_tiling()", diffusers_vae_tiled),
     "vae-full": Variant("vae-full", "full vae.decode", full_vae_decode),
+    "app-vae-stream": Variant("app-vae-stream", "tiled_decode(mode='stream')", app_vae_stream),
     "app-taesd": Variant("app-taesd", "TAESD decode", app_taesd),
     "full-decode-native": Variant("full-decode-native", "full VAE decode", full_decode_native),
     "prompt-hit": Variant("prompt-hit", "PromptCache hit", app_prompt_hit),
@@ -347,6 +365,8 @@ ROWS: tuple[Row, ...] = (
     Row("vae", "vae-tiling", "tiled VAE decode {vae}², tile {vae_tile}", V["app-vae-tiled"],
         V["diffusers-vae-tiled"], Target("MAE ≤ ½ of diffusers' tiling", _mae_half, gpu=False), vae_errors),
     Row("vae", "vae-full", "tiled vs full VAE decode {vae}²", V["app-vae-tiled"], V["vae-full"]),
+    Row("vae", "vae-stream", "streamed vs layer-wise tiled VAE {vae}², tile {vae_tile}", V["app-vae-stream"],
+        V["app-vae-tiled"], extra=stream_errors),
     Row("taesd", "taesd", "TAESD vs full VAE decode {native}²", V["app-taesd"], V["full-decode-native"]),
     Row("prompt-cache", "prompt-cache", "prompt cache hit vs encode", V["prompt-hit"], V["prompt-encode"]),
     Row("guidance", "guidance-interval", "guidance interval vs constant CFG {native}², {steps} steps",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "tiled": ["--tiling", "on", "--vae-tiling", "on"],
+    "tiled-stream": ["--tiling", "on", "--vae-tiling", "on", "--vae-tile-mode", "stream"],
+    "tiled-exact": ["--tiling", "on", "--vae-tiling", "on", "--vae-tile-mode", "exact"],
     "untiled": ["--tiling", "off", "--vae-tiling", "off"],
 }
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cfg", default="7")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--variants", default="tiled,untiled", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--extra", default="", help="more `app.py generate` options for every run, as one string")
     args = p.parse_args(argv)
     rows = []

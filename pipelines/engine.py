@@ -400,7 +400,7 @@ class Engine:
     # ---------------------------------------------------------------- small services for the UI
     def count_tokens(self, model_name: str, text: str) -> str:
         """"83/150 tokens, 2 chunks" for the UI's token counter (loads only the tokenizer, never weights)."""
-        from pipelines.prompts import count_tokens_with
+        from pipelines.prompt_encoding import count_tokens_with
 
         tokenizer = self.manager.tokenizer(model_name)
         return "" if tokenizer is None else str(count_tokens_with(tokenizer, text))

@@ -15,7 +15,8 @@ import torch
 
 from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.lru import LRUCache
-from pipelines.prompts import PromptEncoder, prompts_per_step
+from pipelines.prompt_encoding import PromptEncoder
+from pipelines.prompts import prompts_per_step
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.schedulers import make_scheduler
 

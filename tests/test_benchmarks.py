@@ -36,6 +36,8 @@ def test_quick_benchmark_has_every_case_with_both_numbers(tiny_cache, tmp_path, 
     assert guidance["app"]["unet_evals"] == guidance["extra"]["predicted_evals_app"]
     assert guidance["target"]["met"] is True  # counts are device-independent, so judged on CPU too
     assert rows["vae-tiling"]["extra"]["mae_app"] < rows["vae-tiling"]["extra"]["mae_diffusers"] / 2
+    stream = rows["vae-stream"]["extra"]  # both tiled modes equal the full decode up to float rounding
+    assert stream["mae_stream"] < 1e-4 and stream["mae_layerwise"] < 1e-4
     assert rows["txt2img"]["target"]["judged"] is False  # speed targets are for a GPU, not judged here
     assert data["meta"]["quick"] is True and data["meta"]["sizes"]["native"] == 64
 

@@ -22,7 +22,7 @@ def _arr(img: Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------- prompts (issue 4)
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model):
-    from pipelines.prompts import PromptEncoder
+    from pipelines.prompt_encoding import PromptEncoder
 
     head = "lorem " * 60  # 300 character tokens: chunk 5 starts after them
     a, b = head + "tail words here", head + "other birds there"
@@ -35,7 +35,7 @@ def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model
 
 
 def test_prompt_scheduling_reaches_the_loop(manager, engine):
-    from pipelines.prompts import PromptEncoder
+    from pipelines.prompt_encoding import PromptEncoder
     from pipelines.stages import StageSpec, run_stage
     from tests.test_loop import PointwiseUNet
 

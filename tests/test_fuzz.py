@@ -25,7 +25,8 @@ from PIL import Image
 from pipelines.errors import TesseraError, ValidationError
 from pipelines.guidance import GuidanceSchedule, parse_cfg
 from pipelines.metadata import request_from_infotext
-from pipelines.prompts import PromptEncoder, parse_weighted, prompts_per_step
+from pipelines.prompt_encoding import PromptEncoder
+from pipelines.prompts import parse_weighted, prompts_per_step
 from pipelines.request import GenerationRequest, flat_fields, from_flat, validate
 from pipelines.service import Backend
 from tests.conftest import tiny_request

@@ -13,18 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.prompts import (
-    BREAK,
-    MAX_WEIGHT,
-    MIN_WEIGHT,
-    PromptEncoder,
-    TokenCount,
-    count_tokens_with,
-    parse_weighted,
-    prompt_schedule,
-    prompts_per_step,
-    tokenize_chunks,
-)
+from pipelines.prompt_encoding import PromptEncoder, TokenCount, count_tokens_with, tokenize_chunks
+from pipelines.prompts import BREAK, MAX_WEIGHT, MIN_WEIGHT, parse_weighted, prompt_schedule, prompts_per_step
 
 R, S = 1.1, 1 / 1.1
 
@@ -376,5 +366,6 @@ def test_bad_arguments(sd: PromptEncoder) -> None:
 
 def test_parser_imports_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None; import pipelines.prompts as p; "
+            "import pipelines.prompt_encoding as e; "
             "assert p.parse_weighted('(a)') == [('a', 1.1)]; assert p.prompts_per_step('[a|b]', 2) == ['a', 'b']")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
