@@ -43,6 +43,7 @@ DEFAULT_TILE = {"sd1": 96, "sdxl": 128}  # latent pixels: 768 px and 1024 px, th
 DEFAULT_OVERLAP = 32
 DEFAULT_VAE_TILE = 64  # latent pixels = 512 px
 STREAM_MARGIN = 13  # latent px of context a streamed VAE tile carries (SD's VAE; `pipelines.vae_stream.margin`)
+STREAM_TILES = (128, 96, 64)  # streamed VAE tile candidates, largest first: the margin costs (1 + 26 / tile)²
 MAX_TILE_BATCH = 8
 SCALE = 8  # pixels per latent pixel
 
@@ -188,13 +189,19 @@ def plan_generation(
     tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
     vae_full = int(act * vae_activation_bytes(width, height, dtype_bytes))
     vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
-    vae_tile = (vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
     if not vae_tiled:
         mode = ""
     elif vae_mode != "auto":
         mode = vae_mode
     else:
         mode = "stream" if vae_store_bytes is not None and _over(vae_store_bytes, host_budget_bytes) else "exact"
+    vae_tile = (vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
+    if mode == "stream" and vae_tile_size is None:
+        # a streamed tile pays its margin on every side, so take the largest tile the budget allows
+        fits = [t for t in STREAM_TILES
+                if not _over(base + int(act * vae_activation_bytes(width, height, dtype_bytes, t + 2 * STREAM_MARGIN)),
+                             budget_bytes)]
+        vae_tile = min(fits[0] if fits else DEFAULT_VAE_TILE, max(lw, lh))
     # a streamed tile also carries its context margin on both sides
     device_tile = vae_tile + 2 * STREAM_MARGIN if mode == "stream" else vae_tile
     vae_act = int(act * vae_activation_bytes(width, height, dtype_bytes, device_tile)) if vae_tiled else vae_full

@@ -110,6 +110,10 @@ def test_tiled_vae_streams_when_its_canvases_exceed_the_host_budget() -> None:
     assert tight.est_peak_bytes > roomy.est_peak_bytes
     forced = plan_generation(4096, 4096, host_budget_bytes=64 * GB, vae_mode="stream", **common)
     assert forced.vae_mode == "stream"
+    # streamed tiles are as large as the device budget allows (the margin costs less on a larger tile)
+    assert (roomy.vae_tile_size, tight.vae_tile_size) == (64, 128)
+    small_gpu = plan_generation(4096, 4096, host_budget_bytes=8 * GB, **{**common, "budget_bytes": 6 * GB})
+    assert small_gpu.vae_mode == "stream" and small_gpu.vae_tile_size < 128
     assert plan_generation(512, 512, budget_bytes=None, family="sd1").vae_mode == ""  # not tiled: no mode
     with pytest.raises(ValidationError) as err:
         plan_generation(512, 512, budget_bytes=None, family="sd1", vae_mode="fast")
