@@ -265,14 +265,18 @@ def _mae(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref.float()).abs().mean())
 
 
-def vae_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict[str, Measurement]) -> dict:
-    """Mean absolute error of both tiled decodes against the full decode of the same latents."""
+def _full_decode_output(ctx: Context, measured: dict[str, Measurement]) -> torch.Tensor:
+    """The full decode of the VAE cases' latents: the `vae-full` measurement's output, or decoded now."""
     full = measured.get("vae-full")
     if full is not None and full.output is not None:
-        ref = full.output
-    else:
-        with torch.no_grad():
-            ref = full_vae_decode(ctx, ctx.sizes)()
+        return full.output
+    with torch.no_grad():
+        return full_vae_decode(ctx, ctx.sizes)()
+
+
+def vae_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict[str, Measurement]) -> dict:
+    """Mean absolute error of both tiled decodes against the full decode of the same latents."""
+    ref = _full_decode_output(ctx, measured)
     mae_app, mae_base = _mae(app.output, ref), _mae(base.output, ref)
     return {"mae_app": mae_app, "mae_diffusers": mae_base,
             "mae_ratio": mae_app / mae_base if mae_base > 0 else None}
@@ -280,12 +284,7 @@ def vae_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict
 
 def stream_errors(ctx: Context, app: Measurement, base: Measurement, measured: dict[str, Measurement]) -> dict:
     """Mean absolute error of the streamed and the layer-wise tiled decodes against the full decode."""
-    full = measured.get("vae-full")
-    if full is not None and full.output is not None:
-        ref = full.output
-    else:
-        with torch.no_grad():
-            ref = full_vae_decode(ctx, ctx.sizes)()
+    ref = _full_decode_output(ctx, measured)
     return {"mae_stream": _mae(app.output, ref), "mae_layerwise": _mae(base.output, ref)}
 
 
