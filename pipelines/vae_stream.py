@@ -27,7 +27,7 @@ Cost: one sweep per GroupNorm, each stopping at it: the sum of the stages' prefi
 on the tiny VAE with 32² tiles). Memory no longer grows with the image, so the planner uses this runner only
 when the layer-wise canvases would not fit (`pipelines.vae_tiling.layerwise_store_bytes`), with the largest
 tile the device budget allows. Not done: running the low-resolution head layer by layer and streaming only the
-tail would cut SD's 11.5x to ~7.7x for ~1 GB of host canvases at 4096².
+tail would cut SD's 11.5x only to ~7.7x, for ~3 GB of host canvases at 4096² (the half-resolution level).
 """
 
 from __future__ import annotations
