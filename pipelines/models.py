@@ -171,6 +171,21 @@ def _family_of_pipe(pipe) -> str:
     return "sd2" if hidden is not None and getattr(hidden, "hidden_size", 768) == 1024 else "sd1"
 
 
+def _is_download_error(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it came from) is a failed or refused hub download."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    seen: BaseException | None = exc
+    for _ in range(8):  # walk __cause__/__context__, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, kinds) or type(seen).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _hub_error(name: str, exc: Exception) -> OfflineError:
     reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return OfflineError(
@@ -257,6 +272,7 @@ class ModelManager:
             if cur is None or cur.name != name:
                 self.unload()
                 cur = self._current = self._load(name, self.resolve(name, allow_paths=allow_paths))
+                self._tokenizers[name] = cur.tokenizers[0]  # the token counter keeps it after a switch
             if cur.loras != tuple(loras):
                 self._apply_loras(cur, tuple(loras))
             return cur
@@ -316,7 +332,7 @@ class ModelManager:
         try:
             return cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=_offline())
         except Exception as exc:
-            if not local_cfg.is_dir():
+            if not local_cfg.is_dir() and _is_download_error(exc):
                 raise OfflineError(
                     f"could not load {path.name}: its {family} component configs come from {config} "
                     f"(could not download, offline?). Put a diffusers config folder at {local_cfg}."
@@ -397,6 +413,14 @@ class ModelManager:
                 tok = CLIPTokenizer.from_pretrained(Path(src.ref) / "tokenizer")
             elif src.kind == "hub":
                 tok = CLIPTokenizer.from_pretrained(src.ref, subfolder="tokenizer", local_files_only=_offline())
+            elif src.kind == "file":  # the tokenizer of the configs the file will be loaded with
+                family = _family_of_file(Path(src.ref))
+                local_cfg = self.models_dir / "configs" / family
+                if local_cfg.is_dir():
+                    tok = CLIPTokenizer.from_pretrained(local_cfg / "tokenizer")
+                else:
+                    tok = CLIPTokenizer.from_pretrained(SINGLE_FILE_CONFIGS[family], subfolder="tokenizer",
+                                                        local_files_only=_offline())
         except Exception as exc:  # the counter is advisory; say why once in the log
             log.info("no tokenizer for %s yet (%s)", name, str(exc).splitlines()[0][:120] if str(exc) else exc)
         self._tokenizers[name] = tok
