@@ -35,7 +35,7 @@ from pipelines.saving import save_png
 from pipelines.schedulers import check_sampler
 from pipelines.stages import PromptCache, StageSpec, run_stage
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
-from pipelines.upscale import resolve_upscaler
+from pipelines.upscale import concrete_upscaler, resolve_upscaler
 from pipelines.vae_tiling import layerwise_store_bytes
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class Engine:
         self.manager.resolve(req.model, allow_paths=self.allow_paths)
         if req.hires.enabled:
             resolve_upscaler(req.hires.upscaler, self.manager.models_dir)
+            upscaler = concrete_upscaler(req.hires.upscaler, self.manager.models_dir, req.hires.scale)
+            req = replace(req, hires=replace(req.hires, upscaler=upscaler))
         for i, unit in enumerate(req.control):
             _check_control_names(unit, i, self.manager.models_dir)
         return req
@@ -380,6 +382,7 @@ class Engine:
         if is_latent(upscaler):
             raise ValidationError("upscaler", upscaler, "must be a pixel upscaler (lanczos or a model file) for images")
         resolve_upscaler(upscaler, self.manager.models_dir)
+        upscaler = concrete_upscaler(upscaler, self.manager.models_dir, hires.scale)
         tw, th = hires_target(_round8(image.width), _round8(image.height), hires.scale)
         device, dtype = self.manager.device_dtype
         with self.gpu_lock:

@@ -37,7 +37,8 @@ class HiresConfig:
     scale: float = 1.0
     """Upscale factor of stage 2; 1 (or 0) switches stage 2 off; otherwise in (1, 8]."""
     upscaler: str = "lanczos"
-    """lanczos | latent | latent-bicubic | latent-nearest-exact | latent-antialiased | a file in models/upscalers."""
+    """auto (the best model file in models/upscalers, else lanczos) | lanczos | latent | latent-bicubic |
+    latent-nearest-exact | latent-antialiased | a file in models/upscalers."""
     denoise: float | None = None
     """img2img strength of the refine pass in [0, 1]; None = 0.35 (0.55 for latent upscalers)."""
     steps: int | None = None

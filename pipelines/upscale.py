@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,9 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
 }
 """Latent upscaler name -> (torch interpolate mode, antialias); A1111's "Latent (...)" family."""
 
-BUILTIN_UPSCALERS: tuple[str, ...] = ("lanczos", *LATENT_MODES)
+AUTO = "auto"
+"""The best pixel upscaler at hand: a model file in models/upscalers (`pick_upscaler`), else Lanczos."""
+BUILTIN_UPSCALERS: tuple[str, ...] = (AUTO, "lanczos", *LATENT_MODES)
 MODEL_SUFFIXES = (".safetensors", ".pth")
 LATENT_MIN_DENOISE = 0.5
 """Below this hires denoising strength a latent upscale stays blurry; the UI warns."""
@@ -69,6 +72,27 @@ def _model_files(models_dir: Path) -> list[str]:
 def list_upscalers(models_dir: Path) -> list[str]:
     """Built-in upscaler names followed by the model file names in `models_dir/upscalers`."""
     return [*BUILTIN_UPSCALERS, *_model_files(models_dir)]
+
+
+def pick_upscaler(models_dir: Path, scale: float) -> str:
+    """What `auto` means here: the model file whose name says this scale (``4x``/``x4``), then one that says
+    ESRGAN, then any (sorted by name); Lanczos when models/upscalers is empty."""
+    files = _model_files(models_dir)
+    if not files:
+        return "lanczos"
+    n = round(scale)
+
+    def rank(name: str) -> tuple[bool, bool, str]:
+        low = name.lower()
+        says_scale = re.search(rf"(^|[^0-9]){n}x|x{n}($|[^0-9])", low) is not None
+        return (not says_scale, "esrgan" not in low, low)
+
+    return min(files, key=rank)
+
+
+def concrete_upscaler(name: str, models_dir: Path, scale: float) -> str:
+    """`name`, with `auto` replaced by what it picks (so metadata and caches name the upscaler that ran)."""
+    return pick_upscaler(models_dir, scale) if name == AUTO else name
 
 
 def resolve_upscaler(name: str, models_dir: Path) -> Path | str:

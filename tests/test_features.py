@@ -182,6 +182,12 @@ def test_esrgan_upscaler_from_models_folder(engine, req_factory, manager):
     assert res.images[0].size == (128, 128)
     up = engine.upscale(Image.new("RGB", (40, 48), "red"), upscaler="x4-test.safetensors", scale=3, save=False)
     assert up.images[0].size == (120, 144)
+    # `auto` (the quality and ultra presets' upscaler) runs the model file and says so in the metadata
+    auto = engine.generate(req_factory(hires=HiresConfig(scale=2, upscaler="auto", denoise=0.3, steps=2)),
+                           save=False)
+    assert auto.request.hires.upscaler == "x4-test.safetensors"
+    assert "Hires upscaler: x4-test.safetensors" in auto.infotexts[0]
+    assert _arr(auto.images[0]).tolist() == _arr(res.images[0]).tolist()
 
 
 @pytest.mark.parametrize(

@@ -65,10 +65,27 @@ def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Im
 
 def test_list_upscalers_builtins_then_files(models_dir):
     names = upscale.list_upscalers(models_dir)
-    assert names[:5] == ["lanczos", "latent", "latent-antialiased", "latent-bicubic", "latent-bicubic-antialiased"]
+    assert names[:6] == ["auto", "lanczos", "latent", "latent-antialiased", "latent-bicubic",
+                         "latent-bicubic-antialiased"]
     assert names[-2:] == ["tiny_x4.pth", "tiny_x4.safetensors"]
     assert "notes.txt" not in names
     assert upscale.list_upscalers(models_dir / "missing") == list(upscale.BUILTIN_UPSCALERS)
+
+
+def test_auto_picks_the_model_that_says_the_scale_then_esrgan_then_lanczos(tmp_path):
+    folder = tmp_path / "upscalers"
+    assert upscale.pick_upscaler(tmp_path, 4) == "lanczos"  # no models folder
+    folder.mkdir()
+    for name in ("a.pth", "RealESRGAN_x4plus.pth", "4x-UltraSharp.pth", "2x_foo.safetensors", "x40.pth", "n.txt"):
+        (folder / name).write_bytes(b"")
+    assert upscale.pick_upscaler(tmp_path, 4) == "RealESRGAN_x4plus.pth"  # says 4x and ESRGAN
+    assert upscale.pick_upscaler(tmp_path, 2) == "2x_foo.safetensors"
+    assert upscale.pick_upscaler(tmp_path, 3) == "RealESRGAN_x4plus.pth"  # nothing says 3x: ESRGAN first
+    (folder / "RealESRGAN_x4plus.pth").unlink()
+    assert upscale.pick_upscaler(tmp_path, 4) == "4x-UltraSharp.pth"
+    assert upscale.pick_upscaler(tmp_path, 3) == "2x_foo.safetensors"  # then by name ("x40" is not 4x)
+    assert upscale.concrete_upscaler("lanczos", tmp_path, 4) == "lanczos"
+    assert upscale.concrete_upscaler("auto", tmp_path, 4) == "4x-UltraSharp.pth"
 
 
 def test_is_latent():
