@@ -1,10 +1,10 @@
 """A1111 prompt syntax: attention weights, BREAK, scheduling and alternation (`pipelines.prompt_encoding` turns
 the result into 77-token chunks and CLIP embeddings).
 
-Pure Python (no torch), so the UI can parse and count tokens without it. Semantics follow AUTOMATIC1111's `modules/prompt_parser.py` (`parse_prompt_attention`,
-`get_learned_conditioning_prompt_schedules`) and `modules/sd_hijack_clip.py` (75-token chunks, BREAK,
-comma backtracking, "Original" emphasis). Deviations, all on inputs where A1111 crashes or misbehaves,
-are listed in the docstring of the function concerned.
+Pure Python (no torch), so the UI can parse and count tokens without it. Semantics follow AUTOMATIC1111's
+`modules/prompt_parser.py` (`parse_prompt_attention`, `get_learned_conditioning_prompt_schedules`).
+Deviations, all on inputs where A1111 crashes or misbehaves, are listed in the docstring of the function
+concerned.
 """
 
 from __future__ import annotations

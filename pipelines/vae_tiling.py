@@ -27,8 +27,8 @@ on CUDA). Encoding mirrors this: the down-blocks (and ``conv_in``) tiled with wh
 mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent resolution.
 
 ``mode="stream"`` swaps the layer-wise runner for `pipelines.vae_stream` (each tile end to end, exact statistics
-from one extra sweep per GroupNorm): no full-resolution canvas at all, for images whose canvases would not fit the store device
-(`layerwise_store_bytes`); the planner picks it (`pipelines.planner`).
+from one extra sweep per GroupNorm): no full-resolution canvas at all, for images whose canvases would not fit
+the store device (`layerwise_store_bytes`); the planner picks it (`pipelines.planner`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from pipelines.vae_stream import run_streamed
 log = logging.getLogger(__name__)
 
 Mode = Literal["exact", "stream"]
+
 
 def _run_stage(
     stage: Stage, h: torch.Tensor, skip: torch.Tensor | None, cores: list[Tile], res: int,
