@@ -12,7 +12,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One share of the cores per xdist worker: 2 workers x 2 threads on 2 cores made OpenMP threads spin against
+# each other, and tile-by-tile code (many small ops) ran up to 20x slower than alone.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+torch.set_num_threads(_threads)
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # the app processes the CLI tests start
 
 
 @pytest.fixture(scope="session")

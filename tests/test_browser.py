@@ -24,7 +24,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STEP_DELAY_S = 0.05  # the Stop test slows each engine step a little, so it can click Stop mid-run
+STEP_DELAY_S = 0.1  # the Stop test slows each step so the run (150 steps, >= 15 s) outlasts a slow Stop path
 
 
 @pytest.fixture(scope="session")
