@@ -167,8 +167,10 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
 
     run = b["generate"].click(on_generate, inputs=f.inputs() | {v["history"]}, outputs=v.components(RESULT_OUTPUTS),
                               show_progress_on=[v["gallery"]], api_visibility="private", **GPU)
-    b["stop"].click(on_stop, outputs=v.components(["progress", "preview"]), cancels=[run], queue=False,
-                    api_visibility="private")
+    # Cancel first, then say "Stopped." in a follow-up event: said in the cancelling event itself, a progress update
+    # already in flight from the run could land after it and leave a stale "Step 7/150" in the box.
+    b["stop"].click(None, cancels=[run], queue=False, api_visibility="private").then(
+        on_stop, outputs=v.components(["progress", "preview"]), queue=False, api_visibility="private")
 
     def on_map(data: dict):
         x = f.values(data)
