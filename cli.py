@@ -88,7 +88,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--vae-tile-size", type=int, help="VAE tile size in latent pixels")
     t.add_argument("--vae-tile-mode", choices=["auto", "exact", "stream"],
                    help="tiled VAE: exact = layer by layer (fast, ~3 full-size layers in RAM), stream = tile by tile "
-                        "(bounded memory, slower); default auto: exact when it fits")
+                        "(bounded memory, slower); default auto: exact when it fits, else only the high-resolution "
+                        "stages tile by tile")
     t.add_argument("--memory-budget-gb", type=float, help="memory budget for the tiling planner")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",

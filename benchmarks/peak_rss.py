@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "tiled-stream": ["--tiling", "on", "--vae-tiling", "on", "--vae-tile-mode", "stream"],
     "tiled-exact": ["--tiling", "on", "--vae-tiling", "on", "--vae-tile-mode", "exact"],
+    # auto VAE mode under a 1 GB budget: the low-resolution stages layer by layer as far as 1 GB of canvases
+    # allows, the rest tile by tile
+    "tiled-budget": ["--tiling", "on", "--vae-tiling", "on", "--memory-budget-gb", "1"],
     "untiled": ["--tiling", "off", "--vae-tiling", "off"],
 }
 

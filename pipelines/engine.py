@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipelines import vae_io
 from pipelines.errors import OutOfMemoryError, ValidationError
+from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
@@ -36,7 +37,7 @@ from pipelines.schedulers import check_sampler
 from pipelines.stages import PromptCache, StageSpec, run_stage
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
 from pipelines.upscale import concrete_upscaler, resolve_upscaler
-from pipelines.vae_tiling import layerwise_store_bytes
+from pipelines.vae_tiling import decode_splits
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,18 @@ def _model_sizes(model: LoadedModel) -> dict[str, Any]:
 
 
 def _vae_store(model: LoadedModel | None, width: int, height: int, budget: int | None) -> dict[str, int | None]:
-    """The layer-wise tiled VAE's canvas bytes at this size, and the host memory they may take: on a CPU the
-    planner's budget less the weights (the same RAM), on an accelerator half the available RAM."""
+    """The tiled VAE's canvas bytes at this size (per hand-over between its layer-wise and streamed runners), and
+    the host memory they may take: on a CPU the planner's budget less the weights (the same RAM), on an
+    accelerator half the available RAM."""
     if model is None:
         return {}
-    store = layerwise_store_bytes(tuple(model.vae.config.block_out_channels), height // 8, width // 8,
-                                  model.vae.dtype.itemsize)
+    store = decode_splits(model.vae, height // 8, width // 8)
     if model.device.type == "cpu":
         host = None if budget is None else max(budget - _model_sizes(model)["weights"], 0)
     else:
         ram = available_ram()
         host = None if ram is None else ram // 2
-    return {"vae_store_bytes": store, "host_budget_bytes": host}
+    return {"vae_splits": store, "host_budget_bytes": host}
 
 
 def _check_control_names(unit, i: int, models_dir: Path) -> None:
@@ -129,6 +130,7 @@ class Engine:
     def __init__(self, manager: ModelManager, outputs_dir: Path | str | None = "outputs", *,
                  limits: Limits | None = None, allow_paths: bool = False):
         preload_libraries()
+        tune_heap()  # large CPU tensors: glibc's default thresholds fragment the heap (`pipelines.heap`)
         self.manager = manager
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None
         self.limits = limits or Limits()
@@ -222,10 +224,13 @@ class Engine:
         tiled = plan.vae_tiled or low_memory
         # the low-memory retry tiles the VAE even when the plan did not (vae_tile_size is 0 then)
         tile = min(plan.vae_tile_size or 32, 32) if low_memory else plan.vae_tile_size
-        # out of memory on a CPU means out of host RAM, where the layer-wise canvases live: stream then
-        mode = "stream" if low_memory and device.type == "cpu" else plan.vae_mode or "exact"
-        dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4), "tile_mode": mode}
-        enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2), "tile_mode": mode}
+        # out of memory on a CPU means out of host RAM, where the layer-wise canvases live: stream every stage then
+        retry_stream = low_memory and device.type == "cpu"
+        mode = "stream" if retry_stream else plan.vae_mode or "exact"
+        host = None if retry_stream else plan.vae_host_budget
+        dec = {"tiled": tiled, "tile": tile, "overlap": max(4, tile // 4), "tile_mode": mode, "host_budget": host}
+        enc = {"tiled": tiled, "tile_px": tile * 8, "overlap_px": max(32, tile * 2), "tile_mode": mode,
+               "host_budget": host}
         return dec, enc
 
     def _stage1_key(self, req: GenerationRequest, model: LoadedModel, seeds) -> tuple:

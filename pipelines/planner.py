@@ -11,15 +11,17 @@ The memory model is deliberately rough and stated here so it can be recalibrated
   at a time (sliced), so not multiplied by the batch; tiled, the device holds one tile's working set plus the
   latent-resolution mid-block (`pipelines.vae_tiling`);
 * the UNet and the VAE never run at the same time, so the peak is weights + the larger of the two;
-* a tiled VAE runs layer by layer ("exact") when its full-size stage canvases
-  (`pipelines.vae_tiling.layerwise_store_bytes`) fit the host budget (on a CPU that is the device budget minus the
-  weights; on an accelerator, half the available RAM), else tile by tile ("stream": bounded memory, several times
-  the compute). Both are exact; only time and host memory differ.
+* a tiled VAE runs layer by layer ("exact") when its full-size stage canvases (`pipelines.vae_tiling.decode_splits`)
+  fit the host budget (on a CPU that is the device budget minus the weights; on an accelerator, half the available
+  RAM), else "stream": the low-resolution stages still layer by layer as far as the budget allows, the rest tile by
+  tile (bounded memory, more compute the more stages stream: SD's VAE costs ~3x one decode streaming its 9
+  full-resolution stages, ~11x streaming all 25). All are exact; only time and host memory differ.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +29,7 @@ import torch
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import plan_tiles
+from pipelines.vae_stream import Split, choose
 
 Family = Literal["sd1", "sdxl"]
 Switch = Literal["auto", "on", "off"]
@@ -42,8 +45,8 @@ VAE_MID_BYTES_PER_LATENT_PX = 8e3  # whole-latent mid-block when the VAE is tile
 DEFAULT_TILE = {"sd1": 96, "sdxl": 128}  # latent pixels: 768 px and 1024 px, the families' native scales
 DEFAULT_OVERLAP = 32
 DEFAULT_VAE_TILE = 64  # latent pixels = 512 px
-STREAM_MARGIN = 13  # latent px of context a streamed VAE tile carries (SD's VAE; `pipelines.vae_stream.margin`)
-STREAM_TILES = (128, 96, 64)  # streamed VAE tile candidates, largest first: the margin costs (1 + 26 / tile)²
+STREAM_MARGIN = 13  # latent px of context a fully streamed VAE tile carries (SD's VAE), when the VAE is not known
+STREAM_TILES = (128, 96, 64)  # streamed VAE tile candidates, largest first: the margin costs (1 + 2 margin / tile)²
 MAX_TILE_BATCH = 8
 SCALE = 8  # pixels per latent pixel
 
@@ -73,12 +76,16 @@ class Plan:
     vae_tile_size: int
     """VAE tile edge in latent pixels (0 when the VAE is not tiled)."""
     vae_mode: str
-    """How a tiled VAE runs: exact (layer by layer, full-size canvases in host memory) | stream (tile by tile,
-    bounded memory, more compute) | "" when the VAE is not tiled."""
+    """How a tiled VAE runs: exact (layer by layer, full-size canvases in host memory) | stream (the
+    high-resolution stages tile by tile: bounded memory, more compute) | "" when the VAE is not tiled."""
     est_peak_bytes: int
     """Rough peak device memory, see the module docstring."""
     unet_evals_per_step: int
     """UNet calls per denoising step."""
+    vae_host_budget: int | None = None
+    """Bytes of canvases a streamed VAE may keep layer by layer (None: stream every stage)."""
+    vae_split: Split | None = None
+    """The hand-over a streamed decode will use, or the layer-wise run, with its host bytes (None: unknown)."""
 
     def describe(self) -> str:
         """One human line: size, tiles, tile batches, UNet calls per step, VAE mode, estimated peak."""
@@ -90,8 +97,16 @@ class Plan:
             )
         else:
             unet = "1 tile (untiled) → 1 UNet call/step"
-        vae = f"VAE tiled {self.vae_tile_size}² latent ({self.vae_mode})" if self.vae_tiled else "VAE whole"
+        vae = f"VAE tiled {self.vae_tile_size}² latent ({self.vae_mode}{self._vae_detail()})" if self.vae_tiled \
+            else "VAE whole"
         return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB"
+
+    def _vae_detail(self) -> str:
+        split = self.vae_split
+        if split is None:
+            return ""
+        streamed = f"{split.streamed} of {split.stages} stages tile by tile, " if self.vae_mode == "stream" else ""
+        return f": {streamed}~{split.host_bytes / 1e9:.1f} GB host"
 
 
 def weight_bytes(family: Family, dtype_bytes: int) -> int:
@@ -164,7 +179,7 @@ def plan_generation(
     vae_tiling: Switch = "auto",
     vae_tile_size: int | None = None,
     vae_mode: VaeMode = "auto",
-    vae_store_bytes: int | None = None,
+    vae_splits: Sequence[Split] | None = None,
     host_budget_bytes: int | None = None,
     weights: int | None = None,
     activation_scale: float = 1.0,
@@ -173,8 +188,9 @@ def plan_generation(
 
     `weights` (bytes of the loaded model) replaces the family's constant; `activation_scale` scales the
     per-pixel activation constants for models narrower than the real architecture (e.g. the tiny test models).
-    `vae_store_bytes` (the layer-wise tiled VAE's canvases for this size) against `host_budget_bytes` (None = no
-    limit) picks the tiled VAE's mode when `vae_mode` is auto.
+    `vae_splits` (`pipelines.vae_tiling.decode_splits` at this size: the tiled VAE's canvases for each hand-over
+    between its runners) against `host_budget_bytes` (None = no limit) picks the tiled VAE's mode when `vae_mode` is
+    auto, and how much of it streams; a forced "stream" streams every stage (the least host memory).
     """
     _validate(width, height, batch, budget_bytes, family, dtype_bytes)
     _check_choice("force", force, ("auto", "on", "off"))
@@ -189,24 +205,20 @@ def plan_generation(
     tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
     vae_full = int(act * vae_activation_bytes(width, height, dtype_bytes))
     vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
-    if not vae_tiled:
-        mode = ""
-    elif vae_mode != "auto":
-        mode = vae_mode
-    else:
-        mode = "stream" if vae_store_bytes is not None and _over(vae_store_bytes, host_budget_bytes) else "exact"
+    mode, split, host_budget = _vae_mode(vae_tiled, vae_mode, vae_splits, host_budget_bytes)
+    pad = (split.margin if split is not None else STREAM_MARGIN) if mode == "stream" else 0
     vae_tile = (vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
     if mode == "stream" and vae_tile_size is None:
         # a streamed tile pays its margin on every side, so take the largest tile the budget allows
         fits = [t for t in STREAM_TILES
-                if not _over(base + int(act * vae_activation_bytes(width, height, dtype_bytes, t + 2 * STREAM_MARGIN)),
+                if not _over(base + int(act * vae_activation_bytes(width, height, dtype_bytes, t + 2 * pad)),
                              budget_bytes)]
         vae_tile = min(fits[0] if fits else DEFAULT_VAE_TILE, max(lw, lh))
     # a streamed tile also carries its context margin on both sides
-    device_tile = vae_tile + 2 * STREAM_MARGIN if mode == "stream" else vae_tile
+    device_tile = vae_tile + 2 * pad
     vae_act = int(act * vae_activation_bytes(width, height, dtype_bytes, device_tile)) if vae_tiled else vae_full
     common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile,
-                  vae_mode=mode)
+                  vae_mode=mode, vae_host_budget=host_budget, vae_split=split)
     if not tiled:
         return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
                     est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=1)
@@ -219,6 +231,19 @@ def plan_generation(
     unet_act = int(act * unet_activation_bytes(family, tile_px, 2 * batch * tb, dtype_bytes))
     return Plan(**common, tiled=True, tile_size=size, overlap=ov, tile_batch=tb, tiles_per_step=len(tiles),
                 est_peak_bytes=base + max(unet_act, vae_act), unet_evals_per_step=math.ceil(len(tiles) / tb))
+
+
+def _vae_mode(tiled: bool, asked: VaeMode, splits: Sequence[Split] | None, host_budget: int | None
+              ) -> tuple[str, Split | None, int | None]:
+    """(mode, the split it will use, the host budget to hand the streamed runner): layer by layer when its
+    canvases fit the host budget, else streaming as few stages as fit; a forced stream streams them all."""
+    if not tiled:
+        return "", None, None
+    layerwise = splits[-1] if splits else None
+    if asked == "exact" or (asked == "auto" and (layerwise is None or not _over(layerwise.host_bytes, host_budget))):
+        return "exact", layerwise, None
+    budget = host_budget if asked == "auto" else None
+    return "stream", choose(splits, budget) if splits else None, budget
 
 
 def _over(estimate: int, budget: int | None) -> bool:

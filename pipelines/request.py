@@ -82,7 +82,8 @@ class TileConfig:
     """VAE tile size in latent pixels; None = planner's choice."""
     vae_tile_mode: str = "auto"
     """auto | exact (layer by layer: fastest, holds ~3 full-size layer activations in host RAM) | stream (tile by
-    tile: bounded memory at any size, several times the compute). Both equal the full decode."""
+    tile: bounded memory at any size, several times the compute). auto: exact when its canvases fit the host,
+    else only the high-resolution stages tile by tile. All equal the full decode."""
     memory_budget_gb: float | None = None
     """Memory budget for planning; None = free device memory (CUDA) or unlimited (CPU)."""
 

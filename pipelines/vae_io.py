@@ -45,17 +45,19 @@ def _vae_factor(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: str) -> torch.Tensor:
+def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: str,
+                 host_budget: int | None) -> torch.Tensor:
     if tiled:
-        return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode)
+        return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode, host_budget=host_budget)
     return vae.decode(z, return_dict=False)[0]
 
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = False, tile: int = 64,
-           overlap: int = 16, tile_mode: str = "exact", report: DecodeReport | None = None) -> torch.Tensor:
-    """Diffusion latents -> [-1,1] images. mode: full | taesd; tile_mode: exact | stream (`vae_tiling`).
-    Decodes one image at a time (bounded memory)."""
+           overlap: int = 16, tile_mode: str = "exact", host_budget: int | None = None,
+           report: DecodeReport | None = None) -> torch.Tensor:
+    """Diffusion latents -> [-1,1] images. mode: full | taesd; tile_mode: exact | stream, host_budget: bytes of
+    canvases a streamed decode may keep layer by layer (`vae_tiling.tiled_decode`). One image at a time."""
     report = report if report is not None else DecodeReport()
     if mode == "taesd" and model.taesd is not None:
         return torch.cat([model.taesd.decode(x[None].to(model.taesd.dtype), return_dict=False)[0] for x in latents])
@@ -66,28 +68,28 @@ def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = Fa
     outs = []
     for x in latents:
         z = (x[None] / scale + shift).to(vae.dtype)
-        img = _decode_once(vae, z, tiled, tile, overlap, tile_mode)
+        img = _decode_once(vae, z, tiled, tile, overlap, tile_mode, host_budget)
         if not torch.isfinite(img).all() and vae.dtype != torch.float32:
             # fp16 VAEs (SDXL's especially) overflow to NaN/inf; decode again in fp32 and say so.
             log.warning("VAE decode produced NaN/inf in %s; decoding again in fp32", vae.dtype)
             report.notes.append("fp32 VAE fallback")
-            img = _fp32_decode(vae, z, tiled, tile, overlap, tile_mode)
+            img = _fp32_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget)
         outs.append(img.float())
     return torch.cat(outs)
 
 
-def _fp32_decode(vae, z, tiled, tile, overlap, tile_mode):
+def _fp32_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget):
     dtype = vae.dtype
     vae.to(torch.float32)
     try:
-        return _decode_once(vae, z.float(), tiled, tile, overlap, tile_mode)
+        return _decode_once(vae, z.float(), tiled, tile, overlap, tile_mode, host_budget)
     finally:
         vae.to(dtype)
 
 
 @torch.no_grad()
 def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 512, overlap_px: int = 64,
-           tile_mode: str = "exact") -> torch.Tensor:
+           tile_mode: str = "exact", host_budget: int | None = None) -> torch.Tensor:
     """[-1,1] images -> diffusion latents (distribution mode, scaled), one image at a time."""
     vae = model.vae
     scale, shift = _vae_factor(vae)
@@ -95,7 +97,7 @@ def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 5
     for x in images:
         x = x[None].to(vae.dtype)
         if tiled:
-            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px, mode=tile_mode)
+            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px, mode=tile_mode, host_budget=host_budget)
         else:
             z = vae.encode(x).latent_dist.mode()
         outs.append((z - shift) * scale)

@@ -31,6 +31,7 @@ class Stage:
     reach: float = 1.0  # exact receptive-field radius of norm + body, in input pixels (the streamed runner's margin)
     keeps_input: bool = False  # this stage's input is the next stage's skip (resnet first half)
     uses_skip: bool = False  # body needs the skip tensor (resnet second half)
+    channels: tuple[int, int] = (0, 0)  # (input, output) channels: what the runners' canvases hold
 
 
 class Moments:
@@ -93,8 +94,9 @@ def _resnet_stages(res: nn.Module, resample: nn.Module | None, scale: float) -> 
     # with diffusers' (0, 1) padding reads 1 more px to the right and below
     reach = 1.0 + {1: 0.0, 2: 0.5, 0.5: 1.0}[scale]
     return [
-        Stage(res.norm1, first, 1, 1, keeps_input=True),
-        Stage(res.norm2, second, scale, halo, reach, uses_skip=True),
+        Stage(res.norm1, first, 1, 1, keeps_input=True, channels=(res.conv1.in_channels, res.conv1.out_channels)),
+        Stage(res.norm2, second, scale, halo, reach, uses_skip=True,
+              channels=(res.conv2.in_channels, res.conv2.out_channels)),
     ]
 
 
@@ -121,7 +123,8 @@ def decoder_stages(decoder: nn.Module) -> list[Stage]:
     def out(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:
         return decoder.conv_out(decoder.conv_act(h))
 
-    return stages + [Stage(decoder.conv_norm_out, out, 1, 1)]
+    channels = (decoder.conv_out.in_channels, decoder.conv_out.out_channels)
+    return stages + [Stage(decoder.conv_norm_out, out, 1, 1, channels=channels)]
 
 
 def encoder_stages(encoder: nn.Module) -> list[Stage]:
@@ -130,7 +133,8 @@ def encoder_stages(encoder: nn.Module) -> list[Stage]:
     def conv_in(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:
         return encoder.conv_in(h)
 
-    return [Stage(None, conv_in, 1, 1)] + _block_stages(encoder.down_blocks, "downsamplers", 0.5)
+    channels = (encoder.conv_in.in_channels, encoder.conv_in.out_channels)
+    return [Stage(None, conv_in, 1, 1, channels=channels)] + _block_stages(encoder.down_blocks, "downsamplers", 0.5)
 
 
 def tile_cores(height: int, width: int, tile_size: int, overlap: int) -> list[Tile]:
@@ -146,9 +150,24 @@ def tile_cores(height: int, width: int, tile_size: int, overlap: int) -> list[Ti
     return [Tile(y0, x0, y1 - y0, x1 - x0) for y0, y1 in spans(height) for x0, x1 in spans(width)]
 
 
-def crop_span(start: int, stop: int, halo: int, size: int) -> tuple[int, int]:
-    """[start - halo, stop + halo) clamped to [0, size)."""
-    return max(start - halo, 0), min(stop + halo, size)
+def crop_span(start: int, stop: int, halo: int, size: int, window: int = 0) -> tuple[int, int]:
+    """[start - halo, stop + halo) clamped to [0, size); with `window` (>= the longest core + 2 halo), a span of
+    exactly min(window, size) that contains it, moved inside the canvas at its edges.
+
+    Equal tile shapes matter on a CPU: glibc's heap reuses a freed buffer for a request of the same size, but
+    tiles of a dozen different shapes fragment it. Streaming SD-shaped tiles of the tiny VAE at 2048² grew the
+    process by 1.6 GB for 170 MB of live tensors with clamped spans, by 0.3 GB with equal windows.
+    """
+    lo, hi = max(start - halo, 0), min(stop + halo, size)
+    if not window:
+        return lo, hi
+    lo = min(lo, size - min(window, size))
+    return lo, lo + min(window, size)
+
+
+def window(cores: list[Tile], halo: int, res: int = 1) -> tuple[int, int]:
+    """(rows, columns) of the equal windows `crop_span` cuts around `cores` at `res` x latent resolution."""
+    return max(c.h for c in cores) * res + 2 * halo, max(c.w for c in cores) * res + 2 * halo
 
 
 def core_stats(

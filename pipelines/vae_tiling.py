@@ -26,14 +26,16 @@ would need. The mid-block's attention at latent resolution relies on memory-effi
 on CUDA). Encoding mirrors this: the down-blocks (and ``conv_in``) tiled with whole-image statistics, then the
 mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent resolution.
 
-``mode="stream"`` swaps the layer-wise runner for `pipelines.vae_stream` (each tile end to end, exact statistics
-from one extra sweep per GroupNorm): no full-resolution canvas at all, for images whose canvases would not fit
-the store device (`layerwise_store_bytes`); the planner picks it (`pipelines.planner`).
+``mode="stream"`` runs the high-resolution stages with `pipelines.vae_stream` instead (each tile through all of
+them, exact statistics from one extra sweep per GroupNorm) and only as many low-resolution stages layer by layer
+as ``host_budget`` bytes of canvases allow (`decode_splits`; None streams every stage: no full-resolution canvas at
+all); the planner picks it when the layer-wise canvases would not fit the host (`pipelines.planner`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -50,8 +52,9 @@ from pipelines.vae_stages import (
     encoder_stages,
     group_norm,
     tile_cores,
+    window,
 )
-from pipelines.vae_stream import run_streamed
+from pipelines.vae_stream import Split, choose, run_streamed, splits
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,10 @@ def _run_stage(
     out: torch.Tensor | None = None
     moments = Moments(next_groups) if next_groups else None
     height, width = h.shape[-2:]
+    rows, cols = window(cores, stage.halo, res)  # equal windows: the allocator reuses tile buffers
     for core in cores:
-        y0, y1 = crop_span(core.y * res, (core.y + core.h) * res, stage.halo, height)
-        x0, x1 = crop_span(core.x * res, (core.x + core.w) * res, stage.halo, width)
+        y0, y1 = crop_span(core.y * res, (core.y + core.h) * res, stage.halo, height, rows)
+        x0, x1 = crop_span(core.x * res, (core.x + core.w) * res, stage.halo, width, cols)
         x = h[..., y0:y1, x0:x1].to(device)
         if stage.norm is not None:
             x = group_norm(x, stage.norm, stats)
@@ -111,24 +115,31 @@ def _default_store(device: torch.device, store_device: torch.device | str | None
     return torch.device("cpu") if device.type != "cpu" else device
 
 
-def layerwise_store_bytes(block_out_channels: tuple[int, ...], latent_h: int, latent_w: int, itemsize: int,
-                          batch: int = 1) -> int:
-    """Store-device bytes the layer-wise runner holds at its peak: input, skip and output canvases of the widest
-    decoder stage (an up block's channels x its resolution², its output upsampled). The encoder's are smaller."""
-    rev = list(reversed(block_out_channels))
-    widest, c_in = 0, rev[0]
-    for i, c in enumerate(rev):
-        up = 4 if i < len(rev) - 1 else 1
-        widest = max(widest, 4**i * (c_in + c + c * up))
-        c_in = c
-    return widest * latent_h * latent_w * itemsize * batch
+def decode_splits(vae: nn.Module, latent_h: int, latent_w: int, batch: int = 1) -> list[Split]:
+    """The store-device bytes of a tiled decode at this size for each hand-over between the layer-wise and the
+    streamed runner (`pipelines.vae_stream.splits`); the last is the layer-wise run. From the VAE's own stages,
+    so it fits any AutoencoderKL (SD's at 4096² in fp16: ~17 GB layer-wise, ~6 GB streaming from 2048² up)."""
+    itemsize = vae.dtype.itemsize
+    return splits(decoder_stages(vae.decoder), 1, latent_h, latent_w, itemsize, batch=batch)
 
 
-def _run(stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device, mode: Mode
-         ) -> torch.Tensor:
-    if mode == "stream":
-        return run_streamed(stages, h, cores, res, device)
-    return run_stages(stages, h, cores, res, device)
+def _run(stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device, mode: Mode,
+         host_budget: int | None = None, encode: bool = False) -> torch.Tensor:
+    """Run a path layer by layer ("exact"), or ("stream") its high-resolution stages tile by tile and the rest
+    layer by layer, as many layer by layer as `host_budget` allows for their canvases (None: stream them all)."""
+    if mode != "stream":
+        return run_stages(stages, h, cores, res, device)
+    lat_h, lat_w = h.shape[-2] // res, h.shape[-1] // res
+    options = splits(stages, res, lat_h, lat_w, h.element_size(), encode=encode, batch=h.shape[0])
+    split = choose(options, host_budget)
+    log.debug("streamed VAE %s: %d of %d stages tile by tile, %.2f GB of canvases", "encode" if encode else "decode",
+              split.streamed, split.stages, split.host_bytes / 1e9)
+    head, tail = stages[: split.at], stages[split.at :]
+    first, second = (run_streamed, run_stages) if encode else (run_stages, run_streamed)
+    if head:
+        h = first(head, h, cores, res, device)
+        res = int(res * math.prod(stage.scale for stage in head))
+    return second(tail, h, cores, res, device) if tail else h
 
 
 def _check_args(x: torch.Tensor, tile_size: int, overlap: int, multiple: int, what: str, mode: str = "exact"
@@ -150,26 +161,29 @@ def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_cores(
     vae: nn.Module, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
-    mode: Mode = "exact",
+    mode: Mode = "exact", host_budget: int | None = None,
 ) -> torch.Tensor:
     """Decode with the given latent core partition: whole mid-block, up path over the cores (by `mode`)."""
     dec = vae.decoder
     z = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
-    h = dec.mid_block(dec.conv_in(z), None)
     store = _default_store(latents.device, store_device)
-    out = _run(decoder_stages(dec), h.to(store), cores, 1, latents.device, mode)
+    # no local name keeps the mid-block output: the layer-wise runner frees it after the first stages
+    out = _run(decoder_stages(dec), dec.mid_block(dec.conv_in(z), None).to(store), cores, 1, latents.device, mode,
+               host_budget)
     return out.to(latents.device)
 
 
 @torch.no_grad()
 def tiled_decode(
     vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16,
-    *, store_device: torch.device | str | None = None, mode: Mode = "exact",
+    *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
 ) -> torch.Tensor:
     """`vae.decode(latents).sample` in bounded device memory; tile_size/overlap in latent pixels.
 
     mode: exact (layer by layer, full-size canvases on the store device) | stream (tile by tile, bounded host
-    memory too, several times the compute; `pipelines.vae_stream`). Both equal the full decode up to rounding.
+    memory too, several times the compute; `pipelines.vae_stream`): as many low-resolution stages layer by layer
+    as `host_budget` bytes of canvases allow, the rest tile by tile (None: every stage tile by tile). All equal
+    the full decode up to rounding.
     """
     _check_args(latents, tile_size, overlap, 1, "latents", mode)
     latents = latents.to(vae.dtype)
@@ -177,7 +191,7 @@ def tiled_decode(
         return plain_decode(vae, latents)
     cores = tile_cores(latents.shape[-2], latents.shape[-1], tile_size, overlap)
     log.debug("tiled VAE decode: %s latent in %d tiles", tuple(latents.shape[-2:]), len(cores))
-    return decode_cores(vae, latents, cores, store_device, mode)
+    return decode_cores(vae, latents, cores, store_device, mode, host_budget)
 
 
 def _downscale(vae: nn.Module) -> int:
@@ -195,12 +209,13 @@ def plain_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_cores(
     vae: nn.Module, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
-    mode: Mode = "exact",
+    mode: Mode = "exact", host_budget: int | None = None,
 ) -> torch.Tensor:
     """Encode with the given latent core partition; returns the latent distribution's mode (its mean)."""
     enc, scale = vae.encoder, _downscale(vae)
     store = _default_store(images.device, store_device)
-    h = _run(encoder_stages(enc), images.to(store), cores, scale, images.device, mode).to(images.device)
+    h = _run(encoder_stages(enc), images.to(store), cores, scale, images.device, mode, host_budget, encode=True)
+    h = h.to(images.device)
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     moments = vae.quant_conv(h) if vae.quant_conv is not None else h
     return moments.chunk(2, dim=1)[0]
@@ -209,14 +224,14 @@ def encode_cores(
 @torch.no_grad()
 def tiled_encode(
     vae: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: int = 64,
-    *, store_device: torch.device | str | None = None, mode: Mode = "exact",
+    *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
 ) -> torch.Tensor:
     """`vae.encode(images).latent_dist.mode()` in bounded device memory; tile_size/overlap in pixels (see
-    `tiled_decode` for `mode`)."""
+    `tiled_decode` for `mode` and `host_budget`; encoding streams the high-resolution head instead)."""
     scale = _downscale(vae)
     _check_args(images, max(tile_size // scale, 1), overlap // scale, scale, "images", mode)
     images = images.to(vae.dtype)
     if tile_size >= max(images.shape[-2:]):
         return plain_encode(vae, images)
     cores = tile_cores(images.shape[-2] // scale, images.shape[-1] // scale, tile_size // scale, overlap // scale)
-    return encode_cores(vae, images, cores, store_device, mode)
+    return encode_cores(vae, images, cores, store_device, mode, host_budget)

@@ -126,7 +126,7 @@ def test_streamed_and_exact_tiled_vae_give_the_same_image(engine, req_factory):
     runs = {mode: engine.generate(replace(base, tiling=TileConfig(vae_tiling="on", vae_tile_size=16,
                                                                   vae_tile_mode=mode)), save=False)
             for mode in ("exact", "stream")}
-    assert "(exact)" in runs["exact"].stats["plan"] and "(stream)" in runs["stream"].stats["plan"]
+    assert "(exact" in runs["exact"].stats["plan"] and "(stream" in runs["stream"].stats["plan"]
     a, b = (_arr(r.images[0]) for r in runs.values())
     assert np.abs(a - b).max() <= 1  # both equal the full decode up to float rounding
     # auto: layer-wise while its canvases (~134 MB for the tiny VAE at 1024²) fit a CPU budget, else streamed
@@ -135,6 +135,40 @@ def test_streamed_and_exact_tiled_vae_give_the_same_image(engine, req_factory):
     modes = [engine.plan(replace(big, tiling=TileConfig(vae_tiling="on", memory_budget_gb=gb)), model).vae_mode
              for gb in (1.0, 0.1)]
     assert modes == ["exact", "stream"]
+
+
+def test_auto_streams_only_the_stages_whose_canvases_do_not_fit(engine, req_factory, monkeypatch):
+    from pipelines import engine as engine_module
+    from pipelines import vae_io
+    from pipelines.vae_tiling import decode_splits
+
+    model = engine.manager.get("tiny")
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 256, 3), dtype=np.uint8))
+    base = req_factory(width=256, height=192, steps=2, init_image=init, strength=0.5)
+    options = decode_splits(model.vae, 24, 32)
+    middle = next(s for s in options if 0 < s.at < s.stages and s.host_bytes < options[-1].host_bytes)
+    real_store = engine_module._vae_store
+    # host RAM this small is below any memory_budget_gb a request may give: set the host budget itself
+    monkeypatch.setattr(engine_module, "_vae_store",
+                        lambda *a: {**real_store(*a), "host_budget_bytes": middle.host_bytes})
+    req = replace(base, tiling=TileConfig(vae_tiling="on", vae_tile_size=16))
+    plan = engine.plan(req, model)
+    assert (plan.vae_mode, plan.vae_split) == ("stream", middle)
+    assert f"{middle.streamed} of {middle.stages} stages tile by tile" in plan.describe()
+    seen = []
+    for name in ("tiled_decode", "tiled_encode"):
+        real = getattr(vae_io, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs["mode"], kwargs["host_budget"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(vae_io, name, spy)
+    hybrid = engine.generate(req, save=False)
+    assert ("tiled_encode", "stream", plan.vae_host_budget) in seen
+    assert ("tiled_decode", "stream", plan.vae_host_budget) in seen
+    exact = engine.generate(replace(req, tiling=replace(req.tiling, vae_tile_mode="exact")), save=False)
+    assert np.abs(_arr(hybrid.images[0]) - _arr(exact.images[0])).max() <= 1
 
 
 # ---------------------------------------------------------------- two-stage (issue 7)

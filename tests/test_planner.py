@@ -7,6 +7,7 @@ import torch
 
 from pipelines.errors import ValidationError
 from pipelines.planner import free_device_memory, plan_generation
+from pipelines.vae_stream import Split
 
 GB = 10**9
 
@@ -98,22 +99,34 @@ def test_free_device_memory_cpu_is_available_ram() -> None:
         assert free_device_memory("cuda") > 0
 
 
+# SD's VAE decoding 4096² in fp16 (`decode_splits`, abridged): every stage streamed, the stages above 2048²
+# streamed, layer by layer
+SD_SPLITS = [Split(0, 25, int(0.37 * GB), 13), Split(12, 25, int(6.4 * GB), 3), Split(25, 25, int(17.2 * GB), 0)]
+
+
 def test_tiled_vae_streams_when_its_canvases_exceed_the_host_budget() -> None:
-    common = dict(budget_bytes=None, family="sd1", force="on", tile_batch=1, vae_tiling="on",
-                  vae_store_bytes=17 * GB)
+    common = dict(budget_bytes=None, family="sd1", force="on", tile_batch=1, vae_tiling="on", vae_splits=SD_SPLITS)
     roomy = plan_generation(4096, 4096, host_budget_bytes=64 * GB, **common)
     tight = plan_generation(4096, 4096, host_budget_bytes=8 * GB, **common)
+    tiny_ram = plan_generation(4096, 4096, host_budget_bytes=GB // 10, **common)
     unknown = plan_generation(4096, 4096, host_budget_bytes=None, **common)
-    assert (roomy.vae_mode, tight.vae_mode, unknown.vae_mode) == ("exact", "stream", "exact")
-    assert "(stream)" in tight.describe() and "(exact)" in roomy.describe()
-    # a streamed tile carries its context margin: a larger device working set
-    assert tight.est_peak_bytes > roomy.est_peak_bytes
+    assert (roomy.vae_mode, tight.vae_mode, tiny_ram.vae_mode, unknown.vae_mode) == ("exact", "stream", "stream",
+                                                                                     "exact")
+    # as few stages streamed as the host budget allows; nothing fits -> all of them
+    assert (roomy.vae_split.at, tight.vae_split.at, tiny_ram.vae_split.at) == (25, 12, 0)
+    assert (tight.vae_host_budget, roomy.vae_host_budget) == (8 * GB, None)
+    assert "(stream: 13 of 25 stages tile by tile, ~6.4 GB host)" in tight.describe()
+    assert "(exact: ~17.2 GB host)" in roomy.describe()
+    # a streamed tile carries its context margin: a larger device working set, larger when more stages stream
+    assert roomy.est_peak_bytes < tight.est_peak_bytes < tiny_ram.est_peak_bytes
     forced = plan_generation(4096, 4096, host_budget_bytes=64 * GB, vae_mode="stream", **common)
-    assert forced.vae_mode == "stream"
+    assert (forced.vae_mode, forced.vae_split.at, forced.vae_host_budget) == ("stream", 0, None)
     # streamed tiles are as large as the device budget allows (the margin costs less on a larger tile)
     assert (roomy.vae_tile_size, tight.vae_tile_size) == (64, 128)
-    small_gpu = plan_generation(4096, 4096, host_budget_bytes=8 * GB, **{**common, "budget_bytes": 6 * GB})
+    small_gpu = plan_generation(4096, 4096, host_budget_bytes=GB // 10, **{**common, "budget_bytes": 6 * GB})
     assert small_gpu.vae_mode == "stream" and small_gpu.vae_tile_size < 128
+    no_table = plan_generation(4096, 4096, host_budget_bytes=GB, **{**common, "vae_splits": None})
+    assert (no_table.vae_mode, no_table.vae_split) == ("exact", None)  # no VAE to measure: layer-wise, as before
     assert plan_generation(512, 512, budget_bytes=None, family="sd1").vae_mode == ""  # not tiled: no mode
     with pytest.raises(ValidationError) as err:
         plan_generation(512, 512, budget_bytes=None, family="sd1", vae_mode="fast")

@@ -118,7 +118,8 @@ def _tiling(form: Form, v: dict[str, Any]) -> None:
         form.add("vae_tile_mode", gr.Radio(["auto", "exact", "stream"], value=v["vae_tile_mode"],
                                            label="Tiled VAE mode",
                                            info="exact: fastest, keeps full-size layers in RAM. stream: bounded "
-                                                "memory at any size, slower. Same pixels."))
+                                                "memory at any size, slower. auto: exact when it fits, else "
+                                                "streams only what it must. Same pixels."))
         form.add("memory_budget_gb", optional_number(v["memory_budget_gb"], "Memory budget (GB)", "free GPU memory",
                                                            "The planner tiles to stay under this."))
 
