@@ -58,10 +58,12 @@ class GenerationResult:
 
 
 def _recorded(req: GenerationRequest, seed: int) -> GenerationRequest:
-    """The request as written into an image's metadata: its own seed, the effective hires denoise."""
+    """The request as written into an image's metadata: its own seed, the effective hires denoise, ControlNet
+    units' settings without their images."""
     if req.hires.enabled and req.hires.denoise is None:
         req = replace(req, hires=replace(req.hires, denoise=hires_denoise(req)))
-    return replace(req, seed=seed, init_image=None, control=())
+    control = tuple(replace(u, image=None) for u in req.control)
+    return replace(req, seed=seed, init_image=None, control=control)
 
 
 def _model_sizes(model: LoadedModel) -> dict[str, Any]:

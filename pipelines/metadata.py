@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
 from pipelines.guidance import GuidanceSchedule, format_cfg, parse_cfg
-from pipelines.request import GenerationRequest, flatten, from_flat
+from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
 from pipelines.schedulers import SAMPLERS, schedule_type
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,19 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
         out["CFG schedule"] = format_cfg(cfg)
     if req.loras:
         out["Loras"] = ", ".join(req.loras)
+    for i, unit in enumerate(req.control):
+        out[f"ControlNet {i}"] = _control_text(unit)
     return out
+
+
+def _control_text(u: ControlUnit) -> str:
+    """One unit as sd-webui-controlnet writes it (its keys, for what a unit here has); the image is not stored."""
+    parts = {"Module": u.type, "Model": u.model or "default", "Weight": _number(u.scale),
+             "Guidance Start": _number(u.start), "Guidance End": _number(u.end)}
+    if u.type == "canny":
+        parts |= {"Threshold A": _number(u.low), "Threshold B": _number(u.high)}
+    parts["Control Mode"] = "ControlNet is more important" if u.guess_mode else "Balanced"
+    return ", ".join(f"{k}: {v}" for k, v in parts.items())
 
 
 def _extra_fields(extra: dict[str, Any] | None) -> dict[str, str]:
@@ -208,7 +220,7 @@ def _extra_fields(extra: dict[str, Any] | None) -> dict[str, str]:
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not _EXTRA_KEY_RE.fullmatch(key):
             raise ValidationError("extra", key, "keys must be words, spaces, - or / (at least 2 characters), like 'Seam score'")
-        if key in _KNOWN_KEYS:
+        if key in _KNOWN_KEYS or re.fullmatch(r"ControlNet \d+", key):
             raise ValidationError("extra", key, "collides with a key the infotext writes itself; rename it")
         if value is not None:
             out[key] = _number(value)

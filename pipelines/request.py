@@ -112,6 +112,17 @@ class ControlUnit:
     """Apply the control only to the conditional pass (ControlNet "guess mode")."""
 
 
+# The UI and the API offer this many ControlNet units, with flat names per unit (`control_name`); the engine and
+# the CLI (`--control`, repeatable) take any number.
+UI_CONTROL_UNITS = 3
+CONTROL_FIELDS = ("image", *(f.name for f in fields(ControlUnit) if f.name != "image"))
+
+
+def control_name(unit: int, field: str) -> str:
+    """Flat name of a ControlNet unit's field: control_scale for the first unit (0), control2_scale, ..."""
+    return f"control{unit + 1 if unit else ''}_{field}"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """Everything that determines an image. Same request + same seed = same image."""

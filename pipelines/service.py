@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +19,22 @@ from typing import Any
 from PIL import Image
 
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
+from pipelines.request import (
+    CONTROL_FIELDS,
+    UI_CONTROL_UNITS,
+    ControlUnit,
+    GenerationRequest,
+    control_name,
+    flatten,
+    from_flat,
+)
 
 log = logging.getLogger(__name__)
 
-CONTROL_KEYS = {"control_type": "type", "control_model": "model", "control_scale": "scale", "control_start": "start",
-                "control_end": "end", "control_low": "low", "control_high": "high", "control_guess_mode": "guess_mode"}
-_EXTRA_KEYS = {"preset", "init_image", "preview_every", "control_image", *CONTROL_KEYS}
+# The UI's and the API's ControlNet units: control_image, control_scale, ... then control2_image, ... (flat names)
+_UNIT_NAMES = [{control_name(i, f): f for f in CONTROL_FIELDS} for i in range(UI_CONTROL_UNITS)]
+_EXTRA_KEYS = {"preset", "init_image", "preview_every", *(n for names in _UNIT_NAMES for n in names)}
+_UNIT_FIELD = re.compile(r"control\[(\d+)\]\.(\w+)")
 
 
 @dataclass
@@ -93,10 +103,18 @@ class Backend:
         extra: dict[str, Any] = {}
         if values.get("init_image") is not None:
             extra["init_image"] = _image(values["init_image"], "init_image")
-        if values.get("control_image") is not None:
-            unit = {CONTROL_KEYS[k]: v for k, v in values.items() if k in CONTROL_KEYS}
-            extra["control"] = (ControlUnit(image=_image(values["control_image"], "control_image"), **unit),)
-        return self.engine.check(from_flat(extra, req)) if extra else self.engine.check(req)
+        # units with an image, in order; unit_names[j] = the flat names of the j-th unit sent to the engine
+        unit_names = [names for names in _UNIT_NAMES if values.get(next(iter(names))) is not None]
+        if unit_names:
+            extra["control"] = tuple(_control_unit(values, names) for names in unit_names)
+        try:
+            return self.engine.check(from_flat(extra, req)) if extra else self.engine.check(req)
+        except ValidationError as exc:  # control[j].scale -> the name the caller used (control2_scale, ...)
+            m = _UNIT_FIELD.fullmatch(exc.field)
+            if m is None or int(m[1]) >= len(unit_names):
+                raise
+            flat = {f: n for n, f in unit_names[int(m[1])].items()}
+            raise ValidationError(flat.get(m[2], exc.field), exc.value, exc.fix) from None
 
     def check(self, values: dict[str, Any]) -> None:
         self.request(values)
@@ -243,6 +261,13 @@ class Backend:
         if name not in presets:
             raise ValidationError("preset", name, f"must be one of: {', '.join(presets)}")
         return dict(presets[name].values)
+
+
+def _control_unit(values: dict[str, Any], names: dict[str, str]) -> ControlUnit:
+    """One unit from its flat values ({flat name: ControlUnit field}); the image name comes first."""
+    image_name = next(iter(names))
+    fields = {f: values[n] for n, f in names.items() if f != "image" and n in values}
+    return ControlUnit(image=_image(values[image_name], image_name), **fields)
 
 
 def _image(value: Any, name: str) -> Image.Image:

@@ -79,6 +79,23 @@ def test_bad_request_is_a_clear_error_and_the_server_keeps_answering(client):
     check_png(files[0], (64, 64))
 
 
+def test_two_controlnet_units_by_parameter_name(client, tmp_path):
+    square, bar = Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64))
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    bar.paste((255, 255, 255), (0, 24, 64, 40))
+    square.save(tmp_path / "square.png")
+    bar.save(tmp_path / "bar.png")
+    files, texts = client.predict(prompt="two units", seed=4, **TINY, control_image=handle_file(str(tmp_path / "square.png")),
+                                  control2_image=handle_file(str(tmp_path / "bar.png")), control2_scale=0.6,
+                                  control2_end=0.5, api_name="/generate")
+    text = check_png(files[0], (64, 64))
+    assert 'ControlNet 0: "Module: canny, Model: default, Weight: 1,' in text
+    assert 'ControlNet 1: "Module: canny, Model: default, Weight: 0.6, Guidance Start: 0, Guidance End: 0.5,' in text
+    with pytest.raises(AppError, match="`control2_scale`"):
+        client.predict(prompt="x", **TINY, control2_image=handle_file(str(tmp_path / "bar.png")), control2_scale=9,
+                       api_name="/generate")
+
+
 def test_upscale_by_parameter_name(client, tmp_path):
     src = tmp_path / "small.png"
     Image.new("RGB", (48, 40), (200, 60, 30)).save(src)
@@ -103,4 +120,5 @@ def test_api_is_documented_with_named_parameters(client):
     gen = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     assert gen[:4] == ["prompt", "negative_prompt", "preset", "model"]
     assert all(p["parameter_has_default"] for p in info["named_endpoints"]["/generate"]["parameters"])
+    assert {"control_image", "control2_image", "control3_image", "control3_guess_mode"} <= set(gen)
     assert "/upscale" in info["named_endpoints"]

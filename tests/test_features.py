@@ -286,6 +286,42 @@ def test_control_bad_upload_and_unknown_model(engine, req_factory):
                         save=False)
 
 
+def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
+    from pipelines.metadata import parse_infotext
+    from pipelines.service import Backend
+
+    backend = Backend(engine)
+    base = {"prompt": "a lighthouse", "model": "tiny", "width": 64, "height": 64, "steps": 3, "seed": 5}
+    square, bar = _control_image(), Image.new("RGB", (64, 64))
+    bar.paste((255, 255, 255), (0, 24, 64, 40))
+    second = {"control2_image": bar, "control2_scale": 0.7, "control2_start": 0.2, "control2_guess_mode": True}
+    both = backend.request({**base, "control_image": square, "control_scale": 1.2, **second})
+    assert [(u.type, u.scale, u.start, u.guess_mode) for u in both.control] == [("canny", 1.2, 0.0, False),
+                                                                               ("canny", 0.7, 0.2, True)]
+    only_second = backend.request({**base, **second})  # an empty first unit is skipped, not an error
+    assert [u.scale for u in only_second.control] == [0.7]
+    images = {name: _arr(engine.generate(req, save=False).images[0]) for name, req in
+              (("both", both), ("second", only_second), ("none", backend.request(base)))}
+    assert not np.array_equal(images["both"], images["second"]) and not np.array_equal(images["second"],
+                                                                                        images["none"])
+    text = engine.generate(both, save=False).infotexts[0]
+    params = parse_infotext(text)
+    assert params["ControlNet 0"].startswith("Module: canny, Model: default, Weight: 1.2, Guidance Start: 0,")
+    assert "Weight: 0.7, Guidance Start: 0.2" in params["ControlNet 1"]
+    assert params["ControlNet 1"].endswith("Control Mode: ControlNet is more important")
+    assert request_from_infotext(text).seed == 5  # the extra keys do not disturb reading the request back
+    # errors name the field the caller sent, whichever position the unit has in the engine's list
+    for values, field in (({**base, **second, "control2_scale": 5}, "control2_scale"),
+                          ({**base, "control_image": square, **second, "control2_end": 0.1}, "control2_start"),
+                          ({**base, "control3_image": square, "control3_type": "sketchy"}, "control3_type"),
+                          ({**base, "control_image": square, "control_low": 300}, "control_low")):
+        with pytest.raises(ValidationError) as err:
+            backend.request(values)
+        assert err.value.field == field and f"`{field}`" in str(err.value)
+    with pytest.raises(ValidationError, match="`control2_image`"):
+        backend.request({**base, "control2_image": "not an image"})
+
+
 def test_tile_controlnet_holds_structure_in_the_refine(engine, req_factory):
     base = req_factory(batch_size=2, hires=HiresConfig(scale=2, denoise=0.6, steps=2))
     plain = engine.generate(base, save=False)

@@ -372,6 +372,30 @@ def test_control_map_preview(demo, backend):
     assert backend.calls[-1] == ("control_preview", {"type": "canny", "low": 100, "high": 200})
 
 
+def test_three_control_units_each_with_its_own_fields_and_preview(demo, backend):
+    maps = [fn for fn in demo.fns.values() if fn.name == "on_map"]
+    assert len(maps) == 3
+    second = maps[1]
+    assert {c.elem_id for c in second.outputs} == {"control-map-2"}
+    data = initial_data(second)
+    data[by_label(second, "Control image")] = Image.new("RGB", (24, 16), "blue")
+    data[by_label(second, "Canny low threshold")] = 40
+    assert second.fn(data).size == (24, 16)
+    assert backend.calls[-1] == ("control_preview", {"type": "canny", "low": 40, "high": 200})
+    fn = handler(demo, "on_generate")
+    data = initial_data(fn)
+    data[by_label(fn, "Prompt")] = "units"
+    images = [c for c in fn.inputs if getattr(c, "label", None) == "Control image"]
+    scales = [c for c in fn.inputs if getattr(c, "label", None) == "Strength"]
+    assert len(images) == len(scales) == 3
+    data[images[2]] = Image.new("RGB", (8, 8))
+    data[scales[2]] = 0.4
+    list(fn.fn(data))
+    sent = next(v for k, v in backend.calls if k == "generate")
+    assert sent["control_image"] is None and sent["control2_image"] is None
+    assert sent["control3_image"].size == (8, 8) and sent["control3_scale"] == 0.4
+
+
 def test_api_functions_return_png_files(demo, backend):
     gen = handler(demo, "generate").fn
     files, texts = gen(prompt="api", width=64, height=64, steps=2, seed=9)

@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import Form, hint, optional_number
 
 CFG_HELP = ("7 · linear(4,9) · cosine(9,4) · step(9,5,0.5) · interval(7.5,0.2,0.8), optionally `, rescale=0.7`. "
@@ -134,32 +135,48 @@ def _img2img(form: Form) -> None:
 
 
 def build_controlnet(form: Form, choices: dict[str, Any]) -> SimpleNamespace:
-    """The ControlNet accordion (one unit); returns the preview button and map image."""
+    """The ControlNet accordion: one tab per unit (`UI_CONTROL_UNITS`), fields named by `control_name`; returns
+    each unit's preview button and map image (control_map/preview_map, control2_map/preview_map2, ...)."""
+    widgets: dict[str, Any] = {}
     with gr.Accordion("ControlNet", open=False, elem_id="controlnet"):
-        hint("Guide composition with an edge map, depth or pose. Upload an image to switch it on.")
-        with gr.Row(equal_height=False):
-            form.add("control_image", gr.Image(type="pil", label="Control image", sources=["upload", "clipboard"],
-                                               height=260))
-            control_map = gr.Image(label="Preprocessed map", type="pil", format="png", interactive=False,
-                                   height=260, buttons=["download"], elem_id="control-map")
-        with gr.Row():
-            form.add("control_type", gr.Dropdown(choices["preprocessors"], value=_first(choices["preprocessors"],
-                                                                                        "canny"),
-                                                 label="Preprocessor", info="none = the image already is a map."))
-            form.add("control_model", gr.Dropdown([("matching default", ""), *choices["controlnets"]], value="",
-                                                  allow_custom_value=True, label="ControlNet model"))
-            form.add("control_scale", gr.Slider(0, 2, value=1.0, step=0.05, label="Strength",
-                                                info="Conditioning scale; 0 = no effect."))
-        with gr.Row():
-            form.add("control_start", gr.Slider(0, 1, value=0.0, step=0.05, label="Start", info="Fraction of steps."))
-            form.add("control_end", gr.Slider(0, 1, value=1.0, step=0.05, label="End", info="Fraction of steps."))
-            form.add("control_low", gr.Slider(0, 255, value=100, step=1, label="Canny low threshold"))
-            form.add("control_high", gr.Slider(0, 255, value=200, step=1, label="Canny high threshold"))
-        with gr.Row():
-            form.add("control_guess_mode", gr.Checkbox(value=False, label="Guess mode",
-                                                       info="Apply the control to the conditional pass only."))
-            preview_map = gr.Button("Preview map", size="sm", elem_id="preview-map")
-    return SimpleNamespace(control_map=control_map, preview_map=preview_map)
+        hint("Guide composition with an edge map, depth or pose. Upload an image to switch a unit on; units with "
+             "an image all act together.")
+        with gr.Tabs():
+            for unit in range(UI_CONTROL_UNITS):
+                with gr.Tab(f"Unit {unit + 1}", elem_id=f"control-unit-{unit + 1}"):
+                    control_map, preview = _control_unit(form, choices, unit)
+                suffix = str(unit + 1) if unit else ""
+                widgets[control_name(unit, "map")], widgets["preview_map" + suffix] = control_map, preview
+    return SimpleNamespace(**widgets)
+
+
+def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> tuple[gr.Image, gr.Button]:
+    def name(field: str) -> str:
+        return control_name(unit, field)
+
+    suffix = f"-{unit + 1}" if unit else ""
+    with gr.Row(equal_height=False):
+        form.add(name("image"), gr.Image(type="pil", label="Control image", sources=["upload", "clipboard"],
+                                         height=260))
+        control_map = gr.Image(label="Preprocessed map", type="pil", format="png", interactive=False,
+                               height=260, buttons=["download"], elem_id="control-map" + suffix)
+    with gr.Row():
+        form.add(name("type"), gr.Dropdown(choices["preprocessors"], value=_first(choices["preprocessors"], "canny"),
+                                           label="Preprocessor", info="none = the image already is a map."))
+        form.add(name("model"), gr.Dropdown([("matching default", ""), *choices["controlnets"]], value="",
+                                            allow_custom_value=True, label="ControlNet model"))
+        form.add(name("scale"), gr.Slider(0, 2, value=1.0, step=0.05, label="Strength",
+                                          info="Conditioning scale; 0 = no effect."))
+    with gr.Row():
+        form.add(name("start"), gr.Slider(0, 1, value=0.0, step=0.05, label="Start", info="Fraction of steps."))
+        form.add(name("end"), gr.Slider(0, 1, value=1.0, step=0.05, label="End", info="Fraction of steps."))
+        form.add(name("low"), gr.Slider(0, 255, value=100, step=1, label="Canny low threshold"))
+        form.add(name("high"), gr.Slider(0, 255, value=200, step=1, label="Canny high threshold"))
+    with gr.Row():
+        form.add(name("guess_mode"), gr.Checkbox(value=False, label="Guess mode",
+                                                 info="Apply the control to the conditional pass only."))
+        preview = gr.Button("Preview map", size="sm", elem_id="preview-map" + suffix)
+    return control_map, preview
 
 
 def _first(options: list[str], preferred: str) -> str | None:

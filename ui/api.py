@@ -19,11 +19,12 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
+from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
 from ui.runner import GpuCalls, open_upload, result_files, run_to_done
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
-IMAGE_PARAMS = ("init_image", "control_image")
+IMAGE_PARAMS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 
 # /generate's parameters, in order: name -> type (every one optional).
 GENERATE_PARAMS: dict[str, Any] = {
@@ -36,9 +37,10 @@ GENERATE_PARAMS: dict[str, Any] = {
     "tile_shift": bool, "vae_tiling": str, "vae_tile_size": int, "vae_tile_mode": str,
     "memory_budget_gb": float,
     "init_image": FileData, "strength": float,
-    "control_image": FileData, "control_type": str, "control_model": str, "control_scale": float,
-    "control_start": float, "control_end": float, "control_low": int, "control_high": int,
-    "control_guess_mode": bool,
+    # ControlNet units: control_image, control_type, ... for the first; control2_image, ... for the next ones
+    **{control_name(i, field): kind for i in range(UI_CONTROL_UNITS) for field, kind in (
+        ("image", FileData), ("type", str), ("model", str), ("scale", float), ("start", float), ("end", float),
+        ("low", int), ("high", int), ("guess_mode", bool))},
 }
 
 GENERATE_DOC = ("Generate images. Every parameter is optional: None uses the preset's value, else the default. "

@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from ui.api import add_api
-from ui.generate_events import wire_generate
+from ui.generate_events import IMAGE_FIELDS, wire_generate
 from ui.generate_tab import build_generate_tab
 from ui.info_tab import build_info_tab, wire_info
 from ui.runner import GpuCalls
@@ -61,7 +61,7 @@ def _wire_send_to_generate(send: gr.Button, info: Any, gen: Any, tabs: gr.Tabs) 
         return {**gen.form.updates({k: v for k, v in values.items() if k in fields}),
                 tabs: gr.Tabs(selected="generate")}
 
-    fields = [n for n in gen.form.names() if n not in ("preset", "init_image", "control_image")]
+    fields = [n for n in gen.form.names() if n != "preset" and n not in IMAGE_FIELDS]
     send.click(on_send, inputs=[info["values"]], outputs=[*gen.form.components(fields), tabs], queue=False,
                api_visibility="private")
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.request import UI_CONTROL_UNITS, control_name
+
 # Request fields a preset does not touch unless it names them: what the user is working on.
 USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength"})
 
@@ -72,7 +74,8 @@ def widget_value(component: gr.components.Component, value: Any) -> Any:
 
 
 INT_FIELDS = frozenset({"width", "height", "steps", "seed", "batch_size", "clip_skip", "hires_steps", "tile_size",
-                        "tile_overlap", "tile_batch", "vae_tile_size", "control_low", "control_high", "preview_every"})
+                        "tile_overlap", "tile_batch", "vae_tile_size", "preview_every",
+                        *(control_name(i, f) for i in range(UI_CONTROL_UNITS) for f in ("low", "high"))})
 # Numbers that may be left empty (= the preset's value or the planner's choice). They are text boxes, because
 # gr.Number shows and sends an empty value as 0.
 OPTIONAL_NUMBERS = frozenset({"hires_denoise", "hires_steps", "tile_size", "tile_overlap", "tile_batch",

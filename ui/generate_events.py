@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import knob_values, request_value
 from ui.generate_tab import GenerateTab
 from ui.runner import (
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_MAX = 60
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
-IMAGE_FIELDS = ("init_image", "control_image")
+IMAGE_FIELDS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "notes", "results", "selected", "history",
                   "history_gallery")
 # Widgets whose changes change what describe() says (the preset's description, the planner's estimate).
@@ -172,16 +173,18 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
     b["stop"].click(None, cancels=[run], queue=False, api_visibility="private").then(
         on_stop, outputs=v.components(["progress", "preview"]), queue=False, api_visibility="private")
 
-    def on_map(data: dict):
-        x = f.values(data)
-        with user_errors("Preprocessing the control image"):
-            if x["control_image"] is None:
-                raise gr.Error("Upload a control image first.", print_exception=False)
-            return backend.control_preview(x["control_image"], x["control_type"], int(x["control_low"]),
-                                           int(x["control_high"]))
+    for unit in range(UI_CONTROL_UNITS):
+        names = [control_name(unit, field) for field in ("image", "type", "low", "high")]
 
-    b["preview_map"].click(on_map, inputs=f.inputs(["control_image", "control_type", "control_low", "control_high"]),
-                           outputs=[v["control_map"]], api_visibility="private", **GPU)
+        def on_map(data: dict, names=names):
+            image, kind, low, high = (f.values(data)[n] for n in names)
+            with user_errors("Preprocessing the control image"):
+                if image is None:
+                    raise gr.Error("Upload a control image first.", print_exception=False)
+                return backend.control_preview(image, kind, int(low), int(high))
+
+        b["preview_map" + (str(unit + 1) if unit else "")].click(
+            on_map, inputs=f.inputs(names), outputs=[v[control_name(unit, "map")]], api_visibility="private", **GPU)
     return run
 
 
