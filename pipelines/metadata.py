@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import replace
@@ -371,6 +372,45 @@ def request_from_infotext(text: str, base: GenerationRequest | None = None) -> G
         raise
     except (ValueError, RecursionError, OverflowError) as exc:
         raise ValidationError("parameters", text, f"could not be read ({type(exc).__name__})") from None
+
+
+# sd-webui-controlnet's unit keys -> ControlUnit fields (Threshold A/B are canny's thresholds only for canny)
+_CONTROL_KEYS = {"Module": "type", "Model": "model", "Weight": "scale", "Guidance Start": "start",
+                 "Guidance End": "end", "Threshold A": "low", "Threshold B": "high", "Control Mode": "guess_mode"}
+# sd-webui-controlnet's preprocessor names for the ones this app has under another name
+_MODULE_ALIASES = {"depth_midas": "depth", "openpose_full": "openpose", "lineart_realistic": "lineart",
+                   "lineart_anime": "lineart-anime", "softedge_hed": "softedge", "softedge_pidinet": "softedge-pidinet",
+                   "scribble_hed": "scribble", "normal_bae": "normal"}
+
+
+def control_settings(text: str, units: int) -> list[dict[str, Any]]:
+    """The settings of `ControlNet 0` .. `ControlNet {units - 1}` in an infotext (ours or sd-webui-controlnet's),
+    one dict of ControlUnit fields per unit ({} where absent); the images are not in the text. Values that do not
+    read as their field's type are left out; never raises."""
+    params = parse_infotext(text) if isinstance(text, str) else {}
+    out: list[dict[str, Any]] = []
+    for i in range(units):
+        unit: dict[str, Any] = {}
+        pairs = dict(param_pairs(params.get(f"ControlNet {i}", "")))
+        for key, field in _CONTROL_KEYS.items():
+            value = pairs.get(key, "").strip()
+            if not value or (field in ("low", "high") and pairs.get("Module") != "canny"):
+                continue
+            if field == "guess_mode":
+                unit[field] = value == "ControlNet is more important"
+            elif field == "type":
+                unit[field] = _MODULE_ALIASES.get(value, value)
+            elif field == "model":  # A1111 appends the file's short hash: "control_v11p_sd15_canny [d14c016b]"
+                unit[field] = None if value == "default" else re.sub(r" \[[0-9a-f]{8,10}\]$", "", value)
+            else:
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(number):
+                    unit[field] = int(number) if field in ("low", "high") else number
+        out.append(unit)
+    return out
 
 
 def _request_from_infotext(text: str, base: GenerationRequest | None) -> GenerationRequest:

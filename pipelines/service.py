@@ -228,7 +228,7 @@ class Backend:
         text = read_parameters(image)
         if not text:
             raise ValidationError("image", "upload", "has no generation parameters (a PNG from Tessera/A1111 has them)")
-        return text, flatten(request_from_infotext(text))
+        return text, {**flatten(request_from_infotext(text)), **_control_values(text)}
 
     def control_preview(self, image, type: str, low: int, high: int) -> Image.Image:
         from pipelines.control_units import control_map
@@ -261,6 +261,18 @@ class Backend:
         if name not in presets:
             raise ValidationError("preset", name, f"must be one of: {', '.join(presets)}")
         return dict(presets[name].values)
+
+
+def _control_values(text: str) -> dict[str, Any]:
+    """The ControlNet units' settings an infotext records, as the UI's flat values (images are not recorded);
+    a preprocessor this app does not have is left out (the unit keeps its own)."""
+    from pipelines.control import PREPROCESSORS
+    from pipelines.metadata import control_settings
+
+    out: dict[str, Any] = {}
+    for i, unit in enumerate(control_settings(text, UI_CONTROL_UNITS)):
+        out.update({control_name(i, f): v for f, v in unit.items() if f != "type" or v in PREPROCESSORS})
+    return out
 
 
 def _control_unit(values: dict[str, Any], names: dict[str, str]) -> ControlUnit:

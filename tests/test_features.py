@@ -3,6 +3,7 @@ two-stage generation and ControlNet."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -310,6 +311,12 @@ def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
     assert "Weight: 0.7, Guidance Start: 0.2" in params["ControlNet 1"]
     assert params["ControlNet 1"].endswith("Control Mode: ControlNet is more important")
     assert request_from_infotext(text).seed == 5  # the extra keys do not disturb reading the request back
+    # PNG info -> "Send to Generate" restores every unit's settings; with the images uploaded again, same pixels
+    _, values = backend.read_info(Image.open(io.BytesIO(_png_with(text))))
+    assert {k: values[k] for k in ("control_scale", "control2_scale", "control2_start", "control2_guess_mode")} == {
+        "control_scale": 1.2, "control2_scale": 0.7, "control2_start": 0.2, "control2_guess_mode": True}
+    again = backend.request({**values, "control_image": square, "control2_image": bar})
+    assert np.array_equal(_arr(engine.generate(again, save=False).images[0]), images["both"])
     # errors name the field the caller sent, whichever position the unit has in the engine's list
     for values, field in (({**base, **second, "control2_scale": 5}, "control2_scale"),
                           ({**base, "control_image": square, **second, "control2_end": 0.1}, "control2_start"),
@@ -320,6 +327,14 @@ def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
         assert err.value.field == field and f"`{field}`" in str(err.value)
     with pytest.raises(ValidationError, match="`control2_image`"):
         backend.request({**base, "control2_image": "not an image"})
+
+
+def _png_with(text: str) -> bytes:
+    from pipelines.metadata import png_info
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=png_info(text))
+    return buf.getvalue()
 
 
 def test_tile_controlnet_holds_structure_in_the_refine(engine, req_factory):

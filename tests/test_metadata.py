@@ -15,6 +15,7 @@ from pipelines.errors import ValidationError
 from pipelines.metadata import (
     PARAM_RE,
     VERSION,
+    control_settings,
     exif_info,
     infotext,
     param_pairs,
@@ -23,7 +24,7 @@ from pipelines.metadata import (
     read_parameters,
     request_from_infotext,
 )
-from pipelines.request import GenerationRequest, HiresConfig, TileConfig
+from pipelines.request import ControlUnit, GenerationRequest, HiresConfig, TileConfig
 from pipelines.schedulers import SAMPLERS
 
 UPSCALERS = ("lanczos", "latent", "latent-bicubic", "latent-nearest-exact", "latent-antialiased", "4x-UltraSharp.pth")
@@ -267,6 +268,41 @@ def test_parse_without_key_value_line_is_all_prompt():
     assert parse_infotext("one\ntwo: 2") == {"Prompt": "one\ntwo: 2", "Negative prompt": ""}
 
 
+# ---------------------------------------------------------------- ControlNet units
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["canny", "none", "depth"]), st.sampled_from([None, "my-cn", "a b"]),
+                          st.floats(0, 2), st.floats(0, 1), st.integers(0, 255), st.booleans()), max_size=3))
+def test_control_units_round_trip(units):
+    control = tuple(ControlUnit(None, kind, model, scale, start, 1.0, low, 200, guess)
+                    for kind, model, scale, start, low, guess in units)
+    text = infotext(GenerationRequest(prompt="p", control=control), seed=1, model_hash="")
+    read = control_settings(text, 3)
+    for unit, got in zip(control, read, strict=False):
+        want = {"type": unit.type, "model": unit.model, "scale": unit.scale, "start": unit.start, "end": 1.0,
+                "guess_mode": unit.guess_mode}
+        if unit.type == "canny":
+            want |= {"low": unit.low, "high": 200}
+        assert got == want
+    assert read[len(control):] == [{}] * (3 - len(control))
+    assert request_from_infotext(text).prompt == "p"
+
+
+def test_control_units_from_sd_webui_controlnet():
+    text = ('x\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512, ControlNet 0: "Module: canny, Model: '
+            'control_v11p_sd15_canny [d14c016b], Weight: 0.8, Resize Mode: Crop and Resize, Low Vram: False, '
+            'Processor Res: 512, Threshold A: 64, Threshold B: 128, Guidance Start: 0.1, Guidance End: 0.9, '
+            'Pixel Perfect: False, Control Mode: Balanced", ControlNet 1: "Module: depth_midas, Model: '
+            'control_v11f1p_sd15_depth [cfd03158], Weight: nan, Threshold A: 64, Guidance Start: x, Guidance End: 1, '
+            'Control Mode: ControlNet is more important"')
+    first, second, third = control_settings(text, 3)
+    assert first == {"type": "canny", "model": "control_v11p_sd15_canny", "scale": 0.8, "start": 0.1, "end": 0.9,
+                     "low": 64, "high": 128, "guess_mode": False}
+    # aliases to this app's names; unreadable numbers and non-canny thresholds are left out
+    assert second == {"type": "depth", "model": "control_v11f1p_sd15_depth", "end": 1.0, "guess_mode": True}
+    assert third == {} and control_settings("no units here", 2) == [{}, {}]
+
+
 # ---------------------------------------------------------------- hostile text
 
 @settings(max_examples=300, deadline=None)
@@ -287,6 +323,7 @@ def test_param_pairs_equals_a1111_findall(line):
 def test_request_from_infotext_raises_only_validation_errors(text):
     with contextlib.suppress(ValidationError):
         request_from_infotext(text)
+    assert len(control_settings(text, 2)) == 2  # never raises
 
 
 @pytest.mark.parametrize("unit", ["a", " ", "a -", "\t ", "ab: \"x", 'k: "\\'])
