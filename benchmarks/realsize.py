@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.tiny import _scheduler, _write_tokenizer
+from pipelines.tiny import _scheduler, _write_tokenizer, save_taesd
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def build_taesd(folder: Path) -> Path:
 
     torch.manual_seed(SEED + 1)
     tae = AutoencoderTiny().eval().to(torch.float16)
-    _publish(folder, lambda tmp: tae.save_pretrained(tmp, safe_serialization=True))
+    _publish(folder, lambda tmp: save_taesd(tae, tmp))
     return folder
 
 

@@ -8,6 +8,7 @@ hundred KB and builds in about a second.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
-TINY_VERSION = "2"  # bump when a config below changes, so cached folders are rebuilt
+TINY_VERSION = "3"  # bump when a config below changes, so cached folders are rebuilt
 SEED = 1234
 
 
@@ -95,6 +96,16 @@ def _taesd():
         num_encoder_blocks=(1, 1, 1, 1),
         num_decoder_blocks=(1, 1, 1, 1),
     ).eval()
+
+
+def save_taesd(tae, folder: Path) -> None:
+    """`save_pretrained` without the `block_out_channels` key AutoencoderTiny adds to its own config, which its
+    loader then rejects with a warning on every load ("config attributes ... are not expected")."""
+    tae.save_pretrained(folder, safe_serialization=True)
+    config = Path(folder) / "config.json"
+    data = json.loads(config.read_text())
+    data.pop("block_out_channels", None)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _scheduler():
@@ -173,7 +184,7 @@ def build_tiny(name: str, folder: Path) -> Path:
         )
     tmp_out = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     pipe.save_pretrained(tmp_out, safe_serialization=True)
-    _taesd().save_pretrained(tmp_out / "taesd", safe_serialization=True)
+    save_taesd(_taesd(), tmp_out / "taesd")
     (tmp_out / "TINY_VERSION").write_text(TINY_VERSION)
     _publish(tmp_out, folder)
     log.info("built tiny model %s in %s", name, folder)
