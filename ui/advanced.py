@@ -136,7 +136,7 @@ def _img2img(form: Form) -> None:
 
 def build_controlnet(form: Form, choices: dict[str, Any]) -> SimpleNamespace:
     """The ControlNet accordion: one tab per unit (`UI_CONTROL_UNITS`), fields named by `control_name`; returns
-    each unit's preview button and map image (control_map/preview_map, control2_map/preview_map2, ...)."""
+    each unit's map image and preview button (control_map, control_preview, control2_map, ...)."""
     widgets: dict[str, Any] = {}
     with gr.Accordion("ControlNet", open=False, elem_id="controlnet"):
         hint("Guide composition with an edge map, depth or pose. Upload an image to switch a unit on; units with "
@@ -144,13 +144,13 @@ def build_controlnet(form: Form, choices: dict[str, Any]) -> SimpleNamespace:
         with gr.Tabs():
             for unit in range(UI_CONTROL_UNITS):
                 with gr.Tab(f"Unit {unit + 1}", elem_id=f"control-unit-{unit + 1}"):
-                    control_map, preview = _control_unit(form, choices, unit)
-                suffix = str(unit + 1) if unit else ""
-                widgets[control_name(unit, "map")], widgets["preview_map" + suffix] = control_map, preview
+                    widgets.update(_control_unit(form, choices, unit))
     return SimpleNamespace(**widgets)
 
 
-def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> tuple[gr.Image, gr.Button]:
+def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> dict[str, gr.Image | gr.Button]:
+    """One unit's fields (into `form`); returns its map image and preview button by name."""
+
     def name(field: str) -> str:
         return control_name(unit, field)
 
@@ -176,7 +176,7 @@ def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> tuple[gr.Im
         form.add(name("guess_mode"), gr.Checkbox(value=False, label="Guess mode",
                                                  info="Apply the control to the conditional pass only."))
         preview = gr.Button("Preview map", size="sm", elem_id="preview-map" + suffix)
-    return control_map, preview
+    return {name("map"): control_map, name("preview"): preview}
 
 
 def _first(options: list[str], preferred: str) -> str | None:

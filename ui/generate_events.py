@@ -183,7 +183,7 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
                     raise gr.Error("Upload a control image first.", print_exception=False)
                 return backend.control_preview(image, kind, int(low), int(high))
 
-        b["preview_map" + (str(unit + 1) if unit else "")].click(
+        b[control_name(unit, "preview")].click(
             on_map, inputs=f.inputs(names), outputs=[v[control_name(unit, "map")]], api_visibility="private", **GPU)
     return run
 
