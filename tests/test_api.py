@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from gradio_client import Client, handle_file
@@ -94,6 +95,41 @@ def test_two_controlnet_units_by_parameter_name(client, tmp_path):
     with pytest.raises(AppError, match="`control2_scale`"):
         client.predict(prompt="x", **TINY, control2_image=handle_file(str(tmp_path / "bar.png")), control2_scale=9,
                        api_name="/generate")
+
+
+def test_a_submitted_job_reports_progress_and_cancelling_it_stops_the_run(app, client, monkeypatch):
+    engine, real = app[1], app[1].generate
+    seen = {"steps": 0, "after_cancel": 0, "finished": 0}
+
+    def slow(req, *, callback=None, cancel=None, **kw):  # 150 steps of >= 50 ms: a run of several seconds
+        def counting(info):
+            seen["steps"] += 1
+            seen["after_cancel"] += bool(cancel is not None and cancel.is_set())
+            time.sleep(0.05)
+            if callback is not None:
+                callback(info)
+
+        try:
+            return real(req, callback=counting, cancel=cancel, **kw)
+        finally:
+            seen["finished"] += 1
+
+    monkeypatch.setattr(engine, "generate", slow)
+    job = client.submit(prompt="a long run", **{**TINY, "steps": 150}, api_name="/generate")
+    deadline = time.monotonic() + 120
+    while len(job.outputs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    files, (text,) = job.outputs()[0]
+    assert files == [] and text.startswith("Step 1/150")
+    job.cancel()
+    while not seen["finished"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.warning("cancelled API job: %d of 150 steps ran, %d after the cancel token was set", seen["steps"],
+                seen["after_cancel"])
+    assert seen["finished"] == 1 and seen["steps"] < 100 and seen["after_cancel"] <= 1
+    monkeypatch.setattr(engine, "generate", real)
+    files, _ = client.predict(prompt="still here", seed=1, **TINY, api_name="/generate")  # the queue moved on
+    check_png(files[0], (64, 64))
 
 
 def test_upscale_by_parameter_name(client, tmp_path):

@@ -13,6 +13,7 @@ same "gpu" queue as the UI.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from gradio.data_classes import FileData
 
 from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
-from ui.runner import GpuCalls, open_upload, result_files, run_to_done
+from ui.runner import GpuCalls, Stream, is_done, open_upload, progress_text, result_files, stream_events
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_PARAMS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
@@ -45,7 +46,8 @@ GENERATE_PARAMS: dict[str, Any] = {
 
 GENERATE_DOC = ("Generate images. Every parameter is optional: None uses the preset's value, else the default. "
                 "cfg is a schedule text (7, linear(4,9), interval(7.5,0.2,0.8), ...); loras is 'name:weight, ...'. "
-                "Returns (PNG files, their parameters texts).")
+                "Returns (PNG files, their parameters texts); before that, each step sends ([], ['Step 3/20 · ...']) "
+                "to a client that submits a job, and cancelling the job stops the run within a step.")
 
 
 def file_data(path: str) -> dict[str, Any]:
@@ -60,15 +62,16 @@ def make_generate(gpu: GpuCalls):
     returns = tuple[list[FileData], list[str]]
     signature = inspect.Signature(params, return_annotation=returns)
 
-    def generate(*args: Any, **kwargs: Any) -> tuple[list[dict], list[str]]:
+    def generate(*args: Any, **kwargs: Any) -> Iterator[tuple[list[dict], list[str]]]:  # outputs: `returns`
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = {n: request_value(n, v) for n, v in bound.arguments.items()}
         for name in IMAGE_PARAMS:
             values[name] = open_upload(values[name], name)
         values["preview_every"] = 0
-        done = run_to_done(gpu.generate, values, "Generation")
-        return [file_data(p) for p in result_files(done)], list(done.infotexts)
+        for done in _progress_then_done(gpu.generate, values, "Generation"):
+            yield ([], [done]) if isinstance(done, str) else ([file_data(p) for p in result_files(done)],
+                                                               list(done.infotexts))
 
     generate.__signature__ = signature  # type: ignore[attr-defined]
     generate.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
@@ -81,17 +84,30 @@ def make_upscale(gpu: GpuCalls):
 
     def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
                 denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
-                model: str | None = None, steps: int | None = None, seed: int | None = None) -> tuple[FileData, str]:
+                model: str | None = None, steps: int | None = None, seed: int | None = None
+                ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation
         """Upscale an image (lanczos or an upscaler model), refining it with img2img when denoise > 0.
-        Returns (the PNG file, its parameters text)."""
+        Returns (the PNG file, its parameters text); while refining, (None, "Step 3/10 · ...") progress updates."""
         values = {"image": open_upload(image, "image"), "upscaler": upscaler, "scale": scale, "denoise": denoise,
                   "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "steps": steps, "seed": seed}
         if values["image"] is None:
             raise gr.Error("`image` is required: send an image file", print_exception=False)
-        done = run_to_done(gpu.upscale, values, "Upscaling")
-        return file_data(result_files(done)[0]), done.infotexts[0] if done.infotexts else ""
+        for done in _progress_then_done(gpu.upscale, values, "Upscaling"):
+            yield (None, done) if isinstance(done, str) else (file_data(result_files(done)[0]),
+                                                              done.infotexts[0] if done.infotexts else "")
 
     return upscale
+
+
+def _progress_then_done(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
+    """Each Progress as its text ("Step 3/20 · about 2 s left"), then the Done. Gradio closes this generator when
+    the client cancels its job, which stops the backend within a step (`ui.runner.stream_events`)."""
+    for event in stream_events(stream, values, action):
+        if is_done(event):
+            yield event
+            return
+        yield progress_text(event)
+    raise gr.Error(f"{action} was stopped before it finished", print_exception=False)
 
 
 def add_api(gpu: GpuCalls) -> None:
