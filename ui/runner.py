@@ -66,15 +66,6 @@ class GpuCalls:
         self.upscale: Stream = zero_gpu(upscale)
 
 
-def run_to_done(stream: Stream, values: dict[str, Any], action: str) -> Any:
-    """Consume a backend stream and return its Done (used by the API endpoints, which do not stream)."""
-    with user_errors(action), closing(_iterate(stream, values)) as events:
-        for event in events:
-            if is_done(event):
-                return event
-    raise gr.Error(f"{action} ended without a result", print_exception=False)
-
-
 def _iterate(stream: Stream, values: dict[str, Any]) -> Iterator[Any]:
     """`stream(values)` as a generator that closes the backend's generator when it is closed itself."""
     events = stream(values)
