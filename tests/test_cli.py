@@ -36,6 +36,7 @@ def test_generate_writes_png_with_parameters(tmp_path, tiny_cache):
         assert (req.prompt, req.negative_prompt, req.steps, req.cfg, req.sampler, req.seed, req.width, req.height) == (
             "a (red:1.2) fox", "blur", 3, "6.5", "Euler a", seed, 96, 64)
     assert "not expected" not in r.stderr  # no config warnings for our own models (TAESD's block_out_channels)
+    assert "Loading" not in r.stderr and "%|" not in r.stderr  # no library progress bars without --verbose
 
 
 def test_generate_help_documents_every_option(tmp_path):
