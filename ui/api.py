@@ -69,9 +69,9 @@ def make_generate(gpu: GpuCalls):
         for name in IMAGE_PARAMS:
             values[name] = open_upload(values[name], name)
         values["preview_every"] = 0
-        for done in _progress_then_done(gpu.generate, values, "Generation"):
-            yield ([], [done]) if isinstance(done, str) else ([file_data(p) for p in result_files(done)],
-                                                               list(done.infotexts))
+        for event in _progress_then_done(gpu.generate, values, "Generation"):
+            yield ([], [event]) if isinstance(event, str) else ([file_data(p) for p in result_files(event)],
+                                                                list(event.infotexts))
 
     generate.__signature__ = signature  # type: ignore[attr-defined]
     generate.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
@@ -92,9 +92,9 @@ def make_upscale(gpu: GpuCalls):
                   "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "steps": steps, "seed": seed}
         if values["image"] is None:
             raise gr.Error("`image` is required: send an image file", print_exception=False)
-        for done in _progress_then_done(gpu.upscale, values, "Upscaling"):
-            yield (None, done) if isinstance(done, str) else (file_data(result_files(done)[0]),
-                                                              done.infotexts[0] if done.infotexts else "")
+        for event in _progress_then_done(gpu.upscale, values, "Upscaling"):
+            yield (None, event) if isinstance(event, str) else (file_data(result_files(event)[0]),
+                                                                event.infotexts[0] if event.infotexts else "")
 
     return upscale
 
