@@ -149,6 +149,15 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- writing
 
+# sd-webui-controlnet's unit keys -> ControlUnit fields (Threshold A/B are canny's thresholds only for canny)
+_CONTROL_KEYS = {"Module": "type", "Model": "model", "Weight": "scale", "Guidance Start": "start",
+                 "Guidance End": "end", "Threshold A": "low", "Threshold B": "high", "Control Mode": "guess_mode"}
+# sd-webui-controlnet's preprocessor names for the ones this app has under another name
+_MODULE_ALIASES = {"depth_midas": "depth", "openpose_full": "openpose", "lineart_realistic": "lineart",
+                   "lineart_anime": "lineart-anime", "softedge_hed": "softedge", "softedge_pidinet": "softedge-pidinet",
+                   "scribble_hed": "scribble", "normal_bae": "normal"}
+
+
 def _base_sampler(name: str) -> str:
     """Our "DPM++ 2M Karras" -> A1111 ≥1.9's Sampler "DPM++ 2M" (the Karras part goes to Schedule type)."""
     return name[: -len(" Karras")] if isinstance(name, str) and name.endswith(" Karras") else name
@@ -206,13 +215,13 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
 
 
 def _control_text(u: ControlUnit) -> str:
-    """One unit as sd-webui-controlnet writes it (its keys, for what a unit here has); the image is not stored."""
-    parts = {"Module": u.type, "Model": u.model or "default", "Weight": _number(u.scale),
-             "Guidance Start": _number(u.start), "Guidance End": _number(u.end)}
-    if u.type == "canny":
-        parts |= {"Threshold A": _number(u.low), "Threshold B": _number(u.high)}
-    parts["Control Mode"] = "ControlNet is more important" if u.guess_mode else "Balanced"
-    return ", ".join(f"{k}: {v}" for k, v in parts.items())
+    """One unit as sd-webui-controlnet writes it (its keys, `_CONTROL_KEYS`, for what a unit here has); the image
+    is not stored."""
+    values = {"type": u.type, "model": u.model or "default", "scale": _number(u.scale), "start": _number(u.start),
+              "end": _number(u.end), "guess_mode": "ControlNet is more important" if u.guess_mode else "Balanced"}
+    if u.type == "canny":  # Threshold A/B are the canny thresholds only for canny
+        values |= {"low": _number(u.low), "high": _number(u.high)}
+    return ", ".join(f"{key}: {values[field]}" for key, field in _CONTROL_KEYS.items() if field in values)
 
 
 def _extra_fields(extra: dict[str, Any] | None) -> dict[str, str]:
@@ -372,15 +381,6 @@ def request_from_infotext(text: str, base: GenerationRequest | None = None) -> G
         raise
     except (ValueError, RecursionError, OverflowError) as exc:
         raise ValidationError("parameters", text, f"could not be read ({type(exc).__name__})") from None
-
-
-# sd-webui-controlnet's unit keys -> ControlUnit fields (Threshold A/B are canny's thresholds only for canny)
-_CONTROL_KEYS = {"Module": "type", "Model": "model", "Weight": "scale", "Guidance Start": "start",
-                 "Guidance End": "end", "Threshold A": "low", "Threshold B": "high", "Control Mode": "guess_mode"}
-# sd-webui-controlnet's preprocessor names for the ones this app has under another name
-_MODULE_ALIASES = {"depth_midas": "depth", "openpose_full": "openpose", "lineart_realistic": "lineart",
-                   "lineart_anime": "lineart-anime", "softedge_hed": "softedge", "softedge_pidinet": "softedge-pidinet",
-                   "scribble_hed": "scribble", "normal_bae": "normal"}
 
 
 def control_settings(text: str, units: int) -> list[dict[str, Any]]:

@@ -14,8 +14,9 @@ The memory model is deliberately rough and stated here so it can be recalibrated
 * a tiled VAE runs layer by layer ("exact") when its full-size stage canvases (`pipelines.vae_tiling.decode_splits`)
   fit the host budget (on a CPU that is the device budget minus the weights; on an accelerator, half the available
   RAM), else "stream": the low-resolution stages still layer by layer as far as the budget allows, the rest tile by
-  tile (bounded memory, more compute the more stages stream: SD's VAE costs ~3x one decode streaming its 9
-  full-resolution stages, ~11x streaming all 25). All are exact; only time and host memory differ.
+  tile (bounded memory, more compute the more stages stream: SD's VAE at 4096² with 128² tiles costs ~2.3x one
+  decode streaming its last 9 stages, ~8.6x streaming all 25; `pipelines.vae_stream`). All are exact; only time
+  and host memory differ.
 """
 
 from __future__ import annotations
