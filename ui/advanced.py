@@ -157,7 +157,7 @@ def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> dict[str, g
     suffix = f"-{unit + 1}" if unit else ""
     with gr.Row(equal_height=False):
         form.add(name("image"), gr.Image(type="filepath", image_mode=None, label="Control image",
-                                         sources=["upload", "clipboard"], height=260))
+                                         sources=["upload", "clipboard"], height=260, elem_id="control-image" + suffix))
         control_map = gr.Image(label="Preprocessed map", type="pil", format="png", interactive=False,
                                height=260, buttons=["download"], elem_id="control-map" + suffix)
     with gr.Row():
