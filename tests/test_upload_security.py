@@ -12,10 +12,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import urllib.request
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
@@ -109,13 +109,9 @@ def test_the_same_file_sent_with_handle_file_works(client, server_files, name):
 
 def _raw_upscale(url: str, image) -> str:
     """POST /upscale with `image` as given (no gradio_client, which would upload a local file itself); the events."""
-    body = json.dumps({"data": [image, "lanczos", 2, None, None, None, None, None, None]}).encode()
-    request = urllib.request.Request(url + "gradio_api/call/upscale", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        event = json.load(answer)["event_id"]
-    with urllib.request.urlopen(f"{url}gradio_api/call/upscale/{event}", timeout=60) as answer:
-        return answer.read().decode()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        answer = http.post("gradio_api/call/upscale", json={"data": [image, "lanczos", 2, *[None] * 6]})
+        return http.get(f"gradio_api/call/upscale/{answer.json()['event_id']}").text
 
 
 def test_file_objects_outside_the_upload_folder_are_refused(app, server_files, in_upload_folder):
@@ -126,27 +122,38 @@ def test_file_objects_outside_the_upload_folder_are_refused(app, server_files, i
     for path, events in answers.items():  # Gradio's own check, before the endpoint runs
         assert "event: error" in events and "not uploaded by a user" in events, events
         assert events.replace(path, "<path>") == answers[png].replace(png, "<path>")  # nothing else differs
-    inside = in_upload_folder / "uploaded.png"
-    Image.new("RGB", (16, 8)).save(inside)
-    assert "event: complete" in _raw_upscale(app, {"path": str(inside), "meta": META})  # Gradio's upload rule
-    events = _raw_upscale(app, str(inside))  # the same file as a plain string: refused
-    assert "event: error" in events and refusal("image") in events
+
+
+def test_only_files_the_upload_route_wrote_are_read(app, server_files, in_upload_folder):
+    with httpx.Client(base_url=app, timeout=60) as http, open(server_files["png"], "rb") as fh:
+        (uploaded,) = http.post("gradio_api/upload", files={"files": ("photo.png", fh, "image/png")}).json()
+    events = _raw_upscale(app, {"path": uploaded, "meta": META})
+    assert "event: complete" in events and "Source size: 64x64" in events, events
+    placed = in_upload_folder / "placed.png"  # in Gradio's folder, where served results and URL fetches go too
+    shutil.copy(server_files["png"], placed)
+    for value in ({"path": str(placed), "meta": META}, str(placed), uploaded, {"path": uploaded}):
+        events = _raw_upscale(app, value)
+        assert "event: error" in events and json.dumps(refusal("image")) in events, (value, events)
 
 
 def test_uploaded_path_follows_gradios_rule(server_files, in_upload_folder):
-    inside = in_upload_folder / "a.png"
+    inside, link = in_upload_folder / "a.png", in_upload_folder / "link.png"
     Image.new("RGB", (8, 8)).save(inside)
-    (in_upload_folder / "link.png").symlink_to(server_files["png"])
-    assert uploaded_path(FileData(path=str(inside))) == str(inside.resolve())
-    assert uploaded_path({"path": str(inside), "meta": META}) == str(inside.resolve())
-    refused = [str(inside), {"path": str(inside)}, {"path": str(server_files["png"]), "meta": META},
-               {"path": str(in_upload_folder / "missing.png"), "meta": META}, {"path": str(in_upload_folder / "link.png"), "meta": META},
-               {"path": str(in_upload_folder), "meta": META}, {"path": "https://example.com/a.png", "meta": META},
-               {"path": f"{in_upload_folder}/../../../{server_files['png']}", "meta": META}, 42, ["a"]]
-    assert [uploaded_path(v) for v in refused] == [None] * len(refused)
+    link.symlink_to(server_files["png"])
+    outside, missing = str(server_files["png"]), str(in_upload_folder / "missing.png")
+    uploads = {str(inside), str(link), outside, missing, str(in_upload_folder)}  # as if /upload had written them
+    assert uploaded_path(FileData(path=str(inside)), uploads) == str(inside.resolve())
+    assert uploaded_path({"path": str(inside), "meta": META}, uploads) == str(inside.resolve())
+    refused = [str(inside), {"path": str(inside)}, {"path": outside, "meta": META}, {"path": missing, "meta": META},
+               {"path": str(link), "meta": META}, {"path": str(in_upload_folder), "meta": META},
+               {"path": "https://example.com/a.png", "meta": META}, 42, ["a"],
+               {"path": f"{in_upload_folder}/../../../{outside}", "meta": META}]
+    assert [uploaded_path(v, uploads) for v in refused] == [None] * len(refused)
+    assert uploaded_path({"path": str(inside), "meta": META}, set()) is None  # in the folder, but never uploaded
+    assert uploaded_path({"path": str(inside), "meta": META}, uploads, blocked=[str(in_upload_folder)]) is None
     assert open_upload(None, "init_image") is None
     with pytest.raises(Exception, match="`init_image` must be a file uploaded"):
-        open_upload(str(server_files["png"]), "init_image")
+        open_upload({"path": str(inside), "meta": META}, "init_image")  # no app is serving a request here
 
 
 BOMB_CHECK = textwrap.dedent("""
