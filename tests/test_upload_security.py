@@ -79,7 +79,7 @@ def _refused(client: Client, name: str, value) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("name", ["init_image", "control_image", "image"])
+@pytest.mark.parametrize("name", ["init_image", "control_image", "control3_image", "image"])
 def test_server_paths_are_refused_with_one_message(client, server_files, name):
     png, text, missing = (str(server_files[k]) for k in ("png", "text", "missing"))
     messages = {
