@@ -213,3 +213,30 @@ def test_live_hints_latent_warning_and_cfg_errors(page, app):
     page.wait_for_function("document.querySelector('#cfg-error')?.innerText.includes('cfg')")
     page.locator("#cfg textarea, #cfg input").first.fill("linear(4,9)")
     page.wait_for_selector("#cfg-error", state="hidden")
+
+
+def test_uploads_reach_the_backend_as_files(page, app, tmp_path):
+    """The image widgets hand over the uploaded file: ControlNet's preview and the Upscale tab both work on it."""
+    src = tmp_path / "upload.png"
+    image = Image.new("RGB", (40, 32), (200, 60, 30))
+    image.paste((20, 20, 220), (10, 8, 30, 24))
+    image.save(src)
+    page.get_by_role("tab", name="Generate").first.click()
+    if not page.locator("#control-image").is_visible():
+        page.locator("#controlnet").get_by_text("ControlNet", exact=True).first.click()
+    page.locator("#control-image input[type=file]").set_input_files(str(src))
+    page.wait_for_function("document.querySelector('#control-image img')?.naturalWidth > 0")
+    page.click("#preview-map")
+    page.wait_for_function("document.querySelector('#control-map img')?.naturalWidth === 40")  # canny of the upload
+
+    page.get_by_role("tab", name="Upscale").first.click()
+    page.locator("#upscale-image input[type=file]").set_input_files(str(src))
+    page.wait_for_function("document.querySelector('#upscale-image img')?.naturalWidth > 0")
+    page.click("#upscale")
+    page.wait_for_function("document.querySelector('#upscale-result img')?.naturalWidth > 0")
+    result = page.locator("#upscale-result img").first.get_attribute("src")
+    with Image.open(io.BytesIO(page.request.get(result).body())) as served:
+        assert served.format == "PNG" and served.size == (80, 64)
+        assert "Hires upscaler: lanczos" in served.info["parameters"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-upscale.png"), full_page=True)

@@ -81,7 +81,8 @@ class FakeBackend:
 
     def upscale(self, values: dict):
         self.calls.append(("upscale", dict(values)))
-        image = values["image"]
+        with Image.open(values["image"]) as upload:  # the UI and the API hand the backend a file path
+            image = upload.convert("RGB")
         scale = float(values.get("scale") or 2)
         if scale > 8:
             raise ValidationError("scale", scale, "must be in (1, 8]")
@@ -113,7 +114,8 @@ class FakeBackend:
 
     def control_preview(self, image, type: str, low: int, high: int) -> Image.Image:
         self.calls.append(("control_preview", {"type": type, "low": low, "high": high}))
-        return image.convert("L").convert("RGB")
+        with Image.open(image) as upload:
+            return upload.convert("L").convert("RGB")
 
     def choices(self) -> dict:
         return {"models": ["tiny", "tiny-sdxl"], "samplers": ["DPM++ 2M Karras", "Euler a"],
@@ -350,10 +352,30 @@ def test_info_tab_sends_values_to_generate(demo, backend, tmp_path):
     assert read_info(backend, str(tmp_path / "plain.png"))[2]["visible"] is True
 
 
-def test_upscale_event(demo, backend):
+def png_file(folder: Path, size: tuple[int, int], color="black") -> str:
+    """What an image widget hands a handler now: the uploaded file's path (decoded only by the backend)."""
+    path = folder / f"upload-{size[0]}x{size[1]}-{color}.png"
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def test_image_widgets_hand_over_files_not_decoded_images(demo):
+    images = [c for c in demo.blocks.values() if isinstance(c, gr.Image) and c.interactive is not False]
+    assert sorted(c.label for c in images) == ["Control image"] * 3 + ["Image", "Image to upscale", "Initial image"]
+    assert all(c.type == "filepath" and c.image_mode is None for c in images)  # image_mode would convert = decode
+
+
+def test_uploads_leave_gradios_cache_on_a_schedule(demo):
+    from ui.app import DELETE_CACHE
+
+    frequency, age = demo.delete_cache  # Gradio sweeps its cache every `frequency` s, deleting files older than age
+    assert demo.delete_cache == DELETE_CACHE and 0 < frequency <= age <= 24 * 3600
+
+
+def test_upscale_event(demo, backend, tmp_path):
     fn = handler(demo, "on_upscale")
     data = initial_data(fn)
-    data[by_label(fn, "Image to upscale")] = Image.new("RGB", (40, 30))
+    data[by_label(fn, "Image to upscale")] = png_file(tmp_path, (40, 30))
     final = list(fn.fn(data))[-1]
     result = next(v for c, v in final.items() if (getattr(c, "label", None) or "").startswith("Upscaled"))
     assert Image.open(result).size == (80, 60)
@@ -362,23 +384,23 @@ def test_upscale_event(demo, backend):
         list(fn.fn(data))
 
 
-def test_control_map_preview(demo, backend):
+def test_control_map_preview(demo, backend, tmp_path):
     fn = handler(demo, "on_map")
     data = initial_data(fn)
     with pytest.raises(gr.Error, match="control image"):
         fn.fn(data)
-    data[by_label(fn, "Control image")] = Image.new("RGB", (32, 32), "red")
+    data[by_label(fn, "Control image")] = png_file(tmp_path, (32, 32), "red")
     assert fn.fn(data).size == (32, 32)
     assert backend.calls[-1] == ("control_preview", {"type": "canny", "low": 100, "high": 200})
 
 
-def test_three_control_units_each_with_its_own_fields_and_preview(demo, backend):
+def test_three_control_units_each_with_its_own_fields_and_preview(demo, backend, tmp_path):
     maps = [fn for fn in demo.fns.values() if fn.name == "on_map"]
     assert len(maps) == 3
     second = maps[1]
     assert {c.elem_id for c in second.outputs} == {"control-map-2"}
     data = initial_data(second)
-    data[by_label(second, "Control image")] = Image.new("RGB", (24, 16), "blue")
+    data[by_label(second, "Control image")] = png_file(tmp_path, (24, 16), "blue")
     data[by_label(second, "Canny low threshold")] = 40
     assert second.fn(data).size == (24, 16)
     assert backend.calls[-1] == ("control_preview", {"type": "canny", "low": 40, "high": 200})
@@ -388,12 +410,12 @@ def test_three_control_units_each_with_its_own_fields_and_preview(demo, backend)
     images = [c for c in fn.inputs if getattr(c, "label", None) == "Control image"]
     scales = [c for c in fn.inputs if getattr(c, "label", None) == "Strength"]
     assert len(images) == len(scales) == 3
-    data[images[2]] = Image.new("RGB", (8, 8))
+    data[images[2]] = png_file(tmp_path, (8, 8))
     data[scales[2]] = 0.4
     list(fn.fn(data))
     sent = next(v for k, v in backend.calls if k == "generate")
     assert sent["control_image"] is None and sent["control2_image"] is None
-    assert sent["control3_image"].size == (8, 8) and sent["control3_scale"] == 0.4
+    assert Image.open(sent["control3_image"]).size == (8, 8) and sent["control3_scale"] == 0.4
 
 
 def test_api_functions_return_png_files(demo, backend):

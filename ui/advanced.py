@@ -128,8 +128,8 @@ def _tiling(form: Form, v: dict[str, Any]) -> None:
 def _img2img(form: Form) -> None:
     hint("Start from an image instead of noise. Leave empty for text-to-image.")
     with gr.Row():
-        form.add("init_image", gr.Image(type="pil", label="Initial image", sources=["upload", "clipboard"],
-                                        height=260))
+        form.add("init_image", gr.Image(type="filepath", image_mode=None, label="Initial image",
+                                        sources=["upload", "clipboard"], height=260))
         form.add("strength", gr.Slider(0, 1, value=0.75, step=0.05, label="Denoise strength",
                                        info="0 keeps the image, 1 replaces it entirely."))
 
@@ -156,8 +156,8 @@ def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> dict[str, g
 
     suffix = f"-{unit + 1}" if unit else ""
     with gr.Row(equal_height=False):
-        form.add(name("image"), gr.Image(type="pil", label="Control image", sources=["upload", "clipboard"],
-                                         height=260))
+        form.add(name("image"), gr.Image(type="filepath", image_mode=None, label="Control image",
+                                         sources=["upload", "clipboard"], height=260, elem_id="control-image" + suffix))
         control_map = gr.Image(label="Preprocessed map", type="pil", format="png", interactive=False,
                                height=260, buttons=["download"], elem_id="control-map" + suffix)
     with gr.Row():

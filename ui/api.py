@@ -22,7 +22,8 @@ from gradio.data_classes import FileData
 
 from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
-from ui.runner import GpuCalls, Stream, is_done, open_upload, progress_text, result_files, stream_events
+from ui.runner import GpuCalls, Stream, is_done, progress_text, result_files, stream_events
+from ui.uploads import open_upload
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_PARAMS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))

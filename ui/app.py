@@ -26,13 +26,16 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Tessera"
 HEADER = ("# Tessera\nFast high-resolution Stable Diffusion: pick a preset, write a prompt, generate. "
           "Presets go from a seconds-long **draft** to 4K **ultra** (tiled refine in bounded memory).")
+# Gradio's cache sweep (frequency, age) in seconds: every hour, uploads and served copies of results older than
+# 6 hours are deleted (the saved PNGs in the outputs folder stay); everything left goes when the server stops.
+DELETE_CACHE = (3600, 6 * 3600)
 
 
 def create_demo(backend: Any, *, queue_size: int = 16) -> gr.Blocks:
     """The whole app: Generate, Upscale and PNG info tabs plus the /generate and /upscale API endpoints."""
     choices = backend.choices()
     gpu = GpuCalls(backend)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(HEADER, elem_id="header")
         if choices.get("notice"):
             gr.Markdown(f"⚠️ {choices['notice']}", elem_id="notice", elem_classes=["warning"])

@@ -19,6 +19,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import CancelledError, TesseraError
+from ui.uploads import open_upload  # noqa: F401 - its old home: API image parameters, uploads only
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +145,3 @@ def servable(path: str | os.PathLike) -> str:
     folder.mkdir(exist_ok=True)
     return shutil.copy2(p, folder / p.name)
 
-
-def open_upload(payload: Any, name: str) -> Image.Image | str | None:
-    """An API upload (FileData dict/object or a path) -> the uploaded file's path, undecoded; None stays None.
-
-    The backend opens it with its own checks (format, 64 MP read from the header before decoding), so a
-    decompression bomb is refused with a clear message instead of being decoded here.
-    """
-    if payload is None or isinstance(payload, Image.Image):
-        return payload
-    path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", payload)
-    if not isinstance(path, str | Path) or not Path(path).is_file():
-        raise gr.Error(f"`{name}` must be an image file (PNG, JPEG or WebP), got {Path(str(path)).name!r}",
-                       print_exception=False)
-    return str(path)

@@ -46,8 +46,8 @@ def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
     upscalers = pixel_upscalers(choices["upscalers"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=360):
-            f.add("image", gr.Image(type="pil", label="Image to upscale", sources=["upload", "clipboard"],
-                                    height=340, elem_id="upscale-image"))
+            f.add("image", gr.Image(type="filepath", image_mode=None, label="Image to upscale",
+                                    sources=["upload", "clipboard"], height=340, elem_id="upscale-image"))
             with gr.Row():
                 f.add("upscaler", gr.Dropdown(upscalers, value=upscalers[0] if upscalers else None, label="Upscaler",
                                               info="lanczos is built in; put Real-ESRGAN-class files in "
