@@ -175,7 +175,7 @@ def build_tiny(name: str, folder: Path) -> Path:
         te2 = _text_encoder(vocab, eos, 32, projection=True)
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
-            unet=unet, scheduler=_scheduler(),
+            unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,  # like SDXL base
         )
     else:
         pipe = StableDiffusionPipeline(
