@@ -65,3 +65,24 @@ def test_unused_runtime_requirement_fails_unless_explained(tmp_path):
     code, report = _check(tree)
     assert code == 1 and "DEP002 'pillow'" in report
     assert check_deps.check(tree, optional=(), indirect=("pillow",))[0] == 0
+
+
+def _readme_commands() -> list[str]:
+    """The two commands of the README's "Set up (fresh machine)" section (install and start; tests)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set up (fresh machine)", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_ci_runs_the_readme_test_command_word_for_word_in_a_fresh_venv():
+    install, tests = _readme_commands()
+    assert install == "python -m pip install -r requirements.txt && python app.py"
+    assert tests == "python -m pip install -r requirements-dev.txt && python -m pytest -n 2 --dist loadgroup"
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert lines[-1] == tests  # the last command: its status is the script's
+    assert any(line.startswith('python3 -m venv "$venv"') for line in lines)
+    assert "--system-site-packages" not in "\n".join(lines)
+    assert "python -m ruff check ." in lines and "python .ci/check_deps.py" in lines
+    assert ".venv-ci/" in (ROOT / ".gitignore").read_text().splitlines()
