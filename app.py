@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     auth = parse_auth(args.auth)
     if (warning := share_warning(args.share, auth)) is not None:
         log.warning(warning)
-    demo = build_demo(args)
+    from pipelines.errors import TesseraError
+
+    try:
+        demo = build_demo(args)
+    except TesseraError as exc:  # e.g. --attention xformers without xformers: one line, exit 2 like the CLI
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     from ui.app import launch_kwargs
 
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_kwargs())

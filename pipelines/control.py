@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 
 from pipelines.errors import ModelError, OfflineError, ValidationError
 from pipelines.lru import LRUCache
+from pipelines.optional import MissingDependencyError, require
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +217,11 @@ def _load_annotator(kind: str, annotators_dir: Path, device: torch.device | str)
         return _annotators[key]
     missing = [f for f in spec.files if not (folder / f).is_file()]
     try:
-        import controlnet_aux
-    except ImportError as err:
-        raise ModelError(_missing_message(kind, True, missing, folder)) from err
-    except Exception as err:  # installed but broken (e.g. an incompatible dependency)
-        raise ModelError(f"{kind}: controlnet-aux is installed but failed to import ({err})") from err
+        controlnet_aux = require("controlnet_aux", kind)
+    except MissingDependencyError as err:
+        if isinstance(err.__cause__, ImportError):
+            raise ModelError(_missing_message(kind, True, missing, folder)) from err
+        raise ModelError(f"{kind}: {err}") from err  # installed but broken (e.g. an incompatible dependency)
     if missing:
         raise ModelError(_missing_message(kind, False, missing, folder))
     detector_cls = getattr(controlnet_aux, spec.cls, None)

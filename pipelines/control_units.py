@@ -9,7 +9,7 @@ from PIL import Image
 from pipelines.control import load_control_image, load_controlnet, prepare_control_image, preprocess
 from pipelines.request import ControlUnit
 from pipelines.sampling import ControlInput
-from pipelines.tiny import build_tiny_controlnet, default_cache_dir, ensure_tiny
+from pipelines.tiny import ensure_tiny_controlnet
 
 TINY_CONTROLNET = "tiny-controlnet"
 
@@ -24,10 +24,7 @@ def default_model(unit: ControlUnit, model) -> str:
 
 
 def _tiny_controlnet_dir(model) -> Path:
-    folder = default_cache_dir() / TINY_CONTROLNET
-    if not (folder / "config.json").exists():
-        build_tiny_controlnet(ensure_tiny(model.source.ref), folder)
-    return folder
+    return ensure_tiny_controlnet(model.source.ref)  # per tiny model (SD- or SDXL-shaped), rebuilt on TINY_VERSION
 
 
 def control_map(unit: ControlUnit, models_dir: Path) -> Image.Image:

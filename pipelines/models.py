@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ModelError, OfflineError, ValidationError
+from pipelines.optional import require
 from pipelines.request import DEFAULT_MODEL, parse_lora
 from pipelines.tiny import TINY_MODELS, ensure_tiny
 
@@ -210,6 +211,8 @@ class ModelManager:
         self.models_dir = Path(models_dir)
         self._device_arg, self._dtype_arg = device, dtype
         self.attention, self.compile_unet, self.offload = attention, compile_unet, offload
+        if attention == "xformers":
+            require("xformers")  # at startup: one line naming the package, never a traceback at the first request
         self.warmup = warmup
         self._current: LoadedModel | None = None
         self._tokenizers: dict[str, Any] = {}
@@ -348,9 +351,10 @@ class ModelManager:
         else:
             pipe.to(device)
         if self.attention == "xformers":
+            require("xformers")
             try:
                 pipe.enable_xformers_memory_efficient_attention()
-            except Exception as exc:  # not installed or unsupported: fall back, say so
+            except Exception as exc:  # installed but unsupported here (e.g. no CUDA): fall back, say so
                 log.warning("xformers requested but unavailable (%s); using PyTorch SDPA", exc)
         if self.compile_unet:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)

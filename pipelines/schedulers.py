@@ -60,5 +60,9 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     config = {k: v for k, v in dict(base_config).items() if k not in _RESET and not k.startswith("_")}
     if cls_name == "DDIMScheduler" or cls_name == "LCMScheduler":
         config.setdefault("clip_sample", False)
-    return getattr(diffusers, cls_name).from_config(config, **overrides)
+    try:
+        return getattr(diffusers, cls_name).from_config(config, **overrides)
+    except ImportError as err:  # LMS needs scipy: diffusers then holds a placeholder class that raises
+        raise ValidationError("sampler", name, "needs scipy, missing here: pip install -r requirements.txt, "
+                              "or pick another sampler") from err
 

@@ -15,7 +15,7 @@ import torch
 
 from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.lru import LRUCache
-from pipelines.prompt_encoding import PromptEncoder
+from pipelines.prompt_encoding import EncodedPrompt, PromptEncoder
 from pipelines.prompts import prompts_per_step
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.schedulers import make_scheduler
@@ -74,6 +74,8 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
         return cache.get((*base_key, text), lambda: enc.encode(text, emphasis=spec.emphasis, min_chunks=chunks))
 
     encoded = {t: encode(t) for t in distinct}
+    uncond = _negative_encodings(model, spec, encoded, lambda: cache.get((*base_key, "", "zeros"), lambda: _zeros(
+        encoded[""])))
     time_ids = None
     if model.is_sdxl:
         h, w = spec.height, spec.width
@@ -83,7 +85,7 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
     def at(step: int) -> Conditioning:
         key = (pos[step], neg[step])
         if key not in conds:
-            c, u = encoded[key[0]], encoded[key[1]]
+            c, u = encoded[key[0]], uncond[key[1]]
             conds[key] = Conditioning(
                 cond=c.embeds.to(model.device, model.dtype), uncond=u.embeds.to(model.device, model.dtype),
                 cond_pooled=None if c.pooled is None else c.pooled.to(model.device, model.dtype),
@@ -92,6 +94,27 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
         return conds[key]
 
     return at
+
+
+def zeros_for_empty_negative(model, negative_prompt: str) -> bool:
+    """Whether the unconditional pass gets zero embeddings (and a zero pooled embedding) instead of the encoded "":
+    diffusers' SDXL default call (`negative_prompt=None` with the pipeline config's `force_zeros_for_empty_prompt`,
+    set for SDXL base) and A1111 (`sd_models_xl.get_learned_conditioning`: an empty SDXL negative) both do."""
+    config = getattr(model.pipe, "config", {}) or {}
+    return model.is_sdxl and negative_prompt == "" and bool(config.get("force_zeros_for_empty_prompt", False))
+
+
+def _zeros(encoded: EncodedPrompt) -> EncodedPrompt:
+    """Zeros shaped like `encoded` (diffusers `torch.zeros_like(prompt_embeds)` and of the pooled embedding)."""
+    return EncodedPrompt(torch.zeros_like(encoded.embeds),
+                         None if encoded.pooled is None else torch.zeros_like(encoded.pooled))
+
+
+def _negative_encodings(model, spec: StageSpec, encoded: dict, zeros: Callable[[], EncodedPrompt]) -> dict:
+    """Negative text -> encoding: the text's own encoding, or zeros for an empty SDXL negative (see above)."""
+    if zeros_for_empty_negative(model, spec.negative_prompt):
+        return {"": zeros()}
+    return encoded
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, list]:
