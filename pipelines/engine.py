@@ -377,11 +377,16 @@ class Engine:
                 seed: int = -1, cfg: str = "7", sampler: str = "DPM++ 2M Karras", callback: Callback | None = None,
                 cancel=None, save: bool = True) -> GenerationResult:
         """Upscale an existing image with a pixel upscaler, then (denoise > 0) refine it with img2img."""
-        from pipelines.request import validate_hires
+        from pipelines.request import check_name, check_text, validate_hires
         from pipelines.upscale import is_latent, upscale_image
 
         if not isinstance(image, Image.Image):
             raise ValidationError("image", type(image).__name__, "must be an image (PNG, JPEG or WebP)")
+        prompt, negative_prompt = check_text("prompt", prompt, self.limits), check_text("negative_prompt",
+                                                                                         negative_prompt, self.limits)
+        check_name("upscaler", upscaler, "an upscaler name from the list")
+        if model is not None:
+            check_name("model", model, "a model name (see the model list)")
         hires = validate_hires(HiresConfig(scale=scale, upscaler=upscaler, denoise=denoise),
                                _round8(image.width), _round8(image.height), self.limits)
         if not hires.enabled:
