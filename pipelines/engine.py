@@ -99,6 +99,17 @@ def _check_control_names(unit, i: int, models_dir: Path) -> None:
         resolve_controlnet(unit.model, models_dir)
 
 
+def loop_finished(cancel: Any) -> None:
+    """Tell a run's cancel token that the last denoising step is done (`pipelines.service.RunToken`).
+
+    The loop checks the token before each step and each tile batch, never after the last one, so from here the
+    decode and the saving run to the end whatever the token says; the token passes this on to the stream, which
+    then delivers the images even to a caller that cancelled (README: "Stopping a run")."""
+    finished = getattr(cancel, "loop_finished", None)
+    if finished is not None:
+        finished()
+
+
 def _round8(v: int) -> int:
     return max(8, v - v % 8)
 
@@ -277,6 +288,7 @@ class Engine:
                                     control=(*control, *tile_unit))
                 latents = run_stage(model, spec2, cache=self.prompt_cache, callback=callback, cancel=cancel,
                                     stats=stats, unet=unet).latents
+        loop_finished(cancel)  # from here on the images are finished work: a cancel no longer discards them
         result = self._finish(model, req, seeds, latents, pixels_done, final_plan, dec, report, stats, save)
         result.warnings.extend(warnings)
         result.stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -397,6 +409,8 @@ class Engine:
         upscaler = concrete_upscaler(upscaler, self.manager.models_dir, hires.scale)
         tw, th = hires_target(_round8(image.width), _round8(image.height), hires.scale)
         device, dtype = self.manager.device_dtype
+        if not hires.denoise:
+            loop_finished(cancel)  # no denoising loop: the upscale is not interrupted, so it is delivered
         with self.gpu_lock:
             big = upscale_image(image.convert("RGB"), upscaler, size=(tw, th), models_dir=self.manager.models_dir,
                                 device=device, dtype=dtype)
