@@ -20,6 +20,7 @@ from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
+from pipelines.model_sizes import known_sizes
 from pipelines.models import LoadedModel, ModelManager
 from pipelines.planner import Plan, available_ram, free_device_memory, plan_generation
 from pipelines.request import (
@@ -173,13 +174,18 @@ class Engine:
 
     def plan(self, req: GenerationRequest, model: LoadedModel | None = None, *, width=None, height=None) -> Plan:
         """The planner's tiling decision and memory estimate for this request (stage-2 size when given)."""
-        family = model.family if model else self.manager.resolve(req.model, allow_paths=self.allow_paths).family
+        source = None if model else self.manager.resolve(req.model, allow_paths=self.allow_paths)
+        family = model.family if model else source.family
         t = req.tiling
         budget = int(t.memory_budget_gb * 1e9) if t.memory_budget_gb else None
         if budget is None and model is not None:
             budget = free_device_memory(model.device)
-        dtype_bytes = 4 if model is None or model.dtype == torch.float32 else 2
-        sizes = _model_sizes(model) if model is not None else {}
+        if model is not None:
+            dtype_bytes = 4 if model.dtype == torch.float32 else 2
+            sizes = _model_sizes(model)
+        else:  # before loading: the chosen model's own size in the dtype it will be loaded in
+            dtype_bytes = 4 if self.manager.device_dtype[1] == torch.float32 else 2
+            sizes = known_sizes(source, dtype_bytes)
         width, height = width or req.width, height or req.height
         return plan_generation(width, height, batch=req.batch_size, budget_bytes=budget,
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,

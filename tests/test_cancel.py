@@ -169,7 +169,7 @@ def _wait_for(job, text: str, deadline: float) -> None:
 
 
 def test_api_cancel_after_the_last_step_returns_the_saved_files(engine, monkeypatch, tmp_path):
-    slow = _SlowFinish(engine, step_s=1.0, finish_s=2.0)
+    slow = _SlowFinish(engine, step_s=0.3, finish_s=1.0)  # gradio_client waits 5 s for a cancel
     monkeypatch.setattr(engine, "generate", slow.generate)
     monkeypatch.setattr(engine, "_finish", slow.finish)
     api = {k: v for k, v in TINY.items()}

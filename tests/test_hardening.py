@@ -84,3 +84,67 @@ def test_cli_bad_text_exits_2_with_one_line(tmp_path, tiny_cache, args, option):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: `{option}` "), r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+# ---------------------------------------------------------------- the plan before the model is loaded
+
+def _plan_req(model: str):
+    from pipelines.request import TileConfig
+    from tests.conftest import tiny_request
+
+    return tiny_request(model=model, width=256, height=256, tiling=TileConfig(memory_budget_gb=64))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+def test_tiny_estimate_before_loading_matches_after(engine, manager, name):
+    """The plan shown before the first run used SD 1.5 sizes for tiny (6.6 GB before, 0.2 GB after)."""
+    before = engine.plan(_plan_req(name)).est_peak_bytes
+    after = engine.plan(_plan_req(name), manager.get(name)).est_peak_bytes
+    assert 1 / 1.5 <= before / after <= 1.5, (before, after)
+
+
+@pytest.mark.parametrize(("hub_id", "fp16_gb"), [("stable-diffusion-v1-5/stable-diffusion-v1-5", 2.13),
+                                                 ("stabilityai/stable-diffusion-xl-base-1.0", 6.94)])
+def test_catalogue_estimate_uses_the_models_own_size_without_download(tmp_path, hub_id, fp16_gb):
+    from pipelines.engine import Engine
+    from pipelines.model_sizes import known_sizes
+    from pipelines.models import ModelManager
+    from pipelines.planner import plan_generation
+
+    manager = ModelManager(tmp_path / "models", device="cpu", dtype="fp16")  # loads nothing
+    weights = known_sizes(manager.resolve(hub_id), 2)["weights"]
+    assert weights == pytest.approx(fp16_gb * 1e9, rel=0.01)
+    plan = Engine(manager, None).plan(_plan_req(hub_id))
+    family = "sdxl" if "xl" in hub_id else "sd1"
+    expected = plan_generation(256, 256, budget_bytes=64_000_000_000, family=family, dtype_bytes=2, weights=weights)
+    assert plan.est_peak_bytes == expected.est_peak_bytes
+    assert manager.current is None
+
+
+def test_local_folder_size_is_read_from_its_files(tmp_path, tiny_dir, manager):
+    import shutil
+
+    from pipelines.engine import _model_sizes
+    from pipelines.model_sizes import known_sizes
+    from pipelines.models import Source
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "mine")
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not counted: a variant copy")
+    sizes = known_sizes(Source("folder", str(folder)), 4)
+    loaded = _model_sizes(manager.get("tiny"))
+    assert sizes["weights"] == pytest.approx(loaded["weights"], rel=0.01)
+    assert sizes["activation_scale"] == loaded["activation_scale"]
+
+
+def test_single_file_size_counts_every_tensor(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipelines.model_sizes import known_sizes
+    from pipelines.models import Source
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.a": torch.zeros(3, 4), "first_stage_model.b": torch.zeros(5)}, str(path))
+    assert known_sizes(Source("file", str(path)), 2) == {"weights": 34}
+    path.write_bytes(b"\xff" * 16)  # not a safetensors file: the planner falls back to its constants
+    assert known_sizes(Source("file", str(path)), 2) == {}
