@@ -152,7 +152,7 @@ class Backend:
     def _stream(self, run, preview_every: int) -> Iterator[Progress | Done]:
         events: queue.Queue = queue.Queue()
         timer = _Timer()
-        last: list[int] = [0]  # the step count of the loop that ran last
+        last: list[int] = [1]  # the step count of the loop that ran last (1 when there is no loop: a plain upscale)
 
         def finishing() -> None:
             events.put(Progress(last[0], last[0], 0.0, None, "finishing"))

@@ -4,10 +4,12 @@ after it the images are finished work, saved and delivered as done (engine, back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from gradio_client import Client
 
@@ -162,6 +164,13 @@ class _SlowFinish:
         return self.real_finish(*a, **kw)
 
 
+def _cancel(job) -> None:
+    """job.cancel(); its POST waits for the server to stop the run, which on a loaded 2-core machine can pass
+    gradio_client's 5 s read timeout: the cancel has reached the server all the same."""
+    with contextlib.suppress(httpx.TimeoutException):
+        job.cancel()
+
+
 def _wait_for(job, text: str, deadline: float) -> None:
     while not any(text in str(o) for o in job.outputs()):
         assert time.monotonic() < deadline, job.outputs()
@@ -169,7 +178,7 @@ def _wait_for(job, text: str, deadline: float) -> None:
 
 
 def test_api_cancel_after_the_last_step_returns_the_saved_files(engine, monkeypatch, tmp_path):
-    slow = _SlowFinish(engine, step_s=0.3, finish_s=1.0)  # gradio_client waits 5 s for a cancel
+    slow = _SlowFinish(engine, step_s=0.2, finish_s=1.0)  # gradio_client waits 5 s for a cancel
     monkeypatch.setattr(engine, "generate", slow.generate)
     monkeypatch.setattr(engine, "_finish", slow.finish)
     api = {k: v for k, v in TINY.items()}
@@ -178,13 +187,13 @@ def test_api_cancel_after_the_last_step_returns_the_saved_files(engine, monkeypa
         deadline = time.monotonic() + 120
         job = client.submit(**{**api, "steps": 3}, api_name="/generate")
         _wait_for(job, "Step 1/3", deadline)
-        job.cancel()  # before the last step: the run stops, nothing is saved, no files come back
+        _cancel(job)  # before the last step: the run stops, nothing is saved, no files come back
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises CancelledError or an empty-answer error
             job.result(timeout=30)
         assert _pngs(engine.outputs_dir) == []
         job = client.submit(**api, api_name="/generate")
         _wait_for(job, "Decoding and saving", deadline)
-        job.cancel()  # after the last step: the server still sends both saved images
+        _cancel(job)  # after the last step: the server still sends both saved images
         while not job.outputs()[-1][0]:
             assert time.monotonic() < deadline, job.outputs()
             time.sleep(0.02)
