@@ -22,7 +22,10 @@ def ui_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (use --auth!)")
-    p.add_argument("--auth", default=None, help="user:password required to open the UI")
+    p.add_argument("--auth", default=None, help="user:password required to open the UI (visible to other local "
+                                                 "users in the process list: prefer --auth-file or TESSERA_AUTH)")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="file of user:password lines (several users; blank lines and # comments are skipped)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--models-dir", default="models")
@@ -44,10 +47,22 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def share_warning(share: bool, auth: tuple[str, str] | None) -> str | None:
+def auth_users(args: argparse.Namespace) -> dict[str, str]:
+    """The users allowed in: --auth, --auth-file and the TESSERA_AUTH environment variable (user:password), so a
+    password need not appear in the process list; SystemExit with a one-line message when one is malformed."""
+    from ui.auth import AuthError, collect_users
+
+    try:
+        return collect_users(args.auth, args.auth_file, os.environ.get("TESSERA_AUTH"))
+    except AuthError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def share_warning(share: bool, auth: object | None) -> str | None:
     """The warning for a public link without a password (anyone with the link can use the GPU), else None."""
     if share and auth is None:
-        return "--share without --auth: anyone with the link can use your GPU. Add --auth user:password."
+        return ("--share without --auth: anyone with the link can use your GPU. Add --auth-file FILE (user:password "
+                "lines) or set TESSERA_AUTH=user:password.")
     return None
 
 
@@ -77,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return cli_main(argv)
     args = ui_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    auth = parse_auth(args.auth)
-    if (warning := share_warning(args.share, auth)) is not None:
+    parse_auth(args.auth)  # the historical message for a malformed --auth
+    users = auth_users(args)
+    if (warning := share_warning(args.share, users or None)) is not None:
         log.warning(warning)
     from pipelines.errors import TesseraError
 
@@ -88,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     from ui.app import launch_kwargs
+    from ui.auth import auth_launch_kwargs
 
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_kwargs())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **auth_launch_kwargs(users),
+                **launch_kwargs())
     return 0
 
 

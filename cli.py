@@ -164,10 +164,11 @@ def _engine(args: argparse.Namespace):
 
 def _request(args: argparse.Namespace):
     from pipelines.presets import PRESETS_DIR, load_preset
-    from pipelines.request import GenerationRequest, from_flat
+    from pipelines.request import GenerationRequest, check_name, from_flat
 
     base = GenerationRequest()
     if args.preset:
+        check_name("--preset", args.preset, "a preset name")
         path = PRESETS_DIR / f"{args.preset}.json"
         if "/" in args.preset or not path.is_file():
             names = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.json")))

@@ -20,6 +20,7 @@ from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
+from pipelines.model_sizes import known_sizes
 from pipelines.models import LoadedModel, ModelManager
 from pipelines.planner import Plan, available_ram, free_device_memory, plan_generation
 from pipelines.request import (
@@ -99,6 +100,17 @@ def _check_control_names(unit, i: int, models_dir: Path) -> None:
         resolve_controlnet(unit.model, models_dir)
 
 
+def loop_finished(cancel: Any) -> None:
+    """Tell a run's cancel token that the last denoising step is done (`pipelines.service.RunToken`).
+
+    The loop checks the token before each step and each tile batch, never after the last one, so from here the
+    decode and the saving run to the end whatever the token says; the token passes this on to the stream, which
+    then delivers the images even to a caller that cancelled (README: "Stopping a run")."""
+    finished = getattr(cancel, "loop_finished", None)
+    if finished is not None:
+        finished()
+
+
 def _round8(v: int) -> int:
     return max(8, v - v % 8)
 
@@ -162,13 +174,18 @@ class Engine:
 
     def plan(self, req: GenerationRequest, model: LoadedModel | None = None, *, width=None, height=None) -> Plan:
         """The planner's tiling decision and memory estimate for this request (stage-2 size when given)."""
-        family = model.family if model else self.manager.resolve(req.model, allow_paths=self.allow_paths).family
+        source = None if model else self.manager.resolve(req.model, allow_paths=self.allow_paths)
+        family = model.family if model else source.family
         t = req.tiling
         budget = int(t.memory_budget_gb * 1e9) if t.memory_budget_gb else None
         if budget is None and model is not None:
             budget = free_device_memory(model.device)
-        dtype_bytes = 4 if model is None or model.dtype == torch.float32 else 2
-        sizes = _model_sizes(model) if model is not None else {}
+        if model is not None:
+            dtype_bytes = 4 if model.dtype == torch.float32 else 2
+            sizes = _model_sizes(model)
+        else:  # before loading: the chosen model's own size in the dtype it will be loaded in
+            dtype_bytes = 4 if self.manager.device_dtype[1] == torch.float32 else 2
+            sizes = known_sizes(source, dtype_bytes)
         width, height = width or req.width, height or req.height
         return plan_generation(width, height, batch=req.batch_size, budget_bytes=budget,
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
@@ -277,6 +294,7 @@ class Engine:
                                     control=(*control, *tile_unit))
                 latents = run_stage(model, spec2, cache=self.prompt_cache, callback=callback, cancel=cancel,
                                     stats=stats, unet=unet).latents
+        loop_finished(cancel)  # from here on the images are finished work: a cancel no longer discards them
         result = self._finish(model, req, seeds, latents, pixels_done, final_plan, dec, report, stats, save)
         result.warnings.extend(warnings)
         result.stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -377,11 +395,16 @@ class Engine:
                 seed: int = -1, cfg: str = "7", sampler: str = "DPM++ 2M Karras", callback: Callback | None = None,
                 cancel=None, save: bool = True) -> GenerationResult:
         """Upscale an existing image with a pixel upscaler, then (denoise > 0) refine it with img2img."""
-        from pipelines.request import validate_hires
+        from pipelines.request import check_name, check_text, validate_hires
         from pipelines.upscale import is_latent, upscale_image
 
         if not isinstance(image, Image.Image):
             raise ValidationError("image", type(image).__name__, "must be an image (PNG, JPEG or WebP)")
+        prompt, negative_prompt = check_text("prompt", prompt, self.limits), check_text("negative_prompt",
+                                                                                         negative_prompt, self.limits)
+        check_name("upscaler", upscaler, "an upscaler name from the list")
+        if model is not None:
+            check_name("model", model, "a model name (see the model list)")
         hires = validate_hires(HiresConfig(scale=scale, upscaler=upscaler, denoise=denoise),
                                _round8(image.width), _round8(image.height), self.limits)
         if not hires.enabled:
@@ -392,6 +415,8 @@ class Engine:
         upscaler = concrete_upscaler(upscaler, self.manager.models_dir, hires.scale)
         tw, th = hires_target(_round8(image.width), _round8(image.height), hires.scale)
         device, dtype = self.manager.device_dtype
+        if not hires.denoise:
+            loop_finished(cancel)  # no denoising loop: the upscale is not interrupted, so it is delivered
         with self.gpu_lock:
             big = upscale_image(image.convert("RGB"), upscaler, size=(tw, th), models_dir=self.manager.models_dir,
                                 device=device, dtype=dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -28,6 +29,7 @@ class Limits:
     max_batch: int = 16
     max_prompt_chars: int = 10_000
     max_hires_scale: float = 8.0
+    max_loras: int = 32
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,42 @@ def _text(name: str, value: Any, limits: Limits) -> str:
         raise ValidationError(name, value, "must be text")
     if len(value) > limits.max_prompt_chars:
         raise ValidationError(name, f"<{len(value)} characters>", f"must be at most {limits.max_prompt_chars} characters")
+    _unicode(name, value)
+    return value
+
+
+# One file-name component may have 255 bytes (NAME_MAX); names get suffixes such as ".safetensors" appended.
+_MAX_NAME_BYTES = 240
+_MAX_PATH_CHARS = 4096  # PATH_MAX, for the CLI's model paths
+
+
+def _unicode(name: str, value: str) -> None:
+    """Text that encodes as UTF-8. A lone surrogate (U+D800-DFFF; JSON "\\ud800", or bytes that are not UTF-8 in
+    a command line) makes the tokenizer raise TypeError and file names fail to encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(name, value, f"has an unpaired surrogate U+{ord(value[exc.start]):04X} at character "
+                                           f"{exc.start}, which is not valid Unicode text; remove it") from None
+
+
+def check_text(name: str, value: Any, limits: Limits | None = None) -> str:
+    """A prompt-like text field ("" for None): a string of at most `max_prompt_chars` valid Unicode characters."""
+    return _text(name, value, limits or Limits())
+
+
+def check_name(name: str, value: Any, what: str = "a name from the list") -> str:
+    """A name that is looked up in a table or on disk (model, LoRA, sampler, upscaler, ControlNet): valid Unicode,
+    no control characters, each path component short enough for a file name (else the lookup raises OSError)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(name, value, f"must be {what}")
+    _unicode(name, value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError(name, value, f"must not contain control characters (NUL, newline, ...); use {what}")
+    longest = max(len(part.encode("utf-8")) for part in re.split(r"[/\\]", value))
+    if longest > _MAX_NAME_BYTES or len(value) > _MAX_PATH_CHARS:
+        raise ValidationError(name, value, f"is too long for a name ({len(value)} characters, at most "
+                                           f"{_MAX_NAME_BYTES} bytes per file name); use {what}")
     return value
 
 
@@ -297,8 +335,9 @@ def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> H
     steps = _optional_positive_int("hires_steps", h.steps, 1, limits.max_steps)
     control_tile = _float("hires_control_tile", h.control_tile)
     _in_range("hires_control_tile", control_tile, 0.0, 2.0)
-    if h.sampler is not None and not isinstance(h.sampler, str):
-        raise ValidationError("hires_sampler", h.sampler, "must be a sampler name")
+    if h.sampler is not None:
+        check_name("hires_sampler", h.sampler, "a sampler name")
+    check_name("hires_upscaler", h.upscaler, "an upscaler name from the list")
     prompt = None if h.prompt is None else _text("hires_prompt", h.prompt, limits)
     negative = None if h.negative_prompt is None else _text("hires_negative_prompt", h.negative_prompt, limits)
     cfg = None if h.cfg is None else _cfg_text("hires_cfg", h.cfg)
@@ -344,6 +383,9 @@ def validate_control(u: ControlUnit, i: int) -> ControlUnit:
     _in_range(p + "high", high, 0, 255)
     if u.image is None:
         raise ValidationError(p + "image", None, "is required: upload a control image")
+    check_name(p + "type", u.type, "a preprocessor name")
+    if u.model is not None:
+        check_name(p + "model", u.model, "a ControlNet name from the list")
     return replace(u, scale=scale, start=start, end=end, low=low, high=high)
 
 
@@ -380,16 +422,16 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
     clip_skip = _int("clip_skip", req.clip_skip)
     _in_range("clip_skip", clip_skip, 1, 12)
     cfg = _cfg_text("cfg", req.cfg)
-    if not isinstance(req.model, str) or not req.model.strip():
-        raise ValidationError("model", req.model, "must name a model (see the model list)")
-    if not isinstance(req.sampler, str):
-        raise ValidationError("sampler", req.sampler, "must be a sampler name")
+    check_name("model", req.model, "a model name (see the model list)")
+    check_name("sampler", req.sampler, "a sampler name")
     loras = req.loras or ()
     if isinstance(loras, str):  # the text form "name:weight, name2:weight" (API, infotext)
         loras = [spec.strip() for spec in loras.split(",") if spec.strip()]
     if not isinstance(loras, tuple | list):
         raise ValidationError("loras", loras, "must be a list of name:weight")
     loras = tuple(loras)
+    if len(loras) > limits.max_loras:
+        raise ValidationError("loras", f"<{len(loras)} LoRAs>", f"must list at most {limits.max_loras} LoRAs")
     for spec in loras:
         parse_lora(spec)
     return replace(
@@ -415,6 +457,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
     _in_range("loras", w, -4.0, 4.0)
     if not name:
         raise ValidationError("loras", spec, "must be written name:weight, e.g. lcm-lora-sdv1-5:1.0")
+    check_name("loras", name, "a LoRA name from models/lora or the catalogue")
     return name, w
 
 

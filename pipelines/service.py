@@ -60,6 +60,24 @@ class Done:
     warnings: list[str] = field(default_factory=list)
 
 
+class RunToken(threading.Event):
+    """One run's cancel token: `set()` stops the denoising loop before its next step (CancelledError, nothing
+    saved). The engine calls `loop_finished()` once the last step is done: from then on the images are finished
+    work; they are decoded and saved whatever the token says, and the stream announces it with a Progress of
+    stage "finishing", after which the UI layer delivers the Done even to a caller that cancels."""
+
+    def __init__(self, on_finished=None):
+        super().__init__()
+        self.finished = threading.Event()
+        self._on_finished = on_finished
+
+    def loop_finished(self) -> None:
+        if not self.finished.is_set():
+            self.finished.set()
+            if self._on_finished is not None:
+                self._on_finished()
+
+
 class _Timer:
     """Steps/second over the run so far -> ETA; stage changes restart the step count."""
 
@@ -133,10 +151,16 @@ class Backend:
 
     def _stream(self, run, preview_every: int) -> Iterator[Progress | Done]:
         events: queue.Queue = queue.Queue()
-        cancel = threading.Event()
         timer = _Timer()
+        last: list[int] = [1]  # the step count of the loop that ran last (1 when there is no loop: a plain upscale)
+
+        def finishing() -> None:
+            events.put(Progress(last[0], last[0], 0.0, None, "finishing"))
+
+        cancel = RunToken(on_finished=finishing)
 
         def callback(info) -> None:
+            last[0] = info.total
             stage, eta = timer.tick(info.step, info.total)
             preview = None
             if preview_every and (info.step + 1) % preview_every == 0 and info.step + 1 < info.total:
@@ -155,6 +179,7 @@ class Backend:
     @staticmethod
     def _consume(events: queue.Queue, cancel: threading.Event, worker: threading.Thread):
         worker.start()  # on the first next(): a stream dropped before it was iterated runs nothing
+        delivered = False
         try:
             while True:
                 item = events.get()
@@ -163,12 +188,15 @@ class Backend:
                 if isinstance(item, Progress):
                     yield item
                     continue
+                delivered = True
                 yield Done(item.images, [str(p) for p in item.paths], item.infotexts, item.seeds, item.stats,
                            item.warnings)
                 return
         finally:
             cancel.set()  # Stop / client gone: the loop sees it at its next step and releases the GPU lock
             worker.join(timeout=120)
+            if not delivered and getattr(cancel, "finished", None) is not None and cancel.finished.is_set():
+                log.info("stopped after the last denoising step: the images were finished and are saved")
 
     def _preview(self, denoised) -> Image.Image | None:
         from pipelines.vae_io import preview
@@ -299,4 +327,4 @@ def make_backend(engine) -> Backend:
     return Backend(engine)
 
 
-__all__ = ["Backend", "Done", "Progress", "make_backend"]
+__all__ = ["Backend", "Done", "Progress", "RunToken", "make_backend"]

@@ -81,8 +81,10 @@ def req_factory():
 
 
 @contextlib.contextmanager
-def running_app(engine, *, queue_size: int = 8):
-    """The real Gradio app over `engine` (default model tiny) on a free loopback port; yields its URL."""
+def running_app(engine, *, queue_size: int = 8, auth: dict | None = None):
+    """The real Gradio app over `engine` (default model tiny) on a free loopback port; yields its URL.
+
+    `auth`: keyword arguments from `ui.auth.auth_launch_kwargs` (users and the login back-off), as app.py passes."""
     import socket
 
     from pipelines.service import make_backend
@@ -93,7 +95,8 @@ def running_app(engine, *, queue_size: int = 8):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **(auth or {}),
+                **launch_kwargs())
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

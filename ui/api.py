@@ -13,7 +13,7 @@ same "gpu" queue as the UI.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from gradio.data_classes import FileData
 
 from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
-from ui.runner import GpuCalls, Stream, is_done, progress_text, result_files, stream_events
+from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
@@ -63,15 +63,15 @@ def make_generate(gpu: GpuCalls):
     returns = tuple[list[FileData], list[str]]
     signature = inspect.Signature(params, return_annotation=returns)
 
-    def generate(*args: Any, **kwargs: Any) -> Iterator[tuple[list[dict], list[str]]]:  # outputs: `returns`
+    async def generate(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[list[dict], list[str]]]:  # `returns`
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         values = {n: request_value(n, v) for n, v in bound.arguments.items()}
         for name in IMAGE_PARAMS:
             values[name] = open_upload(values[name], name)
         values["preview_every"] = 0
-        for event in _progress_then_done(gpu.generate, values, "Generation"):
-            yield ([], [event]) if isinstance(event, str) else ([file_data(p) for p in result_files(event)],
+        async for event in deliver(_progress_then_done(gpu.generate, values, "Generation")):
+            yield ([], [progress_text(event)]) if not is_done(event) else ([file_data(p) for p in result_files(event)],
                                                                 list(event.infotexts))
 
     generate.__signature__ = signature  # type: ignore[attr-defined]
@@ -83,31 +83,30 @@ def make_generate(gpu: GpuCalls):
 def make_upscale(gpu: GpuCalls):
     """The /upscale function."""
 
-    def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
-                denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
-                model: str | None = None, steps: int | None = None, seed: int | None = None
-                ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation
+    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
+                      denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
+                      model: str | None = None, steps: int | None = None, seed: int | None = None
+                      ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation
         """Upscale an image (lanczos or an upscaler model), refining it with img2img when denoise > 0.
         Returns (the PNG file, its parameters text); while refining, (None, "Step 3/10 · ...") progress updates."""
         values = {"image": open_upload(image, "image"), "upscaler": upscaler, "scale": scale, "denoise": denoise,
                   "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "steps": steps, "seed": seed}
         if values["image"] is None:
             raise gr.Error("`image` is required: send an image file", print_exception=False)
-        for event in _progress_then_done(gpu.upscale, values, "Upscaling"):
-            yield (None, event) if isinstance(event, str) else (file_data(result_files(event)[0]),
+        async for event in deliver(_progress_then_done(gpu.upscale, values, "Upscaling")):
+            yield (None, progress_text(event)) if not is_done(event) else (file_data(result_files(event)[0]),
                                                                 event.infotexts[0] if event.infotexts else "")
 
     return upscale
 
 
 def _progress_then_done(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
-    """Each Progress as its text ("Step 3/20 · about 2 s left"), then the Done. Gradio closes this generator when
-    the client cancels its job, which stops the backend within a step (`ui.runner.stream_events`)."""
+    """Each Progress, then the Done. Gradio closes this generator when the client cancels its job, which stops the
+    backend within a step (`ui.runner.stream_events`) unless its steps are done (`ui.runner.deliver`)."""
     for event in stream_events(stream, values, action):
+        yield event
         if is_done(event):
-            yield event
             return
-        yield progress_text(event)
     raise gr.Error(f"{action} was stopped before it finished", print_exception=False)
 
 

@@ -5,11 +5,12 @@ Nothing here knows about widgets; handlers in the tab modules call these with pl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,46 @@ def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Iterat
             log.info("%s stopped", action)
 
 
+_END = object()
+
+
+async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
+    """`events` (a blocking stream such as `stream_events`) as an async generator, each item computed in a thread.
+
+    Gradio cancels a job (the Stop button, gradio_client's `job.cancel()`) by cancelling the task that awaits the
+    next item, and drops that item. Until the backend says its last denoising step is done (a Progress of stage
+    "finishing"), a cancel stops the run: the item being computed is awaited (at most one step) and the stream is
+    closed, which stops the backend before its next step and saves nothing. After that the images are finished
+    work: they are saved anyway, so the cancel is absorbed and the Done is still delivered; the caller gets the
+    files that exist.
+    """
+    loop = asyncio.get_running_loop()
+    finishing = False
+    try:
+        while True:
+            pending = loop.run_in_executor(None, next, events, _END)
+            try:
+                item = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                item = await pending  # the backend's next event: within one step (or the Done, when finishing)
+                if not (finishing or _finishing(item)):
+                    raise
+                log.info("cancel after the last denoising step: delivering the finished images")
+            if item is _END:
+                return
+            finishing = finishing or _finishing(item)
+            yield item
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            await loop.run_in_executor(None, close)  # stops the backend within a step (off the event loop)
+
+
+def _finishing(event: Any) -> bool:
+    """The backend's "last denoising step done, decoding and saving" Progress."""
+    return getattr(event, "stage", None) == "finishing"
+
+
 def is_done(event: Any) -> bool:
     """Done carries the images; Progress does not (duck-typed: the UI never imports the backend module)."""
     return hasattr(event, "images") and hasattr(event, "infotexts")
@@ -94,6 +135,8 @@ def is_done(event: Any) -> bool:
 
 def progress_text(event: Any) -> str:
     """"Step 12/30 · refine · about 4 s left" for a Progress event."""
+    if getattr(event, "stage", "draft") == "finishing":
+        return "Decoding and saving… (the steps are done: a stop now keeps the images)"
     parts = [f"Step {event.step}/{event.total}"]
     if getattr(event, "stage", "draft") == "refine":
         parts.append("refine (stage 2)")

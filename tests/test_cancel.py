@@ -1,0 +1,201 @@
+"""Where a cancel stops counting: before the last denoising step ends it stops the run and nothing is saved;
+after it the images are finished work, saved and delivered as done (engine, backend stream, Gradio adapter, API)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from pipelines.errors import CancelledError
+from pipelines.request import HiresConfig
+from pipelines.service import Backend, Done, Progress, RunToken
+from tests.conftest import running_app
+from ui.runner import deliver
+
+pytestmark = pytest.mark.xdist_group("gradio-app")
+
+TINY = {"model": "tiny", "prompt": "a fox", "width": 64, "height": 64, "steps": 3, "seed": 3, "batch_size": 2}
+
+
+def _pngs(folder) -> list:
+    return sorted(folder.rglob("*.png")) if folder.exists() else []
+
+
+def _cancel_at(token: RunToken, step: int, stage_total: int | None = None):
+    def callback(info) -> None:
+        if info.step == step and (stage_total is None or info.total == stage_total):
+            token.set()
+    return callback
+
+
+@pytest.mark.parametrize(("cancel_step", "kept"), [(2, True), (1, False), (0, False)])
+def test_engine_boundary_is_the_end_of_the_last_step(engine, req_factory, cancel_step, kept):
+    """A cancel during the last step (index 2 of 3) keeps both images; one during an earlier step saves none."""
+    token = RunToken()
+    req = req_factory(steps=3, batch_size=2)
+    if kept:
+        result = engine.generate(req, callback=_cancel_at(token, cancel_step), cancel=token)
+        assert token.finished.is_set() and len(result.paths) == 2
+        assert sorted(result.paths) == _pngs(engine.outputs_dir)
+    else:
+        with pytest.raises(CancelledError):
+            engine.generate(req, callback=_cancel_at(token, cancel_step), cancel=token)
+        assert not token.finished.is_set() and _pngs(engine.outputs_dir) == []
+    assert not engine.gpu_lock.locked()
+
+
+def test_engine_two_stage_last_step_of_the_draft_is_not_the_end(engine, req_factory):
+    """With hires, the draft's last step is not the run's last step: the refine has not run, nothing is saved."""
+    token = RunToken()
+    req = req_factory(steps=3, hires=HiresConfig(scale=1.5, upscaler="lanczos", steps=2, denoise=0.5))
+    with pytest.raises(CancelledError):
+        engine.generate(req, callback=_cancel_at(token, 2, stage_total=3), cancel=token)
+    assert _pngs(engine.outputs_dir) == []
+
+
+def _events_until(events, predicate) -> list:
+    seen = []
+    for event in events:
+        seen.append(event)
+        if predicate(event):
+            return seen
+    raise AssertionError(f"stream ended without the event: {seen}")
+
+
+def test_stream_says_finishing_before_done(engine):
+    events = list(Backend(engine).generate(TINY))
+    stages = [e.stage for e in events if isinstance(e, Progress)]
+    assert stages == ["draft", "draft", "draft", "finishing"] and isinstance(events[-1], Done)
+    assert len(events[-1].paths) == 2
+
+
+def test_stream_closed_after_the_last_step_keeps_every_image(engine):
+    """Closing the stream (Gradio's Stop) at the last step's Progress: the close returns once both are saved."""
+    events = Backend(engine).generate(TINY)
+    _events_until(events, lambda e: isinstance(e, Progress) and e.step == e.total)
+    events.close()
+    assert len(_pngs(engine.outputs_dir)) == 2
+    assert not engine.gpu_lock.locked()
+
+
+def test_stream_closed_before_the_last_step_saves_nothing(engine):
+    events = Backend(engine).generate(TINY)
+    _events_until(events, lambda e: isinstance(e, Progress) and e.step == e.total - 1)
+    events.close()
+    assert _pngs(engine.outputs_dir) == [] and not engine.gpu_lock.locked()
+
+
+# ---------------------------------------------------------------- the Gradio adapter (ui.runner.deliver)
+
+def _fake_stream(items, closed: threading.Event, delay: float):
+    """A blocking stream: each item after `delay` seconds (like a denoising step or a decode)."""
+    try:
+        for item in items:
+            time.sleep(delay)
+            yield item
+    finally:
+        closed.set()
+
+
+async def _consume_and_cancel(items, cancel_after: int):
+    """Consume deliver(stream) in a task and cancel that task (as Gradio does) after `cancel_after` items."""
+    closed, got = threading.Event(), []
+
+    async def consume():
+        async for item in deliver(_fake_stream(items, closed, 0.3)):
+            got.append(item)
+
+    task = asyncio.ensure_future(consume())
+    while len(got) < cancel_after:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    try:
+        await task
+        outcome = "finished"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+    return outcome, got, closed.is_set()
+
+
+def test_deliver_cancel_before_finishing_stops_the_stream():
+    items = [SimpleNamespace(stage="draft", step=i) for i in (1, 2, 3)] + ["done"]
+    outcome, got, closed = asyncio.run(_consume_and_cancel(items, cancel_after=1))
+    assert outcome == "cancelled" and got == items[:1] and closed
+
+
+def test_deliver_cancel_after_finishing_still_delivers_the_done():
+    items = [SimpleNamespace(stage="draft", step=1), SimpleNamespace(stage="finishing", step=1), "done"]
+    outcome, got, closed = asyncio.run(_consume_and_cancel(items, cancel_after=2))
+    assert outcome == "finished" and got == items and closed
+
+
+def test_deliver_cancel_at_the_last_step_progress_delivers_when_finishing_follows():
+    """The cancel lands while the next item is computed; that item says the steps are done: keep going."""
+    items = [SimpleNamespace(stage="draft", step=1), SimpleNamespace(stage="finishing", step=1), "done"]
+    outcome, got, _ = asyncio.run(_consume_and_cancel(items, cancel_after=1))
+    assert outcome == "finished" and got == items
+
+
+# ---------------------------------------------------------------- through a real server and gradio_client
+
+class _SlowFinish:
+    """Slow steps (so a cancel lands between two) and a slow decode-and-save (so one lands after the last step)."""
+
+    def __init__(self, engine, step_s: float, finish_s: float):
+        self.engine, self.step_s, self.finish_s = engine, step_s, finish_s
+        self.real_generate, self.real_finish = engine.generate, engine._finish
+
+    def generate(self, req, *, callback=None, **kw):
+        def slow(info):
+            if callback is not None:
+                callback(info)
+            time.sleep(self.step_s)
+        return self.real_generate(req, callback=slow, **kw)
+
+    def finish(self, *a, **kw):
+        time.sleep(self.finish_s)
+        return self.real_finish(*a, **kw)
+
+
+def _cancel(job) -> None:
+    """job.cancel(); its POST waits for the server to stop the run, which on a loaded 2-core machine can pass
+    gradio_client's 5 s read timeout: the cancel has reached the server all the same."""
+    with contextlib.suppress(httpx.TimeoutException):
+        job.cancel()
+
+
+def _wait_for(job, text: str, deadline: float) -> None:
+    while not any(text in str(o) for o in job.outputs()):
+        assert time.monotonic() < deadline, job.outputs()
+        time.sleep(0.02)
+
+
+def test_api_cancel_after_the_last_step_returns_the_saved_files(engine, monkeypatch, tmp_path):
+    slow = _SlowFinish(engine, step_s=0.2, finish_s=1.0)  # gradio_client waits 5 s for a cancel
+    monkeypatch.setattr(engine, "generate", slow.generate)
+    monkeypatch.setattr(engine, "_finish", slow.finish)
+    api = {k: v for k, v in TINY.items()}
+    with running_app(engine) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        deadline = time.monotonic() + 120
+        job = client.submit(**{**api, "steps": 3}, api_name="/generate")
+        _wait_for(job, "Step 1/3", deadline)
+        _cancel(job)  # before the last step: the run stops, nothing is saved, no files come back
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises CancelledError or an empty-answer error
+            job.result(timeout=30)
+        assert _pngs(engine.outputs_dir) == []
+        job = client.submit(**api, api_name="/generate")
+        _wait_for(job, "Decoding and saving", deadline)
+        _cancel(job)  # after the last step: the server still sends both saved images
+        while not job.outputs()[-1][0]:
+            assert time.monotonic() < deadline, job.outputs()
+            time.sleep(0.02)
+        files, texts = job.outputs()[-1]  # gradio_client calls any cancelled job CANCELLED; its outputs have them
+        assert len(files) == len(texts) == 2 and len(_pngs(engine.outputs_dir)) == 2
