@@ -240,7 +240,8 @@ class Engine:
         ctrl = tuple((u.type, u.model, u.scale, u.start, u.end, u.low, u.high, u.guess_mode,
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
-                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling)
+                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
+                req.prompt_timeline)
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -253,7 +254,7 @@ class Engine:
         spec = StageSpec(
             prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
             steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
-            clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
+            clip_skip=req.clip_skip, prompt_timeline=req.prompt_timeline, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
             control=self._control_inputs(model, req, req.width, req.height),
         )
         if req.init_image is not None:
