@@ -134,3 +134,39 @@ def test_engine_two_stage_run_schedules_each_pass(engine, req_factory, monkeypat
     stage1 = ["a  c"] * 2 if timeline == "a1111" else ["a  c", "a b c"]
     assert seen == [(None, stage1), (2, stage2)]
     assert ("Old prompt editing timelines: True" in result.infotexts[0]) == (timeline == "legacy")
+
+
+def test_prompt_timeline_in_cli_api_ui_and_metadata(tmp_path) -> None:
+    """The field reaches the request from every entry point, and the infotext writes and reads it as A1111 does."""
+    from cli import _values, build_parser
+    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
+    from tests.test_ui import FakeBackend, by_label, handler, initial_data
+    from ui.api import GENERATE_PARAMS
+    from ui.app import create_demo
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--prompt-timeline", "legacy"])
+    assert _values(args)["prompt_timeline"] == "legacy"
+    assert GENERATE_PARAMS["prompt_timeline"] is str
+    backend = FakeBackend(tmp_path / "outputs")
+    demo = create_demo(backend, queue_size=4)
+    fn = handler(demo, "on_generate")
+    data = initial_data(fn)
+    assert data[by_label(fn, "Prompt timeline")] == "a1111"
+    data[by_label(fn, "Prompt timeline")] = "legacy"
+    list(fn.fn(data))
+    assert next(v for k, v in backend.calls if k == "generate")["prompt_timeline"] == "legacy"
+    sent = {getattr(c, "label", None): v for c, v in handler(demo, "on_send").fn({"prompt_timeline": "legacy"}).items()}
+    assert sent["Prompt timeline"] == "legacy"
+
+    legacy = GenerationRequest(prompt="a [b:1.5] c", prompt_timeline="legacy", seed=3)
+    text = infotext(legacy, seed=3, model_hash="")
+    assert parse_infotext(text)["Old prompt editing timelines"] == "True" and "Tessera:" not in text
+    assert request_from_infotext(text) == legacy
+    assert "Old prompt editing" not in infotext(GenerationRequest(prompt="a [b:1.5] c"), seed=3, model_hash="")
+    a1111 = "a [b:1.5] c\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512"
+    assert request_from_infotext(a1111).prompt_timeline == "a1111"
+    assert request_from_infotext(a1111 + ", Old prompt editing timelines: True").prompt_timeline == "legacy"
+    # A1111's backcompat: images from before 1.6.0 with a "[" in the prompt used the old timelines
+    assert request_from_infotext(a1111 + ", Version: v1.5.2").prompt_timeline == "legacy"
+    assert request_from_infotext(a1111 + ", Version: v1.6.0").prompt_timeline == "a1111"
+    assert request_from_infotext("a b\nSteps: 20, Seed: 1, Version: v1.5.2").prompt_timeline == "a1111"
