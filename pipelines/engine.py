@@ -257,8 +257,9 @@ class Engine:
         spec = StageSpec(
             prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
             steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
-            clip_skip=req.clip_skip, prompt_timeline=req.prompt_timeline, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
-            control=self._control_inputs(model, req, req.width, req.height), embeddings=self.embeddings.snapshot(),
+            clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
+            control=self._control_inputs(model, req, req.width, req.height),
+            prompt_timeline=req.prompt_timeline, embeddings=self.embeddings.snapshot(),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)

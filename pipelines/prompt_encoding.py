@@ -310,10 +310,11 @@ class PromptEncoder:
             raise ValueError(f"`emphasis` must be 'a1111' or 'none', got {emphasis!r}")
         return self._encode(text, emphasis, max(1, min_chunks))
 
-    def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111",
-                        min_chunks: int = 1) -> list[EncodedPrompt]:
-        """One encoding per step (see `prompts_per_step`), all padded to the same chunk count."""
-        texts = prompts_per_step(text, steps)
+    def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111", min_chunks: int = 1,
+                        timeline: str = "a1111", first_pass_steps: int | None = None) -> list[EncodedPrompt]:
+        """One encoding per step (see `prompts_per_step`, which `timeline` and `first_pass_steps` go to), all
+        padded to the same chunk count."""
+        texts = prompts_per_step(text, steps, timeline=timeline, first_pass_steps=first_pass_steps)
         chunks = max([min_chunks, *(self.chunk_count(prompt) for prompt in set(texts))])
         encoded = {prompt: self.encode(prompt, emphasis=emphasis, min_chunks=chunks) for prompt in set(texts)}
         return [encoded[prompt] for prompt in texts]  # each distinct text encoded once
