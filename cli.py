@@ -22,7 +22,7 @@ _FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "width": "width",
     "height": "height", "steps": "steps", "cfg": "cfg", "sampler": "sampler", "seed": "seed",
     "batch": "batch_size", "strength": "strength", "vae_decode": "vae_decode", "emphasis": "emphasis",
-    "clip_skip": "clip_skip", "hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler",
+    "clip_skip": "clip_skip", "prompt_timeline": "prompt_timeline", "hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler",
     "hires_denoise": "hires_denoise", "hires_steps": "hires_steps", "hires_sampler": "hires_sampler",
     "hires_prompt": "hires_prompt", "hires_cfg": "hires_cfg", "hires_control_tile": "hires_control_tile",
     "tiling": "tile_mode", "tile_size": "tile_size",
@@ -66,6 +66,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-decode", choices=["full", "taesd"], help="full VAE or Tiny AutoEncoder (fast drafts)")
     g.add_argument("--emphasis", choices=["a1111", "none"], help="prompt weight normalisation (default a1111)")
     g.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
+    g.add_argument("--prompt-timeline", choices=["a1111", "legacy"],
+                   help="[a:b:N]: a1111 (default) = N with a '.' is a fraction (1..2 = the hires pass), else a step; "
+                        "legacy = N < 1 is a fraction, else a step (A1111's old prompt editing timelines)")
     h = p.add_argument_group("two-stage (hires)")
     h.add_argument("--hires-scale", type=float, help="upscale factor of stage 2 in (1, 8]; 1 = off")
     h.add_argument("--hires-upscaler", help="lanczos | latent | latent-bicubic | latent-nearest-exact | "

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines import vae_io
+from pipelines.embeddings import EmbeddingLibrary, ti_hashes
 from pipelines.errors import OutOfMemoryError, ValidationError
 from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
@@ -152,9 +153,11 @@ class Engine:
         self.default_model = DEFAULT_MODEL
         self.gpu_lock = threading.Lock()
         self.prompt_cache = PromptCache()
+        self.embeddings = EmbeddingLibrary(self.manager.models_dir / "embeddings")  # textual inversions
         self._stage1_cache = LRUCache(2)  # stage-1 latents (on CPU) of the last two two-stage requests
         self.stage1_runs = 0
         self._saved: list[tuple[Image.Image, str, Path]] = []
+        self._run_extra: dict[str, Any] = {}  # infotext keys of the current run (TI hashes)
 
     # ---------------------------------------------------------------- checks
     def check(self, req: GenerationRequest) -> GenerationRequest:
@@ -252,12 +255,13 @@ class Engine:
                "host_budget": host}
         return dec, enc
 
-    def _stage1_key(self, req: GenerationRequest, model: LoadedModel, seeds) -> tuple:
+    def _stage1_key(self, req: GenerationRequest, model: LoadedModel, seeds, embeddings: tuple = ()) -> tuple:
         init = None if req.init_image is None else hash(req.init_image.tobytes())
         ctrl = tuple((u.type, u.model, u.scale, u.start, u.end, u.low, u.high, u.guess_mode,
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
-                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling)
+                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
+                req.prompt_timeline, embeddings)
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -272,6 +276,7 @@ class Engine:
             steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
             clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
             control=self._control_inputs(model, req, req.width, req.height),
+            prompt_timeline=req.prompt_timeline, embeddings=self.embeddings.snapshot(),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
@@ -295,6 +300,7 @@ class Engine:
                 latents = run_stage(model, spec2, cache=self.prompt_cache, callback=callback, cancel=cancel,
                                     stats=stats, unet=unet).latents
         loop_finished(cancel)  # from here on the images are finished work: a cancel no longer discards them
+        self._run_extra = ti_hashes(model.tokenizers[0], req, spec.embeddings)
         result = self._finish(model, req, seeds, latents, pixels_done, final_plan, dec, report, stats, save)
         result.warnings.extend(warnings)
         result.stats["seconds"] = round(time.perf_counter() - t0, 3)
@@ -305,7 +311,8 @@ class Engine:
 
     def _stage1(self, model, req, spec, seeds, callback, cancel, stats, unet) -> torch.Tensor:
         """Stage-1 latents, from the cache when only stage-2 settings changed."""
-        key = self._stage1_key(req, model, seeds) if req.hires.enabled and unet is None else None
+        emb = spec.embeddings.identity(spec.embeddings.files) if spec.embeddings is not None else ()
+        key = self._stage1_key(req, model, seeds, emb) if req.hires.enabled and unet is None else None
         def run() -> torch.Tensor:
             self.stage1_runs += 1
             return run_stage(model, spec, cache=self.prompt_cache, callback=callback, cancel=cancel,
@@ -359,7 +366,7 @@ class Engine:
                 img = vae_io.to_pil(vae_io.decode(model, latents[i:i + 1], mode=req.vae_decode, report=report, **dec))[0]
             if plan.tiled and seams is None and req.vae_decode == "full":
                 seams = self._seam_score(img, plan)
-            extra = self._extra(req, plan, stats, report, seams)
+            extra = {**self._extra(req, plan, stats, report, seams), **self._run_extra}
             text = infotext(_recorded(req, seed), seed=seed, model_hash=model.short_hash, extra=extra)
             images.append(img)
             result.infotexts.append(text)
@@ -438,4 +445,5 @@ class Engine:
         from pipelines.prompt_encoding import count_tokens_with
 
         tokenizer = self.manager.tokenizer(model_name)
-        return "" if tokenizer is None else str(count_tokens_with(tokenizer, text))
+        counts = self.embeddings.counts()
+        return "" if tokenizer is None else str(count_tokens_with(tokenizer, text, embeddings=counts))

@@ -50,7 +50,10 @@ def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationReque
 
 
 def refine_spec(req: GenerationRequest, stage1: StageSpec, init_latents: torch.Tensor, **overrides) -> StageSpec:
-    """The refine pass: its own steps/sampler/prompt/cfg when given, else stage 1's; strength = hires denoise."""
+    """The refine pass: its own steps/sampler/prompt/cfg when given, else stage 1's; strength = hires denoise.
+
+    Its prompts are scheduled in A1111's hires form (`first_pass_steps` = stage 1's steps): with the default
+    timeline `[a:b:1.5]` switches half-way through the refine's steps (`pipelines.prompts.prompts_per_step`)."""
     h = req.hires
     tw, th = hires_target(req.width, req.height, h.scale)
     return replace(
@@ -58,5 +61,5 @@ def refine_spec(req: GenerationRequest, stage1: StageSpec, init_latents: torch.T
         steps=h.steps or stage1.steps, sampler=h.sampler or stage1.sampler,
         prompt=stage1.prompt if h.prompt is None else h.prompt,
         negative_prompt=stage1.negative_prompt if h.negative_prompt is None else h.negative_prompt,
-        cfg=h.cfg or stage1.cfg, **overrides,
+        cfg=h.cfg or stage1.cfg, first_pass_steps=stage1.steps, **overrides,
     )

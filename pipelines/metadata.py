@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 VERSION = "tessera-0.1"
 TESSERA_KEY = "Tessera"
 PNG_KEY = "parameters"
+OLD_TIMELINES_KEY = "Old prompt editing timelines"  # A1111's infotext name of its `use_old_scheduling` option
 
 # A1111's key-value regex (infotext_utils.re_param_code); values with , : " are json.dumps-quoted.
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -61,7 +62,7 @@ _KNOWN_KEYS = frozenset({
     "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "CFG schedule", "Seed", "Size",
     "Model hash", "Model", "Denoising strength", "Clip skip", "Hires upscale", "Hires resize", "Hires steps",
     "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-    "Hires CFG Scale", "Loras", "Version", TESSERA_KEY,
+    "Hires CFG Scale", "Loras", "Version", TESSERA_KEY, OLD_TIMELINES_KEY,
 })
 
 
@@ -209,6 +210,8 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
         out["CFG schedule"] = format_cfg(cfg)
     if req.loras:
         out["Loras"] = ", ".join(req.loras)
+    if req.prompt_timeline == "legacy":
+        out[OLD_TIMELINES_KEY] = "True"
     for i, unit in enumerate(req.control):
         out[f"ControlNet {i}"] = _control_text(unit)
     return out
@@ -365,7 +368,19 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
             values["strength"] = _float(params, "Denoising strength")
     if "Loras" in params:
         values["loras"] = tuple(s.strip() for s in params["Loras"].split(",") if s.strip())
+    values["prompt_timeline"] = _timeline(params)
     return from_flat(values, base, source="infotext")
+
+
+def _timeline(params: dict[str, str]) -> str:
+    """"legacy" when the text says "Old prompt editing timelines: True", or (A1111's `infotext_versions.backcompat`)
+    when it was written by A1111 before 1.6.0 and its prompt has a "["; else "a1111"."""
+    if OLD_TIMELINES_KEY in params:
+        return "legacy" if params[OLD_TIMELINES_KEY].strip().lower() == "true" else "a1111"
+    version = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:-.*)?", params.get("Version", "").strip())
+    if version and (int(version[1]), int(version[2])) < (1, 6) and "[" in params.get("Prompt", ""):
+        return "legacy"
+    return "a1111"
 
 
 def request_from_infotext(text: str, base: GenerationRequest | None = None) -> GenerationRequest:

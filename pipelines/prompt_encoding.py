@@ -1,11 +1,15 @@
 """Prompts -> tokens -> embeddings: A1111's 75-token chunks (BREAK, comma backtracking), token counts, and the
-weighted chunked CLIP encoding for SD 1.x/2.x and SDXL (`modules/sd_hijack_clip.py`: "Original" emphasis).
+weighted chunked CLIP encoding for SD 1.x/2.x and SDXL (`modules/sd_hijack_clip.py`: "Original" emphasis), with
+textual-inversion embeddings (`pipelines.embeddings`) matched in the token stream and substituted for token
+embeddings (A1111 `sd_hijack_clip.tokenize_line`, `sd_hijack.EmbeddingsWithFixes`).
 
 Tokenizing and counting are pure Python; torch is imported lazily inside the encoder.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,8 +18,11 @@ from pipelines.prompts import BREAK, parse_weighted, prompt_schedule, prompts_pe
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.embeddings import Embeddings
+
 CHUNK_TOKENS = 75  # prompt tokens per chunk; BOS and EOS make 77
 COMMA_BACKTRACK = 20  # A1111 `comma_padding_backtrack`: move words after a comma this close to a chunk's end
+PLACEHOLDER = 0  # token id under an embedding's vectors (A1111's too); the text encoder never sees its embedding
 Emphasis = Literal["a1111", "none"]
 
 # ---------------------------------------------------------------- tokens and 75-token chunks
@@ -29,6 +36,9 @@ class PromptChunk:
     """BOS, up to 75 prompt tokens, EOS, then padding to 77."""
     weights: tuple[float, ...]
     """The weight of each token; 1.0 for BOS, EOS and padding."""
+    fixes: tuple[tuple[int, str], ...] = ()
+    """(position in the 77 tokens, embedding name) of each embedding: its vectors replace the token embeddings
+    of its placeholder tokens there."""
 
 
 @dataclass(frozen=True)
@@ -48,36 +58,53 @@ class TokenCount:
 
 
 class _Chunker:
-    """A1111's `tokenize_line` loop: fills 75-token chunks, moving words after a nearby comma on."""
+    """A1111's `tokenize_line` loop: fills 75-token chunks, moving words after a nearby comma on, never splitting
+    an embedding's vectors over two chunks."""
 
     def __init__(self, comma: int | None):
         self.comma, self.chunks = comma, []
         self.tokens: list[int] = []
         self.weights: list[float] = []
+        self.fixes: list[tuple[int, str]] = []
         self.last_comma, self.count = -1, 0
 
     def close(self, last: bool = False) -> None:
         """Finish the current chunk (BREAK, full, or end of text)."""
         self.count += len(self.tokens) if last else CHUNK_TOKENS
-        self.chunks.append((self.tokens, self.weights))
-        self.tokens, self.weights, self.last_comma = [], [], -1
+        self.chunks.append((self.tokens, self.weights, self.fixes))
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
-    def add(self, token: int, weight: float) -> None:
-        """Append one token, starting a new chunk first when the current one is full."""
+    def _make_room(self, token: int) -> None:
+        """A1111's checks before each token: note a comma; at a full chunk move the words after a near comma on
+        (embeddings among them too: a deviation, A1111 leaves their fixes behind), else start a new chunk."""
         if token == self.comma:
             self.last_comma = len(self.tokens)
         elif len(self.tokens) == CHUNK_TOKENS and self.last_comma != -1 and (
             len(self.tokens) - self.last_comma <= COMMA_BACKTRACK
         ):
             cut = self.last_comma + 1
-            moved = self.tokens[cut:], self.weights[cut:]
+            moved = self.tokens[cut:], self.weights[cut:], [(at - cut, n) for at, n in self.fixes if at >= cut]
             self.tokens, self.weights = self.tokens[:cut], self.weights[:cut]
+            self.fixes = [(at, n) for at, n in self.fixes if at < cut]
             self.close()
-            self.tokens, self.weights = moved
+            self.tokens, self.weights, self.fixes = moved
         if len(self.tokens) == CHUNK_TOKENS:
             self.close()
+
+    def add(self, token: int, weight: float) -> None:
+        """Append one token, starting a new chunk first when the current one is full."""
+        self._make_room(token)
         self.tokens.append(token)
         self.weights.append(weight)
+
+    def add_embedding(self, name: str, first_token: int, vectors: int, weight: float) -> None:
+        """Append an embedding's `vectors` placeholders, in a new chunk when they do not fit this one."""
+        self._make_room(first_token)
+        if len(self.tokens) + vectors > CHUNK_TOKENS:
+            self.close()
+        self.fixes.append((len(self.tokens), name))
+        self.tokens.extend([PLACEHOLDER] * vectors)
+        self.weights.extend([weight] * vectors)
 
     def finish(self) -> _Chunker:
         """Close the last chunk (an empty prompt still gets one)."""
@@ -92,18 +119,50 @@ def _comma_id(tokenizer: Any) -> int | None:
     return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
 
 
-def _chunk(tokenizer: Any, text: str) -> _Chunker:
-    """Tokenize the weighted fragments of `text` (no special tokens) into A1111 chunks."""
+@functools.lru_cache(maxsize=16)
+def _name_lookup(tokenizer: Any, names: tuple[str, ...]) -> dict[int, list[tuple[tuple[int, ...], str]]]:
+    """A1111's `ids_lookup`: first token id -> (token ids, name) of each embedding name, longest first."""
+    out: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+    if not names:
+        return out
+    for name, ids in zip(names, tokenizer(list(names), add_special_tokens=False, verbose=False)["input_ids"],
+                         strict=True):
+        if ids:
+            out.setdefault(ids[0], []).append((tuple(ids), name))
+    for matches in out.values():
+        matches.sort(key=lambda m: -len(m[0]))
+    return out
+
+
+def _match(lookup: dict, tokens: list[int], at: int) -> tuple[str, int] | None:
+    """(name, tokens it spans) of the embedding whose name's tokens start at `at`, longest first; else None."""
+    for ids, name in lookup.get(tokens[at], ()):
+        if tuple(tokens[at:at + len(ids)]) == ids:
+            return name, len(ids)
+    return None
+
+
+def _chunk(tokenizer: Any, text: str, embeddings: Mapping[str, int] | None = None) -> _Chunker:
+    """Tokenize the weighted fragments of `text` (no special tokens) into A1111 chunks; `embeddings` maps each
+    embedding name to its vector count (a name is matched on its tokens within one weighted fragment)."""
     parsed = parse_weighted(text)
     words = [frag for frag, weight in parsed if not (frag == BREAK and weight == -1.0)]
     ids = iter(tokenizer(words, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+    lookup = _name_lookup(tokenizer, tuple(sorted(embeddings))) if embeddings else {}
     chunker = _Chunker(_comma_id(tokenizer))
     for frag, weight in parsed:
         if frag == BREAK and weight == -1.0:
             chunker.close()
             continue
-        for token in next(ids):
-            chunker.add(token, weight)
+        tokens, at = next(ids), 0
+        while at < len(tokens):
+            found = _match(lookup, tokens, at) if lookup else None
+            if found is None:
+                chunker.add(tokens[at], weight)
+                at += 1
+            else:
+                chunker.add_embedding(found[0], tokens[at], embeddings[found[0]], weight)
+                at += found[1]
     return chunker.finish()
 
 
@@ -113,25 +172,40 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.eos_token_id if pad is None else pad
 
 
-def _window(tokenizer: Any, tokens: list[int], weights: list[float]) -> PromptChunk:
+def _window(tokenizer: Any, tokens: list[int], weights: list[float], fixes: list[tuple[int, str]] = ()) -> PromptChunk:
     """Wrap up to 75 tokens in BOS ... EOS and pad to 77."""
     pad = CHUNK_TOKENS - len(tokens)
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [_pad_id(tokenizer)] * pad
-    return PromptChunk(tuple(ids), (1.0, *weights, 1.0) + (1.0,) * pad)
+    return PromptChunk(tuple(ids), (1.0, *weights, 1.0) + (1.0,) * pad, tuple((at + 1, n) for at, n in fixes))
 
 
-def tokenize_chunks(tokenizer: Any, text: str, *, min_chunks: int = 1) -> list[PromptChunk]:
-    """The 77-token chunks of one (schedule-resolved) prompt, padded with empty chunks to `min_chunks`."""
-    chunks = [_window(tokenizer, toks, weights) for toks, weights in _chunk(tokenizer, text).chunks]
+def tokenize_chunks(tokenizer: Any, text: str, *, min_chunks: int = 1,
+                    embeddings: Mapping[str, int] | None = None) -> list[PromptChunk]:
+    """The 77-token chunks of one (schedule-resolved) prompt, padded with empty chunks to `min_chunks`;
+    `embeddings` ({name: vectors}) are laid out as placeholders with their fixes."""
+    chunks = [_window(tokenizer, *chunk) for chunk in _chunk(tokenizer, text, embeddings).chunks]
     return chunks + [_window(tokenizer, [], [])] * (min_chunks - len(chunks))
 
 
-def count_tokens_with(tokenizer: Any, text: str, *, steps: int = 20) -> TokenCount:
-    """Token count of `text` with a tokenizer only; with schedules, the longest prompt over `steps`."""
+def count_tokens_with(tokenizer: Any, text: str, *, steps: int = 20,
+                      embeddings: Mapping[str, int] | None = None) -> TokenCount:
+    """Token count of `text` with a tokenizer only; with schedules, the longest prompt over `steps`. An
+    embedding ({name: vectors} in `embeddings`) counts its vectors, as in A1111."""
     texts = sorted({prompt for _, prompt in prompt_schedule(text, steps)} or {text})
-    chunkers = [_chunk(tokenizer, prompt) for prompt in texts]
+    chunkers = [_chunk(tokenizer, prompt, embeddings) for prompt in texts]
     best = max(chunkers, key=lambda c: (c.count, len(c.chunks)))
     return TokenCount(best.count, CHUNK_TOKENS * len(best.chunks), len(best.chunks))
+
+
+def embeddings_in(tokenizer: Any, texts: list[str], embeddings: Mapping[str, int] | None) -> list[str]:
+    """The embedding names (keys of `embeddings`) that `texts` (schedule-resolved prompts) use, in first-use order."""
+    if not embeddings:
+        return []
+    names: dict[str, None] = {}
+    for text in texts:
+        for _, _, fixes in _chunk(tokenizer, text, embeddings).chunks:
+            names.update((name, None) for _, name in fixes)
+    return list(names)
 
 
 # ---------------------------------------------------------------- weighted, chunked encoding
@@ -179,10 +253,16 @@ class PromptEncoder:
     SD 1.x/2.x: the last hidden state, or with `clip_skip` = k > 1 hidden_states[-k] through the final
     layer norm (A1111). SDXL: hidden_states[-(clip_skip + 1)] of both encoders without final norm,
     concatenated on features; pooled from text_encoder_2. Nothing is cached here: the engine's PromptCache
-    (keyed by model, LoRAs, text and options) is the one cache of encodings.
+    (keyed by model, LoRAs, text, options and the identity of the embeddings a text uses) is the one cache.
+
+    `embeddings` (`pipelines.embeddings.Embeddings`): a name in the prompt takes as many token positions as
+    its file has vectors, which replace the token embeddings there (a forward hook on the text encoder's token
+    embedding layer, held for that call only; neither the tokenizer nor the weights change). Their weight is
+    that of the text around them, like any token's.
     """
 
-    def __init__(self, tokenizers: list, text_encoders: list, *, sdxl: bool, clip_skip: int = 1):
+    def __init__(self, tokenizers: list, text_encoders: list, *, sdxl: bool, clip_skip: int = 1,
+                 embeddings: Embeddings | None = None):
         expected = 2 if sdxl else 1
         if len(tokenizers) != expected or len(text_encoders) != expected:
             raise ValueError(
@@ -194,6 +274,8 @@ class PromptEncoder:
             raise ValueError(f"`clip_skip` must be between 1 and {layers}, got {clip_skip}")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.sdxl, self.clip_skip = sdxl, clip_skip
+        self.embeddings = embeddings
+        self._counts = embeddings.counts if embeddings is not None else None
 
     @classmethod
     def from_pipe(cls, pipe: Any, *, clip_skip: int = 1) -> PromptEncoder:
@@ -205,11 +287,22 @@ class PromptEncoder:
 
     def chunk_count(self, text: str) -> int:
         """How many 77-token chunks `text` (one step's prompt) needs."""
-        return max(len(_chunk(tokenizer, text).chunks) for tokenizer in self.tokenizers)
+        return max(len(_chunk(tokenizer, text, self._counts).chunks) for tokenizer in self.tokenizers)
 
     def count_tokens(self, text: str, *, steps: int = 20) -> TokenCount:
         """A1111's token counter for `text` (the longest scheduled prompt over `steps`)."""
-        return count_tokens_with(self.tokenizers[0], text, steps=steps)
+        return count_tokens_with(self.tokenizers[0], text, steps=steps, embeddings=self._counts)
+
+    def embeddings_used(self, text: str) -> list[str]:
+        """The embeddings one step's prompt uses, in first-use order."""
+        return embeddings_in(self.tokenizers[0], [text], self._counts)
+
+    def embedding_key(self, text: str) -> tuple:
+        """The identity of the embedding files `text` uses: part of the prompt cache key, so a replaced file
+        re-encodes."""
+        if self.embeddings is None:
+            return ()
+        return self.embeddings.identity(self.embeddings_used(text))
 
     def encode(self, text: str, *, emphasis: Emphasis = "a1111", min_chunks: int = 1) -> EncodedPrompt:
         """Encode one step's prompt (scheduling already resolved), padded with empty chunks to `min_chunks`."""
@@ -217,10 +310,11 @@ class PromptEncoder:
             raise ValueError(f"`emphasis` must be 'a1111' or 'none', got {emphasis!r}")
         return self._encode(text, emphasis, max(1, min_chunks))
 
-    def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111",
-                        min_chunks: int = 1) -> list[EncodedPrompt]:
-        """One encoding per step (see `prompts_per_step`), all padded to the same chunk count."""
-        texts = prompts_per_step(text, steps)
+    def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111", min_chunks: int = 1,
+                        timeline: str = "a1111", first_pass_steps: int | None = None) -> list[EncodedPrompt]:
+        """One encoding per step (see `prompts_per_step`, which `timeline` and `first_pass_steps` go to), all
+        padded to the same chunk count."""
+        texts = prompts_per_step(text, steps, timeline=timeline, first_pass_steps=first_pass_steps)
         chunks = max([min_chunks, *(self.chunk_count(prompt) for prompt in set(texts))])
         encoded = {prompt: self.encode(prompt, emphasis=emphasis, min_chunks=chunks) for prompt in set(texts)}
         return [encoded[prompt] for prompt in texts]  # each distinct text encoded once
@@ -229,26 +323,57 @@ class PromptEncoder:
         """Tokenize per tokenizer, encode chunk by chunk, weight, concatenate."""
         import torch
 
-        per_tokenizer = [_chunk(tokenizer, text).chunks for tokenizer in self.tokenizers]
+        per_tokenizer = [_chunk(tokenizer, text, self._counts).chunks for tokenizer in self.tokenizers]
         count = max([min_chunks, *(len(chunks) for chunks in per_tokenizer)])
         embeds, pooled = [], None
         with torch.no_grad():
             for index, tokenizer in enumerate(self.tokenizers):
                 zs = []
-                for number, chunk in enumerate(tokenize_chunks(tokenizer, text, min_chunks=count)):
-                    z, pool = self._run(index, chunk.tokens)
+                chunks = tokenize_chunks(tokenizer, text, min_chunks=count, embeddings=self._counts)
+                for number, chunk in enumerate(chunks):
+                    z, pool = self._run(index, chunk.tokens, chunk.fixes)
                     zs.append(_emphasize(z, chunk.weights, emphasis))
                     pooled = pool if number == 0 and pool is not None else pooled
                 embeds.append(torch.cat(zs, dim=1))
         return EncodedPrompt(torch.cat(embeds, dim=-1), pooled)
 
-    def _run(self, index: int, tokens: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def token_embeds(self, index: int, chunk: PromptChunk) -> torch.Tensor:
+        """The input token embeddings [1, 77, D] text encoder `index` gets for `chunk`: its token embedding
+        layer's output with each embedding's vectors at its fixes (position embeddings are added after)."""
+        import torch
+
+        layer = self.text_encoders[index].get_input_embeddings()
+        ids = torch.tensor([chunk.tokens], dtype=torch.long, device=layer.weight.device)
+        with torch.no_grad():
+            return self._substitute(index, chunk.fixes, layer(ids))
+
+    def _substitute(self, index: int, fixes: tuple[tuple[int, str], ...], embeds: torch.Tensor) -> torch.Tensor:
+        """`embeds` [1, 77, D] with the vectors of each (position, name) in `fixes` written in (a new tensor)."""
+        if not fixes:
+            return embeds
+        widths = [encoder.get_input_embeddings().embedding_dim for encoder in self.text_encoders]
+        out = embeds.clone()
+        for at, name in fixes:
+            vectors = self.embeddings.vectors(name, index, widths)
+            out[:, at:at + vectors.shape[0]] = vectors.to(out.device, out.dtype)
+        return out
+
+    def _run(self, index: int, tokens: tuple[int, ...], fixes: tuple[tuple[int, str], ...] = ()
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One 77-token chunk through text encoder `index`: (hidden states [1, 77, D], pooled or None)."""
         import torch
 
         encoder = self.text_encoders[index]
         ids = torch.tensor([tokens], dtype=torch.long, device=encoder.device)
-        out = encoder(ids, output_hidden_states=self.sdxl or self.clip_skip > 1)
+        hook = None
+        if fixes:  # A1111's EmbeddingsWithFixes, as a hook held for this call only
+            hook = encoder.get_input_embeddings().register_forward_hook(
+                lambda _module, _args, output: self._substitute(index, fixes, output))
+        try:
+            out = encoder(ids, output_hidden_states=self.sdxl or self.clip_skip > 1)
+        finally:
+            if hook is not None:
+                hook.remove()
         if self.sdxl:
             z = out.hidden_states[-(self.clip_skip + 1)]
         elif self.clip_skip > 1:

@@ -13,7 +13,7 @@ import bisect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _RE_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
 _RE_WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
 _MAX_DEPTH = 100  # deeper bracket nesting makes the schedule parser give up: the prompt is used literally
+Timeline = Literal["a1111", "legacy"]
+TIMELINES: tuple[str, ...] = ("a1111", "legacy")
 
 
 # ---------------------------------------------------------------- attention weights: (a) [a] (a:1.3) BREAK
@@ -145,6 +147,8 @@ class _Scheduled:
     before: tuple[_Node, ...] | None
     after: tuple[_Node, ...]
     when: float
+    dotted: bool = False
+    """Whether `when` was written with a "." (A1111's default timeline reads it as a fraction then)."""
 
 
 @dataclass(frozen=True)
@@ -258,45 +262,97 @@ class _ScheduleParser:
         """The rest of `[a:when]` or `[a:b:when]` after its first colon."""
         when = _RE_WHEN.match(self.text, colon + 1)
         if when:
-            return [_Scheduled(None, tuple(first), float(when.group(1)))], when.end()
+            return [_scheduled(None, first, when.group(1))], when.end()
         second, end = self.prompt(colon + 1)
         when = _RE_WHEN.match(self.text, end + 1) if self._at(end, ":") else None
         if when:
-            return [_Scheduled(tuple(first), tuple(second), float(when.group(1)))], when.end()
+            return [_scheduled(first, second, when.group(1))], when.end()
         return None
 
 
-def _when_step(when: float, steps: int) -> int:
-    """A1111 (classic scheduling): `when` < 1 is a fraction of `steps`, else a step number; capped at steps."""
-    value = when * steps if when < 1 else when
-    return int(max(-1.0, min(float(steps), value)))
+def _scheduled(before: list[_Node] | None, after: list[_Node], number: str) -> _Scheduled:
+    """A `_Scheduled` node from the parsed parts and the number as written."""
+    return _Scheduled(None if before is None else tuple(before), tuple(after), float(number), "." in number)
 
 
-def _render(nodes: tuple[_Node, ...] | list[_Node], step: int, steps: int, out: list[str]) -> None:
+@dataclass(frozen=True)
+class _Timeline:
+    """How `when` numbers map to steps of one pass (A1111 `get_learned_conditioning_prompt_schedules`)."""
+
+    steps: int
+    legacy: bool = False
+    int_offset: int = 0
+    """Subtracted from step numbers: the first pass's step count in A1111's hires form, else 0."""
+    fraction_offset: float = 0.0
+    """Subtracted from fractions: 1.0 in A1111's hires form (1..2 address the hires pass), else 0."""
+
+    def switch_step(self, node: _Scheduled) -> int:
+        """The last 1-based step that uses `before`: A1111's `min(steps, int(v))` (never below -1 here)."""
+        if self.legacy:
+            value = node.when * self.steps if node.when < 1 else node.when
+        elif node.dotted:
+            value = (node.when - self.fraction_offset) * self.steps
+        else:
+            value = node.when - self.int_offset
+        return int(max(-1.0, min(float(self.steps), value)))
+
+
+def _render(nodes: tuple[_Node, ...] | list[_Node], step: int, timeline: _Timeline, out: list[str]) -> None:
     """Append the text of `nodes` at 1-based `step` to `out`."""
     for node in nodes:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Scheduled):
-            chosen = (node.before or ()) if step <= _when_step(node.when, steps) else node.after
-            _render(chosen, step, steps, out)
+            chosen = (node.before or ()) if step <= timeline.switch_step(node) else node.after
+            _render(chosen, step, timeline, out)
         else:
-            _render(node.options[(step - 1) % len(node.options)], step, steps, out)
+            _render(node.options[(step - 1) % len(node.options)], step, timeline, out)
 
 
-def prompts_per_step(text: str, steps: int) -> list[str]:
+def _timeline(steps: int, timeline: str, first_pass_steps: int | None) -> _Timeline:
+    """The step mapping of one pass; `first_pass_steps` set means this is the hires pass of a two-stage run."""
+    if timeline not in TIMELINES:
+        raise ValueError(f"`timeline` must be one of {', '.join(TIMELINES)}, got {timeline!r}")
+    if timeline == "legacy":
+        return _Timeline(steps, legacy=True)
+    if first_pass_steps is None:
+        return _Timeline(steps)
+    return _Timeline(steps, int_offset=int(first_pass_steps), fraction_offset=1.0)
+
+
+def prompts_per_step(text: str, steps: int, *, timeline: Timeline = "a1111",
+                     first_pass_steps: int | None = None) -> list[str]:
     """The prompt at each of `steps` steps with `[a:b:when]`, `[a:when]`, `[a::when]` and `[a|b]` resolved.
 
-    Convention (A1111's schedule numbering): entry i is step i + 1; `when` < 1 is a fraction of `steps`,
-    otherwise a step number, truncated to an int; `before` is used while step <= when. So `[a:b:0.5]` over
-    10 steps gives "a" for entries 0..4 (steps 1..5) and "b" for entries 5..9. A1111's sampler looks the
-    schedule up with a 0-based counter, giving the first prompt one extra step; we do not copy that.
-    Alternation starts with the first option. Weighting syntax is left in place for `parse_weighted`.
-    Text that does not fit the grammar (a `|` outside `[...]`, a lone trailing backslash) is returned
-    unchanged for every step, as A1111 does; so is bracket nesting deeper than 100. Never raises.
-    Deviation: where runs of stray brackets make A1111's (lark Earley) grammar ambiguous, as in
-    `[a:3]::`, A1111 sometimes reads the whole prompt literally; we keep the schedule.
+    Convention (A1111's schedule numbering): entry i is step i + 1; `before` is used while step <= the switch
+    step, truncated to an int and capped at `steps`. `timeline` picks how `when` is read (A1111's setting
+    "Use old prompt editing timelines", `use_old_scheduling`; its help text: "old: If N < 1, it's a fraction
+    of steps (and hires fix uses range from 0 to 1), if N >= 1, it's an absolute number of steps; new: If N
+    has a decimal point in it, it's a fraction of steps (and hires fix uses range from 1 to 2), otherwise
+    it's an absolute number of steps"):
+
+    - "a1111" (A1111's default since 1.6): a number written with "." is a fraction of the steps, otherwise
+      a step number. So `[a:b:0.5]` over 10 steps gives "a" for steps 1..5; `[a:b:1.5]` is "a" throughout a
+      single pass, and `[a:b:3]` switches after step 3. For the hires pass of a two-stage run pass
+      `first_pass_steps` (the first pass's step count): fractions then count from 1 (1..2 span the hires
+      pass) and step numbers from the end of the first pass, as A1111 does for its hires conds. So over 10
+      hires steps `a [b:1.5] c` is "a  c" for hires steps 1..5, then "a b c" (the first pass sees "a  c"
+      throughout), `[a:b:0.5]` and `[a:b:5]` (after 20 first-pass steps) are "b" for the whole hires pass, and
+      `[a:b:25]` switches after hires step 5.
+    - "legacy" (`use_old_scheduling`, this project's rule before): `when` < 1 is a fraction of `steps`,
+      otherwise a step number; `[a:b:1.5]` switches after step 1. The hires pass uses the same rule over its
+      own steps (`first_pass_steps` is ignored). Deviation: A1111 resolves it over the first pass's step
+      count (the same thing when the hires pass has as many steps, its default).
+
+    A1111's sampler looks the schedule up with a 0-based counter, giving the first prompt one extra step; we
+    do not copy that. Alternation starts with the first option. Weighting syntax is left in place for
+    `parse_weighted`. Text that does not fit the grammar (a `|` outside `[...]`, a lone trailing backslash)
+    is returned unchanged for every step, as A1111 does; so is bracket nesting deeper than 100. Never raises
+    on any text (an unknown `timeline` is a ValueError). Deviation: where runs of stray brackets make A1111's
+    (lark Earley) grammar ambiguous, as in `[a:3]::`, A1111 sometimes reads the whole prompt literally; we
+    keep the schedule.
     """
+    mapping = _timeline(steps, timeline, first_pass_steps)
     if steps < 1:
         return []
     try:
@@ -309,17 +365,20 @@ def prompts_per_step(text: str, steps: int) -> list[str]:
     out: list[str] = []
     for step in range(1, steps + 1):
         parts: list[str] = []
-        _render(nodes, step, steps, parts)
+        _render(nodes, step, mapping, parts)
         out.append("".join(parts))
     return out
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(text: str, steps: int, *, timeline: Timeline = "a1111",
+                    first_pass_steps: int | None = None) -> list[tuple[int, str]]:
     """A1111-style schedule: (last 1-based step, prompt) for each run of steps sharing one prompt."""
     out: list[tuple[int, str]] = []
-    for step, prompt in enumerate(prompts_per_step(text, steps), start=1):
+    per_step = prompts_per_step(text, steps, timeline=timeline, first_pass_steps=first_pass_steps)
+    for step, prompt in enumerate(per_step, start=1):
         if out and out[-1][1] == prompt:
             out[-1] = (step, prompt)
         else:
             out.append((step, prompt))
     return out
+

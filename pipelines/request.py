@@ -152,6 +152,10 @@ class GenerationRequest:
     emphasis: str = "a1111"
     """a1111 (scale, then restore the mean) | none (scale only)."""
     clip_skip: int = 1
+    prompt_timeline: str = "a1111"
+    """How N in [a:b:N] is read. a1111 (A1111's default): with a "." a fraction of the steps, else a step
+    number; in a two-stage run 1..2 (or steps past the first pass) address the hires pass. legacy (A1111's
+    "Old prompt editing timelines"): N < 1 a fraction, else a step number, in each pass alike."""
     hires: HiresConfig = field(default_factory=HiresConfig)
     tiling: TileConfig = field(default_factory=TileConfig)
     control: tuple[ControlUnit, ...] = ()
@@ -442,6 +446,7 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
         clip_skip=clip_skip, cfg=cfg, loras=loras,
         vae_decode=_choice("vae_decode", req.vae_decode, ("full", "taesd")),
         emphasis=_choice("emphasis", req.emphasis, ("a1111", "none")),
+        prompt_timeline=_choice("prompt_timeline", req.prompt_timeline, ("a1111", "legacy")),
         hires=validate_hires(req.hires, width, height, limits),
         tiling=validate_tiling(req.tiling),
         control=tuple(validate_control(u, i) for i, u in enumerate(req.control)),

@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,9 @@ class StageSpec:
     seeds: Sequence[int]
     emphasis: str = "a1111"
     clip_skip: int = 1
+    prompt_timeline: str = "a1111"  # how [a:b:N] maps N to steps (`pipelines.prompts.prompts_per_step`)
+    first_pass_steps: int | None = None  # set on a two-stage run's refine: A1111's hires form of the timeline
+    embeddings: Any = None  # `pipelines.embeddings.Embeddings`: textual inversions the prompts may name
     init_latents: torch.Tensor | None = None  # img2img when set
     strength: float = 1.0
     tiles: TileSpec | None = None
@@ -57,21 +61,28 @@ class StageResult:
     stats: LoopStats = field(default_factory=LoopStats)
 
 
-def _encoder_for(model, clip_skip: int) -> PromptEncoder:
-    return PromptEncoder(model.tokenizers, model.text_encoders, sdxl=model.is_sdxl, clip_skip=clip_skip)
+def _encoder_for(model, clip_skip: int, embeddings=None) -> PromptEncoder:
+    return PromptEncoder(model.tokenizers, model.text_encoders, sdxl=model.is_sdxl, clip_skip=clip_skip,
+                         embeddings=embeddings)
+
+
+def stage_prompts(spec: StageSpec, steps: int) -> tuple[list[str], list[str]]:
+    """The stage's prompt and negative prompt at each of `steps` steps (its timeline, hires form on a refine)."""
+    kw = {"timeline": spec.prompt_timeline, "first_pass_steps": spec.first_pass_steps}
+    return prompts_per_step(spec.prompt, steps, **kw), prompts_per_step(spec.negative_prompt, steps, **kw)
 
 
 def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -> Callable[[int], Conditioning]:
     """Per-step conditioning: prompt scheduling resolved per step, every distinct text encoded once (cached)."""
-    enc = _encoder_for(model, spec.clip_skip)
-    pos = prompts_per_step(spec.prompt, steps)
-    neg = prompts_per_step(spec.negative_prompt, steps)
+    enc = _encoder_for(model, spec.clip_skip, spec.embeddings)
+    pos, neg = stage_prompts(spec, steps)
     distinct = sorted(set(pos) | set(neg))
     chunks = max(enc.chunk_count(t) for t in distinct)
     base_key = (model.name, model.loras, spec.emphasis, spec.clip_skip, chunks)
 
     def encode(text: str):
-        return cache.get((*base_key, text), lambda: enc.encode(text, emphasis=spec.emphasis, min_chunks=chunks))
+        key = (*base_key, text, enc.embedding_key(text))  # a replaced embedding file re-encodes
+        return cache.get(key, lambda: enc.encode(text, emphasis=spec.emphasis, min_chunks=chunks))
 
     encoded = {t: encode(t) for t in distinct}
     uncond = _negative_encodings(model, spec, encoded, lambda: cache.get((*base_key, "", "zeros"), lambda: _zeros(

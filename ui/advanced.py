@@ -53,6 +53,9 @@ def _sampling(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> SimpleN
                                         info="2 for many anime models; 1 otherwise."))
         form.add("vae_decode", gr.Radio(["full", "taesd"], value=v["vae_decode"], label="VAE decode",
                                         info="taesd: a tiny decoder, much faster, slightly softer."))
+        form.add("prompt_timeline", gr.Radio(["a1111", "legacy"], value=v["prompt_timeline"], label="Prompt timeline",
+                                             info="[a:b:N]: a1111 = 0.5 is a fraction, 5 a step, 1.5 half-way "
+                                                  "through hires; legacy = N < 1 a fraction, else a step."))
     with gr.Row():
         form.add("loras", gr.Textbox(value=", ".join(v.get("loras") or ()), label="LoRAs",
                                      placeholder="lcm-lora-sdv1-5:1.0, my-style:0.7",
