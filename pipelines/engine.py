@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipelines import vae_io
 from pipelines.errors import OutOfMemoryError, ValidationError
+from pipelines.feature_cache import cache_settings
 from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
@@ -240,7 +241,8 @@ class Engine:
         ctrl = tuple((u.type, u.model, u.scale, u.start, u.end, u.low, u.high, u.guess_mode,
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
-                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling)
+                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
+                cache_settings(req))
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -254,7 +256,7 @@ class Engine:
             prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
             steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
             clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
-            control=self._control_inputs(model, req, req.width, req.height),
+            control=self._control_inputs(model, req, req.width, req.height), feature_cache=cache_settings(req),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
