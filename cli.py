@@ -30,6 +30,8 @@ _FIELDS = {
     "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
     "vae_tile_mode": "vae_tile_mode",
     "memory_budget_gb": "memory_budget_gb",
+    "feature_cache": "feature_cache", "feature_cache_interval": "feature_cache_interval",
+    "feature_cache_branch": "feature_cache_branch", "feature_cache_schedule": "feature_cache_schedule",
 }
 
 
@@ -66,6 +68,13 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae-decode", choices=["full", "taesd"], help="full VAE or Tiny AutoEncoder (fast drafts)")
     g.add_argument("--emphasis", choices=["a1111", "none"], help="prompt weight normalisation (default a1111)")
     g.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
+    f = p.add_argument_group("feature caching (DeepCache)")
+    f.add_argument("--feature-cache", choices=["off", "on"], help="between full UNet passes run only the shallow "
+                                                                  "branch on cached deep features (default off)")
+    f.add_argument("--feature-cache-interval", type=int, help="a full UNet pass every N steps, 1-20 (default 3)")
+    f.add_argument("--feature-cache-branch", type=int, help="cached skip branch, 0 = shallowest/fastest (default 0)")
+    f.add_argument("--feature-cache-schedule", choices=["uniform", "nonuniform"],
+                   help="full passes every N steps, or as many denser early (default uniform)")
     h = p.add_argument_group("two-stage (hires)")
     h.add_argument("--hires-scale", type=float, help="upscale factor of stage 2 in (1, 8]; 1 = off")
     h.add_argument("--hires-upscaler", help="lanczos | latent | latent-bicubic | latent-nearest-exact | "

@@ -43,11 +43,11 @@ def _residuals(split: SplitUNet, x, t, enc, added):
 
 
 @pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
-@pytest.mark.parametrize("control", [False, True], ids=["plain", "controlnet"])
-@pytest.mark.parametrize("size", [(8, 8), (9, 11)], ids=["even", "odd"])
-def test_split_full_pass_is_bit_identical_to_the_unet(sdxl, control, size):
+@pytest.mark.parametrize("control", [False, True], ids=["plain", "controlnet-odd-size"])
+def test_split_full_pass_is_bit_identical_to_the_unet(sdxl, control):
+    """Every branch's full pass == unet(...); odd latent sizes (upsample sizes forwarded) with the residuals."""
     unet = _tiny_unet(sdxl)
-    x, t, enc, added = _inputs(unet, sdxl, *size)
+    x, t, enc, added = _inputs(unet, sdxl, *((9, 11) if control else (8, 8)))
     split = SplitUNet(unet, 0)
     down, mid = _residuals(split, x, t, enc, added) if control else (None, None)
     with torch.no_grad():
@@ -217,8 +217,8 @@ def test_real_unet_cached_run_with_controlnet_and_tiles(tiny, engine):
 
     torch.manual_seed(3)
     cn = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
-    image = torch.rand(1, 3, 96, 128)
-    kw = dict(width=128, height=96, steps=4, tiles=TileSpec(size=8, overlap=2, batch=4),
+    image = torch.rand(1, 3, 64, 96)
+    kw = dict(width=96, height=64, steps=4, tiles=TileSpec(size=8, overlap=2, batch=4),
               control=(ControlInput(cn, image, 1.0),))
     plain = run_stage(tiny, _spec(**kw), cache=engine.prompt_cache)
     cached = run_stage(tiny, _spec(**kw, feature_cache=CacheSettings(interval=2)), cache=engine.prompt_cache)
@@ -258,3 +258,29 @@ def test_engine_interval_one_same_image_and_branch_checked_against_model(engine,
     assert on3.images
     with pytest.raises(ValidationError, match="feature_cache_branch"):
         engine.generate(req_factory(feature_cache="on", feature_cache_branch=9), save=False)
+
+
+def test_settings_reach_cli_api_ui_and_the_draft_preset(tmp_path):
+    import gradio as gr
+
+    import cli
+    from pipelines.presets import load_presets
+    from ui.advanced import build_advanced
+    from ui.api import GENERATE_PARAMS
+    from ui.components import Form
+
+    names = ("feature_cache", "feature_cache_interval", "feature_cache_branch", "feature_cache_schedule")
+    args = cli.build_parser().parse_args(["generate", "--feature-cache", "on", "--feature-cache-interval", "4",
+                                          "--feature-cache-branch", "2", "--feature-cache-schedule", "nonuniform"])
+    assert {cli._FIELDS[k]: getattr(args, k) for k in names} == dict(zip(names, ("on", 4, 2, "nonuniform"),
+                                                                         strict=True))
+    assert all(n in GENERATE_PARAMS for n in names)
+    from pipelines.request import GenerationRequest, flatten
+
+    form = Form()
+    with gr.Blocks():
+        build_advanced(form, {"samplers": ["DPM++ 2M Karras"], "upscalers": ["lanczos"], "latent_min_denoise": 0.5},
+                       flatten(GenerationRequest()))
+    assert all(n in form for n in names)
+    draft = load_presets()["draft"].apply()
+    assert draft.feature_cache == "on" and draft.feature_cache_interval == 3
