@@ -201,6 +201,8 @@ def _report(result) -> None:
            f"{s.get('unet_evals', 0)} UNet evals ({s.get('evals_saved', 0)} saved)"
     if s.get("seam_score") is not None:
         line += f", seam score {s['seam_score']:.3f}"
+    if s.get("unet_shallow_calls") is not None:
+        line += f", feature cache: {s['unet_full_calls']} full / {s['unet_shallow_calls']} shallow UNet calls"
     sys.stderr.write(line + "\n" + f"plan: {s.get('plan', '')}\n")
     for w in result.warnings:
         sys.stderr.write(f"warning: {w}\n")

@@ -353,6 +353,8 @@ class Engine:
         result.stats.update({"unet_evals": stats.unet_evals, "unet_calls": stats.unet_calls,
                              "evals_saved": stats.evals_saved, "tiles_per_step": stats.tiles_per_step,
                              "seam_score": seams, "notes": list(report.notes)})
+        if stats.cache_full or stats.cache_shallow:  # feature caching: UNet calls run full / shallow
+            result.stats.update(unet_full_calls=stats.cache_full, unet_shallow_calls=stats.cache_shallow)
         return result
 
     @staticmethod
