@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pipelines.errors import ValidationError
-from pipelines.unet_split import SplitUNet, branch_count, unsupported_reason
+from pipelines.unet_split import branch_count, split_for, unsupported_reason
 
 SCHEDULES = ("uniform", "nonuniform")
 NONUNIFORM_POWER = 1.4  # DeepCache's quadratic-ish spacing exponent (their README uses pow 1.4)
@@ -84,7 +84,7 @@ class FeatureCache:
         # A UNet2DConditionModel is split here; an object with `full`/`shallow` (a closed-form test model) is used as
         # it is.
         has_parts = hasattr(self.unet, "full") and hasattr(self.unet, "shallow")
-        self.split = self.unet if has_parts else SplitUNet(self.unet, self.settings.branch)
+        self.split = self.unet if has_parts else split_for(self.unet, self.settings.branch)
         self.full = full_steps(self.steps, self.settings.interval, self.settings.schedule)
 
     def bind(self, step: int, tiles: Sequence[Any], do_cfg: bool, images: int, stats=None) -> _BoundCall:

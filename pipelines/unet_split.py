@@ -15,6 +15,7 @@ i.e. SD 1.x, SD 2.x and SDXL; FreeU, T2I-Adapter residuals and Kandinsky-style h
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,22 @@ class SplitUNet:
         _, skips = self._down_path(x, emb, enc, self.branch + 1, down_residuals)
         h, _ = self._up_path(cached, skips, emb, enc, self.enter, self._forward_size(sample))
         return self._out(h)
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def split_for(unet, branch: int) -> SplitUNet:
+    """One SplitUNet per (UNet, branch), reused by every run. When the app compiled its UNet (`--compile`), the
+    two passes are compiled the same way (reusing one object keeps torch.compile's guards, so no recompiles)."""
+    per_branch = _SPLITS.setdefault(unet, {})
+    if branch not in per_branch:
+        split = SplitUNet(unet, branch)
+        if split.unet is not unet:
+            split.full = torch.compile(split.full, dynamic=False)
+            split.shallow = torch.compile(split.shallow, dynamic=False)
+        per_branch[branch] = split
+    return per_branch[branch]
 
 
 def shallow_fraction(unet, branch: int, sample_shape: tuple[int, ...], enc_shape: tuple[int, ...],
