@@ -67,6 +67,8 @@ def cache_flops(ctx: Context, app: Measurement, base: Measurement, _all) -> dict
     frac = shallow_fraction(unet, 0, (2, unet.config.in_channels, side, side),
                             (2, 77, unet.config.cross_attention_dim), added)
     stats = app.output.loop_stats if app.output is not None else None
+    if stats is not None:  # the counter's forward hooks do not see the split passes; the loop counts them
+        app.unet_evals, app.unet_calls = stats.unet_evals, stats.unet_calls
     full_n, shallow_n = (stats.cache_full, stats.cache_shallow) if stats else (None, None)
     kinds = plan_passes(full_steps(s.steps, CACHE_INTERVAL), [needs_uncond(CFG)] * s.steps)
     predicted = (kinds.count("full") + frac * kinds.count("shallow")) / s.steps
