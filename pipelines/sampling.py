@@ -206,7 +206,8 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
         model_in = torch.cat([crops, crops]) if do_cfg else crops
         enc, added = _batch_inputs(cond, n, do_cfg)
         down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
-        out = _unet_for(inp, step, group, do_cfg, b, stats)(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
+        unet = _unet_for(inp, step, group, do_cfg, b, stats)
+        out = unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
                        return_dict=False)[0]
         stats.unet_calls += 1
