@@ -11,6 +11,7 @@ throughput: images per second at batch 1, 4 and 8, `Engine.generate` against dif
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -42,8 +43,10 @@ def _loop(ctx: Context, s: Sizes, cache: CacheSettings | None) -> Run:
     build_conditioning(ctx.model, spec, prompts, s.steps)(0)  # prompts encoded before the timed runs
 
     def run():
+        cpu0 = time.process_time()
         res = run_stage(ctx.model, spec, cache=prompts, unet=ctx.eager_unet)
-        return SimpleNamespace(latents=res.latents, loop_stats=res.stats)  # not `.stats`: the runner reads dicts
+        # not `.stats`: the runner reads dicts there. CPU time: on a shared CPU the wall time depends on other jobs.
+        return SimpleNamespace(latents=res.latents, loop_stats=res.stats, cpu_s=time.process_time() - cpu0)
     return run
 
 
@@ -74,20 +77,25 @@ def cache_flops(ctx: Context, app: Measurement, base: Measurement, _all) -> dict
     predicted = (kinds.count("full") + frac * kinds.count("shallow")) / s.steps
     counted = None if full_n is None else (full_n + frac * shallow_n) / s.steps
     time_ratio = base.median_s / app.median_s if app.median_s and base.median_s else None
+    cpu_ratio = base.output.cpu_s / app.output.cpu_s if app.output is not None and base.output is not None else None
     return {"shallow_flops_fraction": frac, "full_passes": full_n, "shallow_passes": shallow_n,
             "predicted_full_passes": kinds.count("full"), "predicted_shallow_passes": kinds.count("shallow"),
             "flops_per_step_ratio_counted": counted, "flops_per_step_ratio_predicted": predicted,
-            "unet_time_ratio": time_ratio}
+            "unet_time_ratio": time_ratio, "unet_cpu_time_ratio": cpu_ratio,
+            "time_basis": "process CPU time" if ctx.device.type == "cpu" else "wall time"}
 
 
 def cache_target(app: Measurement, base: Measurement, extra: dict) -> tuple[str, bool] | None:
-    """≥ 1.8× less UNet (loop) time at interval 3, and pass counts equal to the schedule's prediction."""
-    ratio = extra.get("unet_time_ratio")
+    """≥ 1.8× less UNet (loop) time at interval 3, and pass counts equal to the schedule's prediction. On a CPU the
+    ratio is of process CPU time (the work done), since other jobs on a shared machine inflate wall time unevenly."""
+    cpu = extra.get("time_basis") == "process CPU time"
+    ratio = extra.get("unet_cpu_time_ratio" if cpu else "unet_time_ratio")
     if ratio is None:
         return None
     counts_ok = (extra.get("full_passes"), extra.get("shallow_passes")) == (
         extra.get("predicted_full_passes"), extra.get("predicted_shallow_passes"))
-    return f"{ratio:.2f}× less UNet time (≥ 1.8×); passes as predicted: {counts_ok}", ratio >= 1.8 and counts_ok
+    basis = "CPU time" if cpu else "time"
+    return f"{ratio:.2f}× less UNet {basis} (≥ 1.8×); passes as predicted: {counts_ok}", ratio >= 1.8 and counts_ok
 
 
 # ---------------------------------------------------------------- throughput
