@@ -30,6 +30,8 @@ _FIELDS = {
     "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
     "vae_tile_mode": "vae_tile_mode",
     "memory_budget_gb": "memory_budget_gb",
+    "feature_cache": "feature_cache", "feature_cache_interval": "feature_cache_interval",
+    "feature_cache_branch": "feature_cache_branch", "feature_cache_schedule": "feature_cache_schedule",
 }
 
 
@@ -69,6 +71,13 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-timeline", choices=["a1111", "legacy"],
                    help="[a:b:N]: a1111 (default) = N with a '.' is a fraction (1..2 = the hires pass), else a step; "
                         "legacy = N < 1 is a fraction, else a step (A1111's old prompt editing timelines)")
+    f = p.add_argument_group("feature caching (DeepCache)")
+    f.add_argument("--feature-cache", choices=["off", "on"], help="between full UNet passes run only the shallow "
+                                                                  "branch on cached deep features (default off)")
+    f.add_argument("--feature-cache-interval", type=int, help="a full UNet pass every N steps, 1-20 (default 3)")
+    f.add_argument("--feature-cache-branch", type=int, help="cached skip branch, 0 = shallowest/fastest (default 0)")
+    f.add_argument("--feature-cache-schedule", choices=["uniform", "nonuniform"],
+                   help="full passes every N steps, or as many denser early (default uniform)")
     h = p.add_argument_group("two-stage (hires)")
     h.add_argument("--hires-scale", type=float, help="upscale factor of stage 2 in (1, 8]; 1 = off")
     h.add_argument("--hires-upscaler", help="lanczos | latent | latent-bicubic | latent-nearest-exact | "
@@ -196,6 +205,8 @@ def _report(result) -> None:
            f"{s.get('unet_evals', 0)} UNet evals ({s.get('evals_saved', 0)} saved)"
     if s.get("seam_score") is not None:
         line += f", seam score {s['seam_score']:.3f}"
+    if s.get("unet_shallow_calls") is not None:
+        line += f", feature cache: {s['unet_full_calls']} full / {s['unet_shallow_calls']} shallow UNet calls"
     sys.stderr.write(line + "\n" + f"plan: {s.get('plan', '')}\n")
     for w in result.warnings:
         sys.stderr.write(f"warning: {w}\n")

@@ -23,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     p.add_argument("--quick", action="store_true", help="small sizes, few steps and repeats (minutes on a CPU)")
+    p.add_argument("--stack", action="store_true",
+                   help="the stacked-optimisation table instead (rows 1-9: fp32 DDIM diffusers ... + feature caching "
+                        "+ torch.compile); writes benchmarks/results/stack-<model>-<device>[-quick].json and .md")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {','.join(CASES)}")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/<model>-<device>.json")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table (with notes) to this file")
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     settings = settings_from(args)
+    if args.stack:
+        from benchmarks import stack
+
+        return stack.main(settings, args.json, args.markdown, RESULTS)
     from benchmarks import report, runner
 
     ctx, results = runner.run(settings)

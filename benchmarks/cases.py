@@ -30,6 +30,15 @@ from PIL import Image
 from benchmarks.context import Context, diffusers_vae_tiling
 from benchmarks.measure import Measurement, NotMeasured
 from benchmarks.settings import CFG, INTERVAL_CFG, NEGATIVE, PROMPT, SAMPLER, SEED, Sizes
+from benchmarks.speedups import (
+    THROUGHPUT_BATCHES,
+    cache_flops,
+    cache_target,
+    images_per_second,
+    loop_cached,
+    loop_plain,
+    throughput_variants,
+)
 from pipelines import vae_io
 from pipelines.engine import Engine
 from pipelines.guidance import parse_cfg, scales_for_steps, unet_evaluations
@@ -58,6 +67,7 @@ class Target:
     judge: Callable[[Measurement, Measurement, dict], tuple[str, bool] | None]  # (ratios text, met) or None
     gpu: bool = True
     families: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+    models: tuple[str, ...] = ()  # when set, judged only on these --model names (device-independent targets)
 
 
 @dataclass(frozen=True)
@@ -351,6 +361,9 @@ V = {
     "app-ultra": Variant("app-ultra", "Engine, presets/ultra.json", app_ultra),
     "diffusers-ultra": Variant("diffusers-ultra", "diffusers txt2img + (ControlNet) img2img, VAE tiling",
                                diffusers_ultra),
+    "loop-cached": Variant("loop-cached", "denoising loop, feature cache interval 3", loop_cached),
+    "loop-plain": Variant("loop-plain", "denoising loop, no cache", loop_plain),
+    **throughput_variants(Variant),
 }
 
 ROWS: tuple[Row, ...] = (
@@ -373,4 +386,10 @@ ROWS: tuple[Row, ...] = (
         predicted_evals),
     Row("ultra", "ultra", "ultra two-stage {ultra}²", V["app-ultra"], V["diffusers-ultra"],
         Target("peak ≤ 6 GB (4096²)", _peak_under(6.0))),
+    Row("feature-cache", "feature-cache", "feature caching (DeepCache) {native}², {steps} steps, CFG",
+        V["loop-cached"], V["loop-plain"],
+        Target("≥ 1.8× less UNet time at interval 3 (sd15-random 256²)", cache_target, gpu=False,
+               models=("sd15-random",)), cache_flops),
+    *(Row("throughput", f"throughput-b{n}", f"throughput batch {n}, {{native}}², {{steps}} steps", V[f"app-batch{n}"],
+          V[f"diffusers-batch{n}"], extra=images_per_second(n)) for n in THROUGHPUT_BATCHES),
 )

@@ -62,6 +62,8 @@ def judge(ctx: Context, r: RowResult) -> dict[str, Any] | None:
         return {"text": t.text, "vs_target": None, "met": None, "judged": False, "why": "not measured"}
     ratios, ok = verdict
     why = _why_not_judged(ctx, t.families) if t.gpu else None
+    if t.models and ctx.settings.model not in t.models:
+        why = f"target is for {'/'.join(t.models)}"
     return {"text": t.text, "vs_target": ratios, "met": ok if why is None else None, "judged": why is None,
             "why": why}
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-CASES = ("txt2img", "tiled", "vae", "taesd", "prompt-cache", "guidance", "ultra")
+CASES = ("txt2img", "tiled", "vae", "taesd", "prompt-cache", "guidance", "ultra", "feature-cache", "throughput")
 BUILTIN_MODELS = ("tiny", "tiny-sdxl", "sd15-random", "sdxl-random")
 PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds, detailed"  # no A1111 weights: diffusers reads it alike
 NEGATIVE = "blurry, lowres"

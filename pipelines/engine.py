@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines import vae_io
 from pipelines.embeddings import EmbeddingLibrary, ti_hashes
 from pipelines.errors import OutOfMemoryError, ValidationError
+from pipelines.feature_cache import cache_settings
 from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
@@ -261,7 +262,7 @@ class Engine:
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
                 req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
-                req.prompt_timeline, embeddings)
+                req.prompt_timeline, embeddings, cache_settings(req))
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -277,6 +278,7 @@ class Engine:
             clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
             control=self._control_inputs(model, req, req.width, req.height),
             prompt_timeline=req.prompt_timeline, embeddings=self.embeddings.snapshot(),
+            feature_cache=cache_settings(req),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
@@ -376,6 +378,8 @@ class Engine:
         result.stats.update({"unet_evals": stats.unet_evals, "unet_calls": stats.unet_calls,
                              "evals_saved": stats.evals_saved, "tiles_per_step": stats.tiles_per_step,
                              "seam_score": seams, "notes": list(report.notes)})
+        if stats.cache_full or stats.cache_shallow:  # feature caching: UNet calls run full / shallow
+            result.stats.update(unet_full_calls=stats.cache_full, unet_shallow_calls=stats.cache_shallow)
         return result
 
     @staticmethod

@@ -71,6 +71,8 @@ class LoopStats:
     steps_done: int = 0
     tiles_per_step: int = 1
     scales: list[float] = field(default_factory=list)
+    cache_full: int = 0  # feature caching: UNet calls run in full / on the shallow branch only
+    cache_shallow: int = 0
 
 
 @dataclass
@@ -102,6 +104,12 @@ class LoopInputs:
     callback: Callable[[StepInfo], None] | None = None
     cancel: Any = None  # anything with is_set()
     vae_scale: int = 8
+    feature_cache: Any = None  # a pipelines.feature_cache.FeatureCache: the UNet calls go through it
+
+
+def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats):
+    """The UNet itself, or the feature cache's stand-in for this batch of tiles (DeepCache)."""
+    return inp.unet if inp.feature_cache is None else inp.feature_cache.bind(step, group, do_cfg, images, stats)
 
 
 def _check_cancel(cancel) -> None:
@@ -198,7 +206,8 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
         model_in = torch.cat([crops, crops]) if do_cfg else crops
         enc, added = _batch_inputs(cond, n, do_cfg)
         down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
-        out = inp.unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
+        unet = _unet_for(inp, step, group, do_cfg, b, stats)
+        out = unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
                        return_dict=False)[0]
         stats.unet_calls += 1

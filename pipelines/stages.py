@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipelines.feature_cache import CacheSettings, make_feature_cache
 from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.lru import LRUCache
 from pipelines.prompt_encoding import EncodedPrompt, PromptEncoder
@@ -53,6 +54,7 @@ class StageSpec:
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
     preview_every: int = 0
+    feature_cache: CacheSettings | None = None  # DeepCache settings; None = off
 
 
 @dataclass
@@ -187,5 +189,6 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         scales=scales_for_steps(schedule, len(timesteps)), rescale=schedule.rescale, tiles=spec.tiles,
         control=spec.control, generators=gens if _step_accepts_generator(sched) else None,
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
+        feature_cache=make_feature_cache(unet or model.unet, len(timesteps), spec.feature_cache),
     )
     return StageResult(denoise(inp, stats), stats)

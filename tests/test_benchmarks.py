@@ -61,3 +61,26 @@ def test_sizes_follow_the_issue_and_scale_down():
     assert sizes_for(Settings(), "sdxl").native == 1024
     tiny = sizes_for(Settings(quick=True, size_scale=0.25), "sd1")
     assert tiny.native == 64 and tiny.ultra == 256 and tiny.tile >= 16 and tiny.native % 8 == 0
+
+
+def test_stack_quick_has_every_layer_with_ratios(tiny_cache, tmp_path, capsys):
+    """`--stack --quick` on the tiny model: rows 1-9 present, CPU-only rows say why, counts follow each layer."""
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "stack.json"
+    code = main(["--stack", "--device", "cpu", "--model", "tiny", "--quick", "--size-scale", "0.25", "--warmup", "0",
+                 "--repeats", "1", "--threads", "1", "--json", str(out), "--cache-dir", str(tmp_path)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["n"] for r in rows] == list(range(1, 10))
+    skipped = {r["n"]: r["why_not"] for r in rows if r["why_not"]}
+    assert set(skipped) == {2, 9} and all("GPU only" in why for why in skipped.values())
+    for r in rows:
+        if r["n"] not in skipped:
+            assert r["latency_s"] > 0 and r["images_per_s"] > 0 and r["peak_mb"] is not None, r
+    evals = {r["n"]: r["unet_evals"] for r in rows}
+    assert evals[1] == evals[3] == 2 * 15 and evals[4] == evals[5] == evals[6] == 2 * 6  # DDIM 15, DPM++ 6, CFG
+    assert evals[7] == evals[8] < evals[6]  # the guidance interval drops uncond passes
+    printed = capsys.readouterr().out
+    assert "| 8 | + feature caching (interval 3) |" in printed and "speed-up vs 1" in printed
+    assert out.with_suffix(".md").read_text().count("\n| ") == 10  # header + 9 rows

@@ -23,6 +23,7 @@ def build_advanced(form: Form, choices: dict[str, Any], values: dict[str, Any]) 
     with gr.Accordion("Advanced settings", open=False, elem_id="advanced"), gr.Tabs():
         with gr.Tab("Sampling"):
             extra = _sampling(form, choices, values)
+            _feature_cache(form, values)
         with gr.Tab("Hires fix"):
             extra.latent_warning = _hires(form, choices, values)
         with gr.Tab("Tiling & memory"):
@@ -64,6 +65,23 @@ def _sampling(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> SimpleN
                                             label="Live preview every N steps",
                                             info="Decoded with TAESD; 0 turns previews off (slightly faster)."))
     return SimpleNamespace(cfg_plot=cfg_plot, cfg_error=cfg_error)
+
+
+def _feature_cache(form: Form, v: dict[str, Any]) -> None:
+    hint("Feature caching (DeepCache): between full UNet passes only the shallow branch runs, on cached deep "
+         "features. Interval 3 skips about two thirds of the UNet work; detail gets slightly softer.")
+    with gr.Row(elem_id="feature-cache"):
+        form.add("feature_cache", gr.Radio(["off", "on"], value=v["feature_cache"], label="Feature caching",
+                                           info="Not with 'Shift tile grid each step'."))
+        form.add("feature_cache_interval", gr.Slider(1, 20, value=v["feature_cache_interval"], step=1,
+                                                     label="Full pass every N steps", info="1 = same image as off."))
+        form.add("feature_cache_branch", gr.Slider(0, 15, value=v["feature_cache_branch"], step=1,
+                                                   label="Cache branch",
+                                                   info="0 = fastest; higher keeps more of the UNet (SD1.5 ≤ 10, "
+                                                        "SDXL ≤ 7)."))
+        form.add("feature_cache_schedule", gr.Radio(["uniform", "nonuniform"], value=v["feature_cache_schedule"],
+                                                    label="Full-pass schedule",
+                                                    info="nonuniform: as many full passes, denser early."))
 
 
 def _hires(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> gr.Markdown:

@@ -33,6 +33,7 @@ GENERATE_PARAMS: dict[str, Any] = {
     "prompt": str, "negative_prompt": str, "preset": str, "model": str, "width": int, "height": int,
     "steps": int, "cfg": str, "sampler": str, "seed": int, "batch_size": int, "loras": str,
     "vae_decode": str, "emphasis": str, "clip_skip": int, "prompt_timeline": str,
+    "feature_cache": str, "feature_cache_interval": int, "feature_cache_branch": int, "feature_cache_schedule": str,
     "hires_scale": float, "hires_upscaler": str, "hires_denoise": float, "hires_steps": int, "hires_sampler": str,
     "hires_prompt": str, "hires_negative_prompt": str, "hires_cfg": str, "hires_control_tile": float,
     "tile_mode": str, "tile_size": int, "tile_overlap": int, "tile_blend": str, "tile_batch": int,
