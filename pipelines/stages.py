@@ -9,14 +9,16 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from pipelines.composable import split_and
 from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.lru import LRUCache
 from pipelines.prompt_encoding import PromptEncoder
 from pipelines.prompts import prompts_per_step
+from pipelines.regions import RegionView, paste_region_noise, region_masks
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.schedulers import make_scheduler
 
@@ -49,6 +51,9 @@ class StageSpec:
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
     preview_every: int = 0
+    regions: Sequence = ()  # `pipelines.region_spec.Region`s: regional prompts
+    region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.regions`)
+    region_canvas: tuple[int, int] | None = None  # stage-1 (width, height) the regions refer to; None = this size
 
 
 @dataclass
@@ -64,9 +69,11 @@ def _encoder_for(model, clip_skip: int) -> PromptEncoder:
 def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -> Callable[[int], Conditioning]:
     """Per-step conditioning: prompt scheduling resolved per step, every distinct text encoded once (cached)."""
     enc = _encoder_for(model, spec.clip_skip)
-    pos = prompts_per_step(spec.prompt, steps)
+    parts = split_and(spec.prompt)  # AND (composable diffusion): one schedule per part
+    weights = tuple(w for _, w in parts)
+    pos_parts = [prompts_per_step(text, steps) for text, _ in parts]
     neg = prompts_per_step(spec.negative_prompt, steps)
-    distinct = sorted(set(pos) | set(neg))
+    distinct = sorted(set().union(*pos_parts) | set(neg))
     chunks = max(enc.chunk_count(t) for t in distinct)
     base_key = (model.name, model.loras, spec.emphasis, spec.clip_skip, chunks)
 
@@ -78,20 +85,38 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
     if model.is_sdxl:
         h, w = spec.height, spec.width
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=model.dtype, device=model.device)
-    conds: dict[tuple[str, str], Conditioning] = {}
+    conds: dict[tuple, Conditioning] = {}
+
+    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(model.device, model.dtype)
 
     def at(step: int) -> Conditioning:
-        key = (pos[step], neg[step])
+        key = (tuple(p[step] for p in pos_parts), neg[step])
         if key not in conds:
-            c, u = encoded[key[0]], encoded[key[1]]
+            (c, *extra), u = [encoded[t] for t in key[0]], encoded[key[1]]
             conds[key] = Conditioning(
                 cond=c.embeds.to(model.device, model.dtype), uncond=u.embeds.to(model.device, model.dtype),
-                cond_pooled=None if c.pooled is None else c.pooled.to(model.device, model.dtype),
-                uncond_pooled=None if u.pooled is None else u.pooled.to(model.device, model.dtype),
-                time_ids=time_ids)
+                cond_pooled=on_device(c.pooled), uncond_pooled=on_device(u.pooled), time_ids=time_ids,
+                extra=tuple(e.embeds.to(model.device, model.dtype) for e in extra),
+                extra_pooled=tuple(on_device(e.pooled) for e in extra if e.pooled is not None), weights=weights)
         return conds[key]
 
     return at
+
+
+def region_views(model, spec: StageSpec, cache: PromptCache, steps: int) -> tuple[torch.Tensor | None, list]:
+    """(base mask, RegionViews) of the stage's regional prompts at its size; (None, []) without regions."""
+    if not spec.regions:
+        return None, []
+    canvas = spec.region_canvas or (spec.width, spec.height)
+    base_mask, masks = region_masks(spec.regions, spec.width, spec.height, canvas, spec.region_base,
+                                    model.vae_scale, model.device)
+    views = []
+    for region, mask in zip(spec.regions, masks, strict=True):
+        negative = spec.negative_prompt if region.negative_prompt is None else region.negative_prompt
+        sub = replace(spec, prompt=region.prompt, negative_prompt=negative, regions=())
+        views.append(RegionView(build_conditioning(model, sub, cache, steps), mask))
+    return base_mask, views
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, list]:
@@ -139,6 +164,8 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
     timesteps = _timesteps(sched, spec, device)
     latent_shape = (model.unet.config.in_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
     noise, gens = initial_noise(spec.seeds, latent_shape, device, dtype)
+    noise = paste_region_noise(noise, spec.regions, spec.seeds, spec.region_canvas or (spec.width, spec.height),
+                               model.vae_scale)
     if spec.init_latents is None:
         latents = noise * sched.init_noise_sigma
     else:
@@ -147,11 +174,13 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
             return StageResult(init.clone(), stats)
         latents = sched.add_noise(init, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
     schedule = parse_cfg(spec.cfg)
+    base_mask, views = region_views(model, spec, cache, len(timesteps))
     inp = LoopInputs(
         unet=unet or model.unet, scheduler=sched, latents=latents, timesteps=timesteps,
         conditioning=build_conditioning(model, spec, cache, len(timesteps)),
         scales=scales_for_steps(schedule, len(timesteps)), rescale=schedule.rescale, tiles=spec.tiles,
         control=spec.control, generators=gens if _step_accepts_generator(sched) else None,
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
+        regions=views, base_mask=base_mask,
     )
     return StageResult(denoise(inp, stats), stats)
