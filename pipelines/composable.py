@@ -33,14 +33,16 @@ def split_and(text: str) -> list[tuple[str, float]]:
     """
     parts = _RE_AND.split(text)
     out: list[tuple[str, float]] = []
+    weighted = False
     for part in parts:
         m = _RE_WEIGHT.search(part)
         if m is None:  # cannot happen with this pattern, kept as A1111 has it
             out.append((part, 1.0))
             continue
         body, weight = m.groups()
+        weighted = weighted or weight is not None
         out.append((body, float(weight) if weight is not None else 1.0))
-    if len(out) == 1 and out[0][1] == 1.0:
+    if len(out) == 1 and not weighted:
         return [(text, 1.0)]
     return out
 

@@ -174,6 +174,7 @@ class Engine:
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
                                tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
                                vae_tiling=t.vae_tiling, vae_tile_size=t.vae_tile_size, vae_mode=t.vae_tile_mode,
+                               regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
                                **_vae_store(model, width, height, budget), **sizes)
 
     # ---------------------------------------------------------------- public entry points
@@ -240,7 +241,8 @@ class Engine:
         ctrl = tuple((u.type, u.model, u.scale, u.start, u.end, u.low, u.high, u.guess_mode,
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
-                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling)
+                req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
+                req.regions, req.region_base)
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -255,6 +257,7 @@ class Engine:
             steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis,
             clip_skip=req.clip_skip, strength=req.strength, tiles=self._tile_spec(plan, req, low_memory),
             control=self._control_inputs(model, req, req.width, req.height),
+            regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)

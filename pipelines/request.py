@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from pipelines.composable import check_and_parts
 from pipelines.errors import ValidationError
+from pipelines.region_spec import REGION_BASES, Region, validate_regions
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -153,6 +155,12 @@ class GenerationRequest:
     hires: HiresConfig = field(default_factory=HiresConfig)
     tiling: TileConfig = field(default_factory=TileConfig)
     control: tuple[ControlUnit, ...] = ()
+    regions: tuple[Region, ...] = ()
+    """Regional prompts (at most 16): rectangles with their own prompt, negative prompt, weight, feather, seed
+    (`pipelines.region_spec`); a list of objects or its JSON text is accepted and normalised."""
+    region_base: str = "rest"
+    """rest (the base prompt only where no region is) | background (the base prompt everywhere, regions blended
+    over it)."""
 
 
 # Flat names: nested fields get a prefix (hires.scale -> hires_scale, tiling.size -> tile_size).
@@ -300,6 +308,7 @@ def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> H
     if h.sampler is not None and not isinstance(h.sampler, str):
         raise ValidationError("hires_sampler", h.sampler, "must be a sampler name")
     prompt = None if h.prompt is None else _text("hires_prompt", h.prompt, limits)
+    check_and_parts("hires_prompt", prompt)
     negative = None if h.negative_prompt is None else _text("hires_negative_prompt", h.negative_prompt, limits)
     cfg = None if h.cfg is None else _cfg_text("hires_cfg", h.cfg)
     if scale > 1:
@@ -380,6 +389,7 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
     clip_skip = _int("clip_skip", req.clip_skip)
     _in_range("clip_skip", clip_skip, 1, 12)
     cfg = _cfg_text("cfg", req.cfg)
+    check_and_parts("prompt", req.prompt)
     if not isinstance(req.model, str) or not req.model.strip():
         raise ValidationError("model", req.model, "must name a model (see the model list)")
     if not isinstance(req.sampler, str):
@@ -400,6 +410,8 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
         clip_skip=clip_skip, cfg=cfg, loras=loras,
         vae_decode=_choice("vae_decode", req.vae_decode, ("full", "taesd")),
         emphasis=_choice("emphasis", req.emphasis, ("a1111", "none")),
+        regions=validate_regions(req.regions, width, height, limits.max_prompt_chars),
+        region_base=_choice("region_base", req.region_base, REGION_BASES),
         hires=validate_hires(req.hires, width, height, limits),
         tiling=validate_tiling(req.tiling),
         control=tuple(validate_control(u, i) for i, u in enumerate(req.control)),

@@ -160,8 +160,8 @@ def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, 
             d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=conds,
                               conditioning_scale=unit.scale, guess_mode=True,
                               added_cond_kwargs=_half(added, half), return_dict=False)
-            d = [torch.cat([torch.zeros_like(r), r]) for r in d]
-            m = torch.cat([torch.zeros_like(m), m])
+            d = [torch.cat([torch.zeros_like(r[:half]), r]) for r in d]
+            m = torch.cat([torch.zeros_like(m[:half]), m])
         else:
             cond_img = torch.cat([crops] * (x_batch.shape[0] // crops.shape[0]))  # one copy per row block
             d, m = unit.model(x_batch, t, encoder_hidden_states=enc, controlnet_cond=cond_img,
