@@ -13,6 +13,11 @@ from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats
 from pipelines.stages import StageSpec, run_stage
 
 
+def text_term(enc: torch.Tensor, channels: int) -> torch.Tensor:
+    """10 x the mean over tokens of the first `channels` features, one value per row and channel."""
+    return 10 * enc.float().mean(dim=1)[:, :channels, None, None]
+
+
 class TextUNet:
     """out = 0.5 x + mean(text embedding of the row) (+ mean of the pooled embedding and control residual):
     pointwise, and every conditional row's output is known in closed form."""
@@ -27,8 +32,7 @@ class TextUNet:
         self.calls.append({"rows": sample.shape[0], "enc": encoder_hidden_states.clone(),
                            "added": None if added_cond_kwargs is None else dict(added_cond_kwargs),
                            "down": down_block_additional_residuals})
-        text = encoder_hidden_states.float().mean(dim=(1, 2))[:, None, None, None]
-        out = 0.5 * sample.float() + text
+        out = 0.5 * sample.float() + text_term(encoder_hidden_states, sample.shape[1])
         if added_cond_kwargs is not None:
             out = out + added_cond_kwargs["text_embeds"].float().mean(dim=1)[:, None, None, None]
         if down_block_additional_residuals is not None:
@@ -141,14 +145,14 @@ def test_two_parts_count_the_formula_of_unet_evaluations(tiny, engine, prompt, w
 def test_combined_prediction_equals_the_formula(rescale):
     """uncond + sum w_i (cond_i - uncond), then CFG (and rescale) on that, for a closed-form UNet."""
     g = torch.Generator().manual_seed(1)
-    u, c1, c2 = (torch.randn(1, 6, 8, generator=g) for _ in range(3))
+    u, c1, c2 = (torch.randn(1, 6, 8, generator=g) for _ in range(3))  # 6 tokens, 8 features
     x = torch.randn(2, 4, 8, 8, generator=g)
     cond = Conditioning(cond=c1, uncond=u, extra=(c2,), weights=(0.7, 1.3))
     out = denoise(LoopInputs(unet=TextUNet(), scheduler=IdentityScheduler(), latents=x, timesteps=[torch.tensor(500)],
                              conditioning=lambda i: cond, scales=[6.0], rescale=rescale))
 
     def pred(e):
-        return 0.5 * x + e.mean()
+        return 0.5 * x + text_term(e, 4)
 
     combined = pred(u) + 0.7 * (pred(c1) - pred(u)) + 1.3 * (pred(c2) - pred(u))
     expected = apply_cfg(pred(u), combined, 6.0, rescale)
@@ -164,7 +168,7 @@ def test_weights_summing_to_one_at_scale_one_skip_the_unconditional_pass():
     out = denoise(LoopInputs(unet=spy, scheduler=IdentityScheduler(), latents=x, timesteps=[torch.tensor(1)],
                              conditioning=lambda i: cond, scales=[1.0]), stats)
     assert spy.calls[0]["rows"] == 2 and stats.evals_saved == 1
-    torch.testing.assert_close(out, 0.5 * x + 0.25 * 1.0 + 0.75 * 3.0)
+    torch.testing.assert_close(out, 0.5 * x + 10 * (0.25 * 1.0 + 0.75 * 3.0))
 
 
 class ResidualControlNet:
