@@ -29,7 +29,7 @@ _FIELDS = {
     "tile_overlap": "tile_overlap", "tile_blend": "tile_blend", "tile_batch": "tile_batch",
     "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
     "vae_tile_mode": "vae_tile_mode",
-    "memory_budget_gb": "memory_budget_gb",
+    "memory_budget_gb": "memory_budget_gb", "region_base": "region_base",
 }
 
 
@@ -91,6 +91,15 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                         "(bounded memory, slower); default auto: exact when it fits, else only the high-resolution "
                         "stages tile by tile")
     t.add_argument("--memory-budget-gb", type=float, help="memory budget for the tiling planner")
+    r = p.add_argument_group("regional prompts")
+    r.add_argument("--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
+                   help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when "
+                        "x, y, w, h are all <= 1, else in pixels of the stage-1 image; a trailing :number is the "
+                        "region's weight (default 1). Negative prompt, feather and seed per region: the API's "
+                        "JSON form (see README)")
+    r.add_argument("--region-base", choices=["rest", "background"],
+                   help="where the base prompt acts: rest (only outside the regions; default) or background "
+                        "(everywhere, regions blended over it)")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",
                    help="a ControlNet unit (repeatable); TYPE = canny | none | depth | openpose | ...")
@@ -150,6 +159,10 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
     values = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
     if args.lora:
         values["loras"] = tuple(args.lora)
+    if args.region:
+        from pipelines.region_spec import parse_region_cli
+
+        values["regions"] = tuple(parse_region_cli(text) for text in args.region)
     return values
 
 

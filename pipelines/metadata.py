@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
 from pipelines.guidance import GuidanceSchedule, format_cfg, parse_cfg
+from pipelines.region_spec import regions_to_json, validate_regions
 from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
 from pipelines.schedulers import SAMPLERS, schedule_type
 
@@ -61,7 +62,7 @@ _KNOWN_KEYS = frozenset({
     "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "CFG schedule", "Seed", "Size",
     "Model hash", "Model", "Denoising strength", "Clip skip", "Hires upscale", "Hires resize", "Hires steps",
     "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-    "Hires CFG Scale", "Loras", "Version", TESSERA_KEY,
+    "Hires CFG Scale", "Loras", "Version", "Regions", TESSERA_KEY,
 })
 
 
@@ -209,6 +210,8 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
         out["CFG schedule"] = format_cfg(cfg)
     if req.loras:
         out["Loras"] = ", ".join(req.loras)
+    if req.regions:
+        out["Regions"] = regions_to_json(req.regions)
     for i, unit in enumerate(req.control):
         out[f"ControlNet {i}"] = _control_text(unit)
     return out
@@ -365,6 +368,9 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
             values["strength"] = _float(params, "Denoising strength")
     if "Loras" in params:
         values["loras"] = tuple(s.strip() for s in params["Loras"].split(",") if s.strip())
+    if "Regions" in params:
+        values["regions"] = validate_regions(params["Regions"], values.get("width", base.width),
+                                             values.get("height", base.height))
     return from_flat(values, base, source="infotext")
 
 

@@ -250,3 +250,33 @@ def test_request_validates_regions_and_base():
         validate(GenerationRequest(region_base="foreground"))
     with pytest.raises(ValidationError, match="outside the canvas"):
         validate(GenerationRequest(width=512, regions=({"x": 256, "y": 0, "w": 512, "h": 64},)))
+
+
+def test_infotext_records_regions_and_reads_them_back():
+    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
+    from pipelines.request import GenerationRequest, validate
+
+    req = validate(GenerationRequest(prompt="a park", width=512, height=384, region_base="background", regions=(
+        {"x": 0, "y": 0, "w": 0.5, "h": 1, "prompt": "a cat, (red:1.2)", "negative_prompt": "dog", "feather": 12},
+        {"x": 256, "y": 0, "w": 256, "h": 128, "prompt": 'a "sun"', "weight": 0.5, "seed": 4})))
+    text = infotext(req, seed=3, model_hash="abc")
+    assert validate_regions(parse_infotext(text)["Regions"], 512, 384) == req.regions
+    assert request_from_infotext(text) == validate(GenerationRequest(**{**req.__dict__, "seed": 3}))
+
+
+def test_cli_region_option(tmp_path):
+    import cli
+
+    args = cli.build_parser().parse_args(["generate", "--prompt", "a park", "--region", "0,0,0.5,1:a cat:1.5",
+                                          "--region", "256,0,256,256:a [b:c:0.5] dog", "--region-base",
+                                          "background"])
+    req = cli._request(args)
+    from pipelines.request import validate
+
+    assert validate(req).regions == (Region(0.0, 0.0, 0.5, 1.0, "a cat", weight=1.5),
+                                     Region(256.0, 0.0, 256.0, 256.0, "a [b:c:0.5] dog"))
+    assert req.region_base == "background"
+    code = cli.main(["generate", "--model", "tiny", "--out", str(tmp_path), "--region", "0,0,2,1:x"])
+    assert code == 2
+    with pytest.raises(ValidationError, match="--region"):
+        parse_region_cli("0,0,1:x")
