@@ -118,7 +118,8 @@ def validate_region(r: Region | dict, i: int, width: int, height: int, max_chars
     if isinstance(r, dict):
         unknown = sorted(set(r) - set(COLUMNS))
         if unknown:
-            raise ValidationError(p + unknown[0], r[unknown[0]], f"is not a region key; known: {', '.join(COLUMNS)}")
+            raise ValidationError(f"regions[{i}]", unknown[0], f"has a key that is not a region key; known: "
+                                  f"{', '.join(COLUMNS)}")
         missing = [k for k in ("x", "y", "w", "h") if r.get(k) is None]
         if missing:
             raise ValidationError(p + missing[0], None, "is required (x, y, w, h give the rectangle)")

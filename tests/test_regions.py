@@ -225,7 +225,7 @@ BAD = [
      r"`regions\[1\]\.weight` must be > 0"),
     ([{"x": 0, "y": 0, "w": 1, "h": 1, "feather": -2}], r"`regions\[0\]\.feather` must be between 0"),
     ([{"x": 0, "y": 0, "w": 1, "h": 1, "weight": "heavy"}], r"`regions\[0\]\.weight` must be a number"),
-    ([{"x": 0, "y": 0, "w": 1, "h": 1, "colour": "red"}], r"`regions\[0\]\.colour` is not a region key"),
+    ([{"x": 0, "y": 0, "w": 1, "h": 1, "colour": "red"}], r"`regions\[0\]` has a key that is not a region key.*got 'colour'"),
     ([{"x": 0, "y": 0, "w": 1}], r"`regions\[0\]\.h` is required"),
     ([{"x": 0, "y": 0, "w": 1, "h": 1, "seed": 1.5}], r"`regions\[0\]\.seed` must be a whole number"),
     ([{"x": 0, "y": 0, "w": 1, "h": 1}] * 17, r"`regions` may hold at most 16 regions"),
