@@ -208,13 +208,19 @@ def regions_from_rows(rows: Any) -> list[dict]:
     out = []
     for row in rows or []:
         cells = list(row) + [None] * (len(COLUMNS) - len(row))
-        item = {k: (None if v == "" else v) for k, v in zip(COLUMNS, cells, strict=False)}
-        if all(item[k] is None for k in ("x", "y", "w", "h")) and not item["prompt"]:
-            continue
+        item = {k: (None if _blank(v) else v) for k, v in zip(COLUMNS, cells, strict=False)}
+        if all(item[k] in (None, 0) for k in ("x", "y", "w", "h")) and not item["prompt"]:
+            continue  # a blank row (a table shows empty number cells as 0 or nothing)
         if item["negative_prompt"] is not None and not str(item["negative_prompt"]).strip():
             item["negative_prompt"] = None
         out.append({k: v for k, v in item.items() if v is not None or k in ("x", "y", "w", "h")})
     return out
+
+
+def _blank(value: Any) -> bool:
+    """An empty table cell: None, "" (or only spaces) or NaN."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and math.isnan(value))
 
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
