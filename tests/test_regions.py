@@ -280,3 +280,32 @@ def test_cli_region_option(tmp_path):
     assert code == 2
     with pytest.raises(ValidationError, match="--region"):
         parse_region_cli("0,0,1:x")
+
+
+def test_engine_runs_regions_in_both_stages_and_records_them(engine, req_factory):
+    """Two-stage run on the tiny model: each stage runs the base view and the region view every step (so
+    4 + 4 UNet calls for 2 + 2 steps), and the PNG's parameters carry the regions back."""
+    from pipelines.metadata import read_parameters, request_from_infotext
+
+    from pipelines.request import HiresConfig
+
+    req = req_factory(steps=2, hires=HiresConfig(scale=2.0, steps=2, upscaler="latent", denoise=0.6),
+                      regions=({"x": 0, "y": 0, "w": 32, "h": 64, "prompt": "a cat", "seed": 5},))
+    result = engine.generate(req)
+    assert result.stats["unet_calls"] == 8 and result.images[0].size == (128, 128)
+    back = request_from_infotext(read_parameters(result.paths[0]))
+    assert back.regions == (Region(0.0, 0.0, 32.0, 64.0, "a cat", seed=5),)
+
+
+def test_api_values_take_the_json_text_form(engine):
+    from pipelines.service import Backend
+
+    backend = Backend(engine)
+    engine.default_model = "tiny"
+    values = {"prompt": "a park", "width": 512, "height": 256, "region_base": "background",
+              "regions": '[{"x":0,"y":0,"w":0.5,"h":1,"prompt":"a cat","feather":16}]'}
+    req = backend.request(values)
+    assert req.regions == (Region(0.0, 0.0, 0.5, 1.0, "a cat", feather=16.0),) and req.region_base == "background"
+    assert "2 UNet calls/step" in backend.describe(values)
+    with pytest.raises(ValidationError, match=r"`regions\[0\]\.h` is required"):
+        backend.request({**values, "regions": '[{"x":0,"y":0,"w":0.5}]'})
