@@ -286,7 +286,6 @@ def test_engine_runs_regions_in_both_stages_and_records_them(engine, req_factory
     """Two-stage run on the tiny model: each stage runs the base view and the region view every step (so
     4 + 4 UNet calls for 2 + 2 steps), and the PNG's parameters carry the regions back."""
     from pipelines.metadata import read_parameters, request_from_infotext
-
     from pipelines.request import HiresConfig
 
     req = req_factory(steps=2, hires=HiresConfig(scale=2.0, steps=2, upscaler="latent", denoise=0.6),
