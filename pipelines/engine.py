@@ -99,6 +99,14 @@ def _check_control_names(unit, i: int, models_dir: Path) -> None:
         resolve_controlnet(unit.model, models_dir)
 
 
+def max_and_parts(req: GenerationRequest) -> int:
+    """The most AND parts of any prompt the run encodes (main, hires, regions): UNet rows besides uncond."""
+    from pipelines.composable import split_and
+
+    texts = [req.prompt, req.hires.prompt or "", *(r.prompt for r in req.regions)]
+    return max(len(split_and(t)) if isinstance(t, str) else 1 for t in texts)
+
+
 def _round8(v: int) -> int:
     return max(8, v - v % 8)
 
@@ -175,6 +183,7 @@ class Engine:
                                tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
                                vae_tiling=t.vae_tiling, vae_tile_size=t.vae_tile_size, vae_mode=t.vae_tile_mode,
                                regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
+                               cond_rows=1 + max_and_parts(req),
                                **_vae_store(model, width, height, budget), **sizes)
 
     # ---------------------------------------------------------------- public entry points

@@ -214,3 +214,18 @@ def test_sdxl_parts_get_their_own_pooled_embedding(manager, engine):
     assert added["text_embeds"].shape[0] == 3 and added["time_ids"].shape[0] == 3
     for row, expect in zip(added["text_embeds"], pooled):
         torch.testing.assert_close(row[None], expect)
+
+
+def test_planner_counts_the_rows_of_and_parts():
+    """Activations grow with the UNet rows: [uncond, 3 parts] is 4 rows per sample, not 2."""
+    from pipelines.engine import max_and_parts
+    from pipelines.planner import plan_generation
+    from pipelines.request import GenerationRequest
+
+    kw = dict(budget_bytes=None, family="sd1", weights=0, force="off", vae_tiling="on")
+    plain, three = (plan_generation(1024, 1024, cond_rows=r, **kw) for r in (2, 4))
+    assert three.est_peak_bytes == 2 * plain.est_peak_bytes
+    budget = dict(kw, budget_bytes=int(1.5e9), force="on", tile_size=64, overlap=16)
+    assert plan_generation(1024, 1024, cond_rows=4, **budget).tile_batch < plan_generation(1024, 1024, **budget).tile_batch
+    assert max_and_parts(GenerationRequest(prompt="a AND b AND c")) == 3
+    assert max_and_parts(GenerationRequest(prompt="a")) == 1
