@@ -32,6 +32,7 @@ _FIELDS = {
     "memory_budget_gb": "memory_budget_gb",
     "feature_cache": "feature_cache", "feature_cache_interval": "feature_cache_interval",
     "feature_cache_branch": "feature_cache_branch", "feature_cache_schedule": "feature_cache_schedule",
+    "region_base": "region_base",
 }
 
 
@@ -103,6 +104,15 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
                         "(bounded memory, slower); default auto: exact when it fits, else only the high-resolution "
                         "stages tile by tile")
     t.add_argument("--memory-budget-gb", type=float, help="memory budget for the tiling planner")
+    r = p.add_argument_group("regional prompts")
+    r.add_argument("--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
+                   help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when "
+                        "x, y, w, h are all <= 1, else in pixels of the stage-1 image; a trailing :number is the "
+                        "region's weight (default 1). Negative prompt, feather and seed per region: the API's "
+                        "JSON form (see README)")
+    r.add_argument("--region-base", choices=["rest", "background"],
+                   help="where the base prompt acts: rest (only outside the regions; default) or background "
+                        "(everywhere, regions blended over it)")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",
                    help="a ControlNet unit (repeatable); TYPE = canny | none | depth | openpose | ...")
@@ -162,6 +172,10 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
     values = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
     if args.lora:
         values["loras"] = tuple(args.lora)
+    if args.region:
+        from pipelines.region_spec import parse_region_cli
+
+        values["regions"] = tuple(parse_region_cli(text) for text in args.region)
     return values
 
 

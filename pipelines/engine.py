@@ -111,6 +111,12 @@ def loop_finished(cancel: Any) -> None:
     finished = getattr(cancel, "loop_finished", None)
     if finished is not None:
         finished()
+def max_and_parts(req: GenerationRequest) -> int:
+    """The most AND parts of any prompt the run encodes (main, hires, regions): UNet rows besides uncond."""
+    from pipelines.composable import split_and
+
+    texts = [req.prompt, req.hires.prompt or "", *(r.prompt for r in req.regions)]
+    return max(len(split_and(t)) if isinstance(t, str) else 1 for t in texts)
 
 
 def _round8(v: int) -> int:
@@ -195,6 +201,8 @@ class Engine:
                                family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=dtype_bytes,
                                tile_size=t.size, overlap=t.overlap, tile_batch=t.batch, force=t.mode,
                                vae_tiling=t.vae_tiling, vae_tile_size=t.vae_tile_size, vae_mode=t.vae_tile_mode,
+                               regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
+                               cond_rows=1 + max_and_parts(req),
                                **_vae_store(model, width, height, budget), **sizes)
 
     # ---------------------------------------------------------------- public entry points
@@ -262,7 +270,7 @@ class Engine:
                       hash(u.image.tobytes()) if hasattr(u.image, "tobytes") else id(u.image)) for u in req.control)
         return (model.name, model.loras, req.prompt, req.negative_prompt, req.width, req.height, req.steps, req.cfg,
                 req.sampler, tuple(seeds), req.emphasis, req.clip_skip, req.strength, init, ctrl, req.tiling,
-                req.prompt_timeline, embeddings, cache_settings(req))
+                req.prompt_timeline, embeddings, cache_settings(req), req.regions, req.region_base)
 
     def _generate(self, req, callback, cancel, save, unet, low_memory) -> GenerationResult:
         t0 = time.perf_counter()
@@ -279,6 +287,7 @@ class Engine:
             control=self._control_inputs(model, req, req.width, req.height),
             prompt_timeline=req.prompt_timeline, embeddings=self.embeddings.snapshot(),
             feature_cache=cache_settings(req),
+            regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
         )
         if req.init_image is not None:
             pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)

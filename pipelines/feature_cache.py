@@ -87,9 +87,11 @@ class FeatureCache:
         self.split = self.unet if has_parts else split_for(self.unet, self.settings.branch)
         self.full = full_steps(self.steps, self.settings.interval, self.settings.schedule)
 
-    def bind(self, step: int, tiles: Sequence[Any], do_cfg: bool, images: int, stats=None) -> _BoundCall:
-        """The callable the loop runs in place of `unet(...)` for one batch of tiles at one step."""
-        return _BoundCall(self, step, [(t.y, t.x, t.h, t.w) for t in tiles], do_cfg, images, stats)
+    def bind(self, step: int, tiles: Sequence[Any], do_cfg: bool, images: int, stats=None, *, parts: int = 1,
+             view: int = 0) -> _BoundCall:
+        """The callable the loop runs in place of `unet(...)` for one batch of tiles at one step; `parts` AND parts
+        (conditional row blocks) and `view` (0 = the base prompt, i = the i-th regional prompt) key the cache too."""
+        return _BoundCall(self, step, [(t.y, t.x, t.h, t.w) for t in tiles], do_cfg, images, stats, parts, view)
 
 
 @dataclass
@@ -100,10 +102,14 @@ class _BoundCall:
     do_cfg: bool
     images: int
     stats: Any = None
+    parts: int = 1
+    view: int = 0
 
     def _keys(self) -> list[tuple]:
-        halves = ("uncond", "cond") if self.do_cfg else ("cond",)
-        return [(tile, half) for half in halves for tile in self.tiles]
+        """One key per row block of the UNet batch, in its order: [uncond,] cond (the first AND part), cond1, ..."""
+        conds = ["cond", *(f"cond{p}" for p in range(1, self.parts))]
+        halves = ["uncond", *conds] if self.do_cfg else conds
+        return [(self.view, tile, half) for half in halves for tile in self.tiles]
 
     def __call__(self, sample, timestep, *, encoder_hidden_states, added_cond_kwargs=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None, return_dict=False):

@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
 from pipelines.guidance import GuidanceSchedule, format_cfg, parse_cfg
+from pipelines.region_spec import regions_to_json, validate_regions
 from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
 from pipelines.schedulers import SAMPLERS, schedule_type
 
@@ -62,7 +63,7 @@ _KNOWN_KEYS = frozenset({
     "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "CFG schedule", "Seed", "Size",
     "Model hash", "Model", "Denoising strength", "Clip skip", "Hires upscale", "Hires resize", "Hires steps",
     "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-    "Hires CFG Scale", "Loras", "Version", TESSERA_KEY, OLD_TIMELINES_KEY,
+    "Hires CFG Scale", "Loras", "Version", "Regions", TESSERA_KEY, OLD_TIMELINES_KEY,
 })
 
 
@@ -212,6 +213,8 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
         out["Loras"] = ", ".join(req.loras)
     if req.prompt_timeline == "legacy":
         out[OLD_TIMELINES_KEY] = "True"
+    if req.regions:
+        out["Regions"] = regions_to_json(req.regions)
     for i, unit in enumerate(req.control):
         out[f"ControlNet {i}"] = _control_text(unit)
     return out
@@ -369,6 +372,9 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
     if "Loras" in params:
         values["loras"] = tuple(s.strip() for s in params["Loras"].split(",") if s.strip())
     values["prompt_timeline"] = _timeline(params)
+    if "Regions" in params:
+        values["regions"] = validate_regions(params["Regions"], values.get("width", base.width),
+                                             values.get("height", base.height))
     return from_flat(values, base, source="infotext")
 
 

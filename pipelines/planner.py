@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from pipelines.errors import ValidationError
-from pipelines.tiling import plan_tiles
+from pipelines.tiling import Tile, plan_tiles
 from pipelines.vae_stream import Split, choose
 
 Family = Literal["sd1", "sdxl"]
@@ -97,7 +97,8 @@ class Plan:
                 f"{self.tile_batch} → {self.unet_evals_per_step} UNet calls/step"
             )
         else:
-            unet = "1 tile (untiled) → 1 UNet call/step"
+            n = self.unet_evals_per_step
+            unet = f"1 tile (untiled) → {n} UNet call{'' if n == 1 else 's'}/step"
         vae = f"VAE tiled {self.vae_tile_size}² latent ({self.vae_mode}{self._vae_detail()})" if self.vae_tiled \
             else "VAE whole"
         return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB"
@@ -155,12 +156,12 @@ def _validate(width: int, height: int, batch: int, budget_bytes: int | None, fam
 
 def _pick_tile_batch(
     family: Family, tile_px: int, n_tiles: int, batch: int, dtype_bytes: int, base: int, budget: int | None,
-    act: float = 1.0,
+    act: float = 1.0, rows: int = 2,
 ) -> int:
     """Largest tile batch (<= MAX_TILE_BATCH, <= tiles) whose UNet activations fit the budget; at least 1."""
     best = 1
     for tb in range(1, min(MAX_TILE_BATCH, n_tiles) + 1):
-        if budget is None or base + act * unet_activation_bytes(family, tile_px, 2 * batch * tb, dtype_bytes) <= budget:
+        if budget is None or base + act * unet_activation_bytes(family, tile_px, rows * batch * tb, dtype_bytes) <= budget:
             best = tb
     return best
 
@@ -184,6 +185,10 @@ def plan_generation(
     host_budget_bytes: int | None = None,
     weights: int | None = None,
     activation_scale: float = 1.0,
+    regions: Sequence = (),
+    region_base: str = "rest",
+    region_canvas: tuple[int, int] | None = None,
+    cond_rows: int = 2,
 ) -> Plan:
     """Choose UNet tiling (MultiDiffusion, Bar-Tal et al. 2023) and VAE tiling so the estimate fits the budget.
 
@@ -192,6 +197,9 @@ def plan_generation(
     `vae_splits` (`pipelines.vae_tiling.decode_splits` at this size: the tiled VAE's canvases for each hand-over
     between its runners) against `host_budget_bytes` (None = no limit) picks the tiled VAE's mode when `vae_mode` is
     auto, and how much of it streams; a forced "stream" streams every stage (the least host memory).
+    `regions` (`pipelines.region_spec.Region`s over a `region_canvas`-sized stage 1) add their views to the UNet
+    calls per step: each over the tiles it touches (`pipelines.regions.views_per_step`). `cond_rows` = UNet rows
+    per sample and view: 2 with CFG, 1 + the parts of an AND prompt (`pipelines.composable`).
     """
     _validate(width, height, batch, budget_bytes, family, dtype_bytes)
     _check_choice("force", force, ("auto", "on", "off"))
@@ -202,7 +210,7 @@ def plan_generation(
     lw, lh = width // SCALE, height // SCALE
     base = weights if weights is not None else weight_bytes(family, dtype_bytes)
     act = activation_scale
-    unet_full = int(act * unet_activation_bytes(family, lw * lh, 2 * batch, dtype_bytes))
+    unet_full = int(act * unet_activation_bytes(family, lw * lh, cond_rows * batch, dtype_bytes))
     tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
     vae_full = int(act * vae_activation_bytes(width, height, dtype_bytes))
     vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
@@ -221,17 +229,31 @@ def plan_generation(
     common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile,
                   vae_mode=mode, vae_host_budget=host_budget, vae_split=split)
     if not tiled:
+        calls = _region_calls(regions, [Tile(0, 0, lh, lw)], width, height, region_base, 1, region_canvas)
         return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
-                    est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=1)
+                    est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=calls or 1)
     size = tile_size if tile_size is not None else DEFAULT_TILE[family]
     ov = overlap if overlap is not None else min(DEFAULT_OVERLAP, size // 2)
     tiles = plan_tiles(lh, lw, size, ov)
     tile_px = tiles[0].h * tiles[0].w
-    tb = tile_batch or _pick_tile_batch(family, tile_px, len(tiles), batch, dtype_bytes, base, budget_bytes, act)
+    tb = tile_batch or _pick_tile_batch(family, tile_px, len(tiles), batch, dtype_bytes, base, budget_bytes, act,
+                                        cond_rows)
     tb = min(tb, len(tiles))
-    unet_act = int(act * unet_activation_bytes(family, tile_px, 2 * batch * tb, dtype_bytes))
+    unet_act = int(act * unet_activation_bytes(family, tile_px, cond_rows * batch * tb, dtype_bytes))
     return Plan(**common, tiled=True, tile_size=size, overlap=ov, tile_batch=tb, tiles_per_step=len(tiles),
-                est_peak_bytes=base + max(unet_act, vae_act), unet_evals_per_step=math.ceil(len(tiles) / tb))
+                est_peak_bytes=base + max(unet_act, vae_act),
+                unet_evals_per_step=_region_calls(regions, tiles, width, height, region_base, tb, region_canvas)
+                or math.ceil(len(tiles) / tb))
+
+
+def _region_calls(regions: Sequence, tiles: list[Tile], width: int, height: int, base: str, tile_batch: int,
+                  canvas: tuple[int, int] | None) -> int:
+    """UNet calls per step of the base prompt and the regions over these tiles; 0 without regions."""
+    if not regions:
+        return 0
+    from pipelines.regions import views_per_step
+
+    return views_per_step(regions, tiles, width, height, base, tile_batch, canvas)
 
 
 def _vae_mode(tiled: bool, asked: VaeMode, splits: Sequence[Split] | None, host_budget: int | None

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from pipelines.composable import check_and_parts
 from pipelines.errors import ValidationError
+from pipelines.region_spec import REGION_BASES, Region, validate_regions
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -170,6 +172,12 @@ class GenerationRequest:
     hires: HiresConfig = field(default_factory=HiresConfig)
     tiling: TileConfig = field(default_factory=TileConfig)
     control: tuple[ControlUnit, ...] = ()
+    regions: tuple[Region, ...] = ()
+    """Regional prompts (at most 16): rectangles with their own prompt, negative prompt, weight, feather, seed
+    (`pipelines.region_spec`); a list of objects or its JSON text is accepted and normalised."""
+    region_base: str = "rest"
+    """rest (the base prompt only where no region is) | background (the base prompt everywhere, regions blended
+    over it)."""
 
 
 # Flat names: nested fields get a prefix (hires.scale -> hires_scale, tiling.size -> tile_size).
@@ -354,6 +362,7 @@ def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> H
         check_name("hires_sampler", h.sampler, "a sampler name")
     check_name("hires_upscaler", h.upscaler, "an upscaler name from the list")
     prompt = None if h.prompt is None else _text("hires_prompt", h.prompt, limits)
+    check_and_parts("hires_prompt", prompt)
     negative = None if h.negative_prompt is None else _text("hires_negative_prompt", h.negative_prompt, limits)
     cfg = None if h.cfg is None else _cfg_text("hires_cfg", h.cfg)
     if scale > 1:
@@ -439,6 +448,7 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
     cfg = _cfg_text("cfg", req.cfg)
     check_name("model", req.model, "a model name (see the model list)")
     check_name("sampler", req.sampler, "a sampler name")
+    check_and_parts("prompt", req.prompt)
     loras = req.loras or ()
     if isinstance(loras, str):  # the text form "name:weight, name2:weight" (API, infotext)
         loras = [spec.strip() for spec in loras.split(",") if spec.strip()]
@@ -458,6 +468,8 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
         vae_decode=_choice("vae_decode", req.vae_decode, ("full", "taesd")),
         emphasis=_choice("emphasis", req.emphasis, ("a1111", "none")),
         prompt_timeline=_choice("prompt_timeline", req.prompt_timeline, ("a1111", "legacy")),
+        regions=validate_regions(req.regions, width, height, limits.max_prompt_chars),
+        region_base=_choice("region_base", req.region_base, REGION_BASES),
         hires=validate_hires(req.hires, width, height, limits),
         tiling=validate_tiling(req.tiling),
         control=tuple(validate_control(u, i) for i, u in enumerate(req.control)),

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from pipelines.composable import combine_parts, is_plain, needs_uncond_for
 from pipelines.errors import CancelledError
-from pipelines.guidance import apply_cfg, needs_uncond
+from pipelines.guidance import apply_cfg
+from pipelines.regions import tiles_touching
 from pipelines.tiling import Tile, accumulate, finish, grid_offset, new_canvas, plan_tiles, tile_weights
 
 
@@ -31,6 +33,12 @@ class Conditioning:
     cond_pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    extra: tuple[torch.Tensor, ...] = ()
+    """AND parts after the first (`pipelines.composable`): embeddings [1, S, D], the same S as `cond`."""
+    extra_pooled: tuple[torch.Tensor, ...] = ()
+    """SDXL: each extra part's pooled embedding [1, P]."""
+    weights: tuple[float, ...] = (1.0,)
+    """AND weight of each part: `cond` first, then `extra`."""
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,16 @@ class LoopInputs:
     cancel: Any = None  # anything with is_set()
     vae_scale: int = 8
     feature_cache: Any = None  # a pipelines.feature_cache.FeatureCache: the UNet calls go through it
+    regions: Sequence[Any] = ()  # `pipelines.regions.RegionView`s: extra views with their own prompt and mask
+    base_mask: torch.Tensor | None = None  # [h, w] weight of the base prompt when regions are set
 
 
-def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats):
-    """The UNet itself, or the feature cache's stand-in for this batch of tiles (DeepCache)."""
-    return inp.unet if inp.feature_cache is None else inp.feature_cache.bind(step, group, do_cfg, images, stats)
+def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats, parts: int = 1,
+              view: int = 0):
+    """The UNet itself, or the feature cache's stand-in for this batch of tiles (DeepCache), keyed by view too."""
+    if inp.feature_cache is None:
+        return inp.unet
+    return inp.feature_cache.bind(step, group, do_cfg, images, stats, parts=parts, view=view)
 
 
 def _check_cancel(cancel) -> None:
@@ -153,14 +166,15 @@ def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, 
             crops = crops.repeat_interleave(n_img, dim=0)
         crops = crops.to(x_batch.device, unit.model.dtype)
         if unit.guess_mode and do_cfg:
-            half = x_batch.shape[0] // 2
-            d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=crops,
+            half = crops.shape[0]  # the unconditional rows come first
+            conds = torch.cat([crops] * (x_batch.shape[0] // half - 1))  # AND: one copy per conditional block
+            d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=conds,
                               conditioning_scale=unit.scale, guess_mode=True,
                               added_cond_kwargs=_half(added, half), return_dict=False)
-            d = [torch.cat([torch.zeros_like(r), r]) for r in d]
-            m = torch.cat([torch.zeros_like(m), m])
+            d = [torch.cat([torch.zeros_like(r[:half]), r]) for r in d]
+            m = torch.cat([torch.zeros_like(m[:half]), m])
         else:
-            cond_img = torch.cat([crops, crops]) if do_cfg else crops
+            cond_img = torch.cat([crops] * (x_batch.shape[0] // crops.shape[0]))  # one copy per row block
             d, m = unit.model(x_batch, t, encoder_hidden_states=enc, controlnet_cond=cond_img,
                               conditioning_scale=unit.scale, guess_mode=unit.guess_mode,
                               added_cond_kwargs=added, return_dict=False)
@@ -176,11 +190,15 @@ def _half(added: dict | None, half: int) -> dict | None:
 def _batch_inputs(c: Conditioning, n: int, do_cfg: bool):
     """Encoder states (and SDXL added conditions) for `n` samples, [uncond x n, cond x n] with CFG."""
     enc = c.cond.expand(n, -1, -1)
+    if c.extra:  # AND: one block of rows per part, [uncond, cond_1, cond_2, ...]
+        enc = torch.cat([enc, *(e.expand(n, -1, -1) for e in c.extra)])
     if do_cfg:
         enc = torch.cat([c.uncond.expand(n, -1, -1), enc])
     added = None
     if c.cond_pooled is not None:
         pooled = c.cond_pooled.expand(n, -1)
+        if c.extra_pooled:
+            pooled = torch.cat([pooled, *(p.expand(n, -1) for p in c.extra_pooled)])
         if do_cfg:
             pooled = torch.cat([c.uncond_pooled.expand(n, -1), pooled])
         time_ids = c.time_ids.expand(pooled.shape[0], -1)
@@ -188,42 +206,84 @@ def _batch_inputs(c: Conditioning, n: int, do_cfg: bool):
     return enc, added
 
 
-def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats):
-    """Model outputs (cond, uncond or None) on the canvas, blended over the tiles (MultiDiffusion)."""
+def _new_canvases(x_in: torch.Tensor, do_cfg: bool) -> tuple:
+    """(cond canvas, its weight sum, uncond canvas or None, its weight sum or None)."""
+    canvas_c, wsum = new_canvas(*x_in.shape, device=x_in.device)
+    canvas_u, wsum_u = new_canvas(*x_in.shape, device=x_in.device) if do_cfg else (None, None)
+    return canvas_c, wsum, canvas_u, wsum_u
+
+
+def _split_parts(out: torch.Tensor, c: Conditioning, do_cfg: bool):
+    """(uncond or None, cond) from the UNet's row blocks; AND parts combined (composable diffusion)."""
+    if is_plain(c.weights):
+        return out.chunk(2) if do_cfg else (None, out)
+    blocks = out.chunk(len(c.weights) + (1 if do_cfg else 0))
+    uncond, parts = (blocks[0], blocks[1:]) if do_cfg else (None, blocks)
+    return uncond, combine_parts(uncond, parts, c.weights)
+
+
+def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats, mask=None,
+               canvases=None, view: int = 0):
+    """Model outputs (cond, uncond or None) on the canvas, blended over the tiles (MultiDiffusion). A regional
+    view passes its weight `mask` [h, w] and the shared `canvases` it adds into (`_run_views`)."""
     b = x_in.shape[0]
-    single = len(tiles) == 1 and tiles[0].h == x_in.shape[-2] and tiles[0].w == x_in.shape[-1]
+    single = canvases is None and len(tiles) == 1 and tiles[0].h == x_in.shape[-2] and tiles[0].w == x_in.shape[-1]
     spec = inp.tiles
     canvas_c = canvas_u = wsum = wsum_u = None
     if not single:
-        canvas_c, wsum = new_canvas(*x_in.shape, device=x_in.device)
-        canvas_u, wsum_u = new_canvas(*x_in.shape, device=x_in.device) if do_cfg else (None, None)
+        canvas_c, wsum, canvas_u, wsum_u = canvases or _new_canvases(x_in, do_cfg)
     per_call = len(tiles) if spec is None else max(1, spec.batch)
     for i in range(0, len(tiles), per_call):
         _check_cancel(inp.cancel)
         group = tiles[i:i + per_call]
         crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
         n = crops.shape[0]
-        model_in = torch.cat([crops, crops]) if do_cfg else crops
+        rows = len(cond.weights) + (1 if do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
+        model_in = torch.cat([crops] * rows) if rows > 1 else crops
         enc, added = _batch_inputs(cond, n, do_cfg)
         down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
-        unet = _unet_for(inp, step, group, do_cfg, b, stats)
+        unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view)
         out = unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
-                       down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       return_dict=False)[0]
+                   down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                   return_dict=False)[0]
         stats.unet_calls += 1
         stats.unet_evals += model_in.shape[0] // b
-        out_u, out_c = out.chunk(2) if do_cfg else (None, out)
+        out_u, out_c = _split_parts(out, cond, do_cfg)
         if single:
             return out_c, out_u
-        weight = tile_weights(group[0].h, group[0].w, spec.blend, device=x_in.device)
+        weight = tile_weights(group[0].h, group[0].w, spec.blend if spec else "average", device=x_in.device)
         for j, tl in enumerate(group):
             sl = slice(j * b, (j + 1) * b)
-            accumulate(canvas_c, wsum, tl, out_c[sl], weight)
+            w = weight if mask is None else weight * mask[tl.slices]
+            accumulate(canvas_c, wsum, tl, out_c[sl], w)
             if do_cfg:
-                accumulate(canvas_u, wsum_u, tl, out_u[sl], weight)
+                accumulate(canvas_u, wsum_u, tl, out_u[sl], w)
+    if canvases is not None:
+        return None, None
     out_c = finish(canvas_c, wsum).to(x_in.dtype)
     out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
     return out_c, out_u
+
+
+def _run_views(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats):
+    """Regional prompts (MultiDiffusion, Bar-Tal et al. 2023, sec. 4.2): the base prompt and each region are views
+    over the tiles their mask touches (a region costs nothing elsewhere), blended on one canvas with weight
+    mask x tile weight and normalised there."""
+    canvases = _new_canvases(x_in, do_cfg)
+    views = [(cond, inp.base_mask), *((r.conditioning(step), r.mask) for r in inp.regions)]
+    for view, (view_cond, mask) in enumerate(views):
+        touched = tiles_touching(mask, tiles)
+        if touched:
+            _run_tiles(inp, x_in, t, view_cond, touched, step, steps, do_cfg, stats, mask, canvases, view)
+    canvas_c, wsum, canvas_u, _ = canvases
+    out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
+    return finish(canvas_c, wsum).to(x_in.dtype), out_u
+
+
+def _needs_uncond(inp: LoopInputs, scale: float, cond: Conditioning, step: int) -> bool:
+    """The unconditional pass is needed with guidance, or for AND weights not summing to 1 (any view)."""
+    weights = [cond.weights, *(r.conditioning(step).weights for r in inp.regions)]
+    return any(needs_uncond_for(scale, w) for w in weights)
 
 
 @torch.no_grad()
@@ -236,11 +296,13 @@ def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
     for i, t in enumerate(inp.timesteps):
         _check_cancel(inp.cancel)
         scale = float(inp.scales[i])
-        do_cfg = needs_uncond(scale)
+        cond = inp.conditioning(i)
+        do_cfg = _needs_uncond(inp, scale, cond, i)
         tiles = _tiles_for_step(inp, i)
         stats.tiles_per_step = len(tiles)
         x_in = sched.scale_model_input(latents, t)
-        out_c, out_u = _run_tiles(inp, x_in, t, inp.conditioning(i), tiles, i, steps, do_cfg, stats)
+        run = _run_views if inp.regions else _run_tiles
+        out_c, out_u = run(inp, x_in, t, cond, tiles, i, steps, do_cfg, stats)
         if not do_cfg:
             stats.evals_saved += len(tiles)
         model_out = apply_cfg(out_u, out_c, scale, inp.rescale) if do_cfg else out_c

@@ -236,6 +236,14 @@ class Backend:
         lines.append(f"Plan: {plan.describe()}")
         return "\n\n".join(lines)
 
+    def region_preview(self, regions: Any, width: Any, height: Any) -> Image.Image:
+        """The canvas with the regions' boxes drawn and labelled (the UI's Regions preview); bad rows raise the
+        request's ValidationError."""
+        from pipelines.region_spec import preview_regions, validate_regions
+
+        w, h = int(width or 512), int(height or 512)
+        return preview_regions(validate_regions(regions, w, h, self.engine.limits.max_prompt_chars), w, h)
+
     def token_count(self, model: str, text: str) -> str:
         try:
             return self.engine.count_tokens(model or self.engine.default_model, text or "")

@@ -9,16 +9,18 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from pipelines.composable import split_and
 from pipelines.feature_cache import CacheSettings, make_feature_cache
 from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.lru import LRUCache
 from pipelines.prompt_encoding import EncodedPrompt, PromptEncoder
 from pipelines.prompts import prompts_per_step
+from pipelines.regions import RegionView, paste_region_noise, region_masks
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.schedulers import make_scheduler
 
@@ -55,6 +57,9 @@ class StageSpec:
     control: Sequence[ControlInput] = ()
     preview_every: int = 0
     feature_cache: CacheSettings | None = None  # DeepCache settings; None = off
+    regions: Sequence = ()  # `pipelines.region_spec.Region`s: regional prompts
+    region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.regions`)
+    region_canvas: tuple[int, int] | None = None  # stage-1 (width, height) the regions refer to; None = this size
 
 
 @dataclass
@@ -70,15 +75,26 @@ def _encoder_for(model, clip_skip: int, embeddings=None) -> PromptEncoder:
 
 def stage_prompts(spec: StageSpec, steps: int) -> tuple[list[str], list[str]]:
     """The stage's prompt and negative prompt at each of `steps` steps (its timeline, hires form on a refine)."""
-    kw = {"timeline": spec.prompt_timeline, "first_pass_steps": spec.first_pass_steps}
+    kw = _timeline_options(spec)
     return prompts_per_step(spec.prompt, steps, **kw), prompts_per_step(spec.negative_prompt, steps, **kw)
+
+
+def _timeline_options(spec: StageSpec) -> dict[str, Any]:
+    """How `prompts_per_step` reads [a:b:N] in this stage: the timeline rule and, on a refine, stage 1's steps."""
+    return {"timeline": spec.prompt_timeline, "first_pass_steps": spec.first_pass_steps}
 
 
 def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -> Callable[[int], Conditioning]:
     """Per-step conditioning: prompt scheduling resolved per step, every distinct text encoded once (cached)."""
     enc = _encoder_for(model, spec.clip_skip, spec.embeddings)
     pos, neg = stage_prompts(spec, steps)
-    distinct = sorted(set(pos) | set(neg))
+    parts = split_and(spec.prompt)  # AND (composable diffusion): one schedule per part
+    weights = tuple(w for _, w in parts)
+    if len(parts) == 1 and parts[0][0] == spec.prompt:
+        pos_parts = [pos]
+    else:
+        pos_parts = [prompts_per_step(text, steps, **_timeline_options(spec)) for text, _ in parts]
+    distinct = sorted(set().union(*pos_parts) | set(neg))
     chunks = max(enc.chunk_count(t) for t in distinct)
     base_key = (model.name, model.loras, spec.emphasis, spec.clip_skip, chunks)
 
@@ -93,17 +109,20 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
     if model.is_sdxl:
         h, w = spec.height, spec.width
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=model.dtype, device=model.device)
-    conds: dict[tuple[str, str], Conditioning] = {}
+    conds: dict[tuple, Conditioning] = {}
+
+    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(model.device, model.dtype)
 
     def at(step: int) -> Conditioning:
-        key = (pos[step], neg[step])
+        key = (tuple(p[step] for p in pos_parts), neg[step])
         if key not in conds:
-            c, u = encoded[key[0]], uncond[key[1]]
+            (c, *extra), u = [encoded[t] for t in key[0]], uncond[key[1]]
             conds[key] = Conditioning(
                 cond=c.embeds.to(model.device, model.dtype), uncond=u.embeds.to(model.device, model.dtype),
-                cond_pooled=None if c.pooled is None else c.pooled.to(model.device, model.dtype),
-                uncond_pooled=None if u.pooled is None else u.pooled.to(model.device, model.dtype),
-                time_ids=time_ids)
+                cond_pooled=on_device(c.pooled), uncond_pooled=on_device(u.pooled), time_ids=time_ids,
+                extra=tuple(e.embeds.to(model.device, model.dtype) for e in extra),
+                extra_pooled=tuple(on_device(e.pooled) for e in extra if e.pooled is not None), weights=weights)
         return conds[key]
 
     return at
@@ -128,6 +147,19 @@ def _negative_encodings(model, spec: StageSpec, encoded: dict, zeros: Callable[[
     if zeros_for_empty_negative(model, spec.negative_prompt):
         return {"": zeros()}
     return encoded
+def region_views(model, spec: StageSpec, cache: PromptCache, steps: int) -> tuple[torch.Tensor | None, list]:
+    """(base mask, RegionViews) of the stage's regional prompts at its size; (None, []) without regions."""
+    if not spec.regions:
+        return None, []
+    canvas = spec.region_canvas or (spec.width, spec.height)
+    base_mask, masks = region_masks(spec.regions, spec.width, spec.height, canvas, spec.region_base,
+                                    model.vae_scale, model.device)
+    views = []
+    for region, mask in zip(spec.regions, masks, strict=True):
+        negative = spec.negative_prompt if region.negative_prompt is None else region.negative_prompt
+        sub = replace(spec, prompt=region.prompt, negative_prompt=negative, regions=())
+        views.append(RegionView(build_conditioning(model, sub, cache, steps), mask))
+    return base_mask, views
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, list]:
@@ -175,6 +207,8 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
     timesteps = _timesteps(sched, spec, device)
     latent_shape = (model.unet.config.in_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
     noise, gens = initial_noise(spec.seeds, latent_shape, device, dtype)
+    noise = paste_region_noise(noise, spec.regions, spec.seeds, spec.region_canvas or (spec.width, spec.height),
+                               model.vae_scale)
     if spec.init_latents is None:
         latents = noise * sched.init_noise_sigma
     else:
@@ -183,6 +217,7 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
             return StageResult(init.clone(), stats)
         latents = sched.add_noise(init, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
     schedule = parse_cfg(spec.cfg)
+    base_mask, views = region_views(model, spec, cache, len(timesteps))
     inp = LoopInputs(
         unet=unet or model.unet, scheduler=sched, latents=latents, timesteps=timesteps,
         conditioning=build_conditioning(model, spec, cache, len(timesteps)),
@@ -190,5 +225,6 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         control=spec.control, generators=gens if _step_accepts_generator(sched) else None,
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
         feature_cache=make_feature_cache(unet or model.unet, len(timesteps), spec.feature_cache),
+        regions=views, base_mask=base_mask,
     )
     return StageResult(denoise(inp, stats), stats)

@@ -202,3 +202,35 @@ def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> dict[str, g
 
 def _first(options: list[str], preferred: str) -> str | None:
     return preferred if preferred in options else (options[0] if options else None)
+
+
+REGION_HEADERS = ["x", "y", "w", "h", "prompt", "negative prompt", "weight", "feather px", "seed"]
+REGION_HELP = ("One row per region: a rectangle in fractions of the image (all of x, y, w, h ≤ 1) or in pixels, its "
+               "prompt, an optional negative prompt (empty = the main one), a weight, a soft edge in pixels and a "
+               "seed for its noise (-1 = the image's). Empty rows are ignored; at most 16 regions.")
+
+
+def build_regions(form: Form, values: dict[str, Any]) -> SimpleNamespace:
+    """The Regions accordion: a table of rectangles and prompts (`regions`), where the base prompt acts
+    (`region_base`), and a preview of the boxes drawn on the canvas; returns the preview widgets."""
+    from pipelines.region_spec import rows_from_regions
+
+    with gr.Accordion("Regions", open=False, elem_id="regions-box"):
+        hint("Regional prompts: each rectangle gets its own prompt; the main prompt covers the rest (or everything, "
+             "as a background). Works tiled, in the hires pass, with ControlNet and SDXL.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=320):
+                form.add("regions", gr.Dataframe(
+                    value=rows_from_regions(values.get("regions") or ()) or None, headers=REGION_HEADERS,
+                    datatype=["number"] * 4 + ["str", "str"] + ["number"] * 3, row_count=2, column_count=9,
+                    type="array", interactive=True, label="Regions", elem_id="regions"))
+                hint(REGION_HELP)
+                form.add("region_base", gr.Radio(["rest", "background"], value=values.get("region_base", "rest"),
+                                                 label="Main prompt covers",
+                                                 info="rest: only outside the regions. background: everywhere, "
+                                                      "regions blended over it."))
+            with gr.Column(scale=2, min_width=200):
+                preview = gr.Image(label="Regions on the canvas", type="pil", format="png", interactive=False,
+                                   height=260, buttons=[], elem_id="regions-preview")
+                error = gr.Markdown(visible=False, elem_classes=["warning"], elem_id="regions-error")
+    return SimpleNamespace(regions_preview=preview, regions_error=error)

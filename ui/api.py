@@ -39,6 +39,7 @@ GENERATE_PARAMS: dict[str, Any] = {
     "tile_mode": str, "tile_size": int, "tile_overlap": int, "tile_blend": str, "tile_batch": int,
     "tile_shift": bool, "vae_tiling": str, "vae_tile_size": int, "vae_tile_mode": str,
     "memory_budget_gb": float,
+    "regions": str, "region_base": str,
     "init_image": FileData, "strength": float,
     # ControlNet units: control_image, control_type, ... for the first; control2_image, ... for the next ones
     **{control_name(i, field): kind for i in range(UI_CONTROL_UNITS) for field, kind in (
@@ -48,6 +49,9 @@ GENERATE_PARAMS: dict[str, Any] = {
 
 GENERATE_DOC = ("Generate images. Every parameter is optional: None uses the preset's value, else the default. "
                 "cfg is a schedule text (7, linear(4,9), interval(7.5,0.2,0.8), ...); loras is 'name:weight, ...'. "
+                "regions is JSON text: [{\"x\":0,\"y\":0,\"w\":0.5,\"h\":1,\"prompt\":\"a cat\"}, ...] with "
+                "optional negative_prompt, weight, feather (px) and seed; fractions when x, y, w, h are all <= 1, "
+                "else pixels. "
                 "Returns (PNG files, their parameters texts); before that, each step sends ([], ['Step 3/20 · ...']) "
                 "to a client that submits a job, and cancelling the job stops the run within a step.")
 

@@ -15,7 +15,8 @@ import gradio as gr
 from pipelines.request import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
-USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength"})
+USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
+                         "regions"})
 
 
 class Form:
@@ -63,7 +64,12 @@ class Form:
 
 
 def widget_value(component: gr.components.Component, value: Any) -> Any:
-    """A backend value as the widget shows it: LoRA tuples and numbers in text boxes as text, None as ""."""
+    """A backend value as the widget shows it: LoRA tuples and numbers in text boxes as text, None as "", regions
+    as the table's rows."""
+    if isinstance(component, gr.Dataframe):
+        from pipelines.region_spec import rows_from_regions
+
+        return rows_from_regions(value or ()) or None
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     if value is None and isinstance(component, gr.Textbox | gr.Dropdown):
@@ -90,6 +96,10 @@ def request_value(name: str, value: Any) -> Any:
     if name == "loras":
         items = tuple(s.strip() for s in (value or "").split(",") if s.strip()) if isinstance(value, str) else value
         return items or None
+    if name == "regions" and isinstance(value, list):  # the Regions table's rows (the API sends JSON text)
+        from pipelines.region_spec import regions_from_rows
+
+        return regions_from_rows(value) or None
     if isinstance(value, str) and not value.strip() and name not in ("prompt", "negative_prompt"):
         return None
     if isinstance(value, str) and name in OPTIONAL_NUMBERS:

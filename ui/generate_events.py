@@ -38,7 +38,7 @@ RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "notes", "result
 DESCRIBE_FIELDS = ("preset", "model", "width", "height", "batch_size", "steps", "sampler", "cfg", "hires_scale",
                    "hires_upscaler", "hires_denoise", "hires_steps", "tile_mode", "tile_size", "tile_overlap",
                    "tile_batch", "vae_tiling", "vae_tile_size", "vae_tile_mode", "memory_budget_gb",
-                   "vae_decode")
+                   "vae_decode", "regions", "region_base")
 
 
 # ---------------------------------------------------------------- handlers (names in, names out)
@@ -127,6 +127,16 @@ def cfg_plot(backend: Any, cfg: str | None, steps: Any) -> dict[str, Any]:
     except Exception as exc:  # typing in progress is not an error
         return {"cfg_plot": gr.skip(), "cfg_error": gr.update(value=f"⚠️ {exc}", visible=True)}
     return {"cfg_plot": image, "cfg_error": gr.update(value="", visible=False)}
+
+
+def region_preview(backend: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The Regions preview, or (on a bad row) the old preview kept and the error shown under it."""
+    request = request_values(values)
+    try:
+        image = backend.region_preview(request.get("regions"), request.get("width"), request.get("height"))
+    except Exception as exc:  # editing in progress is not an error
+        return {"regions_preview": gr.skip(), "regions_error": gr.update(value=f"⚠️ {exc}", visible=True)}
+    return {"regions_preview": image, "regions_error": gr.update(value="", visible=False)}
 
 
 def latent_warning(upscaler: str | None, denoise: Any, scale: float | None, min_denoise: float) -> Any:
@@ -236,6 +246,13 @@ def _wire_helpers(demo: gr.Blocks, tab: GenerateTab, backend: Any, choices: dict
 
     gr.on([f["cfg"].change, f["steps"].change, demo.load], on_cfg, inputs=[f["cfg"], f["steps"]],
           outputs=v.components(["cfg_plot", "cfg_error"]), trigger_mode="always_last", **quick)
+
+    def on_regions(regions: Any, width: Any, height: Any):
+        return v.outputs(region_preview(backend, {"regions": regions, "width": width, "height": height}))
+
+    gr.on([f[n].change for n in ("regions", "width", "height")], on_regions,
+          inputs=f.components(["regions", "width", "height"]),
+          outputs=v.components(["regions_preview", "regions_error"]), trigger_mode="always_last", **quick)
 
     min_denoise = float(choices.get("latent_min_denoise", 0.5))
     gr.on([f["hires_upscaler"].change, f["hires_denoise"].change, f["hires_scale"].change],

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from ui.advanced import build_advanced, build_controlnet
+from ui.advanced import build_advanced, build_controlnet, build_regions
 from ui.components import Form, knob_values
 
 DEFAULT_PRESET = "fast"
@@ -50,7 +50,8 @@ def build_generate_tab(backend: Any, choices: dict[str, Any]) -> GenerateTab:
             _buttons(tab)
             extra = build_advanced(tab.form, choices, values)
             control = build_controlnet(tab.form, choices)
-            for name, widget in {**vars(extra), **vars(control)}.items():
+            regions = build_regions(tab.form, values)
+            for name, widget in {**vars(extra), **vars(control), **vars(regions)}.items():
                 if isinstance(widget, gr.Button):
                     tab.buttons[name] = widget
                 else:
