@@ -102,6 +102,11 @@ class LoopInputs:
     callback: Callable[[StepInfo], None] | None = None
     cancel: Any = None  # anything with is_set()
     vae_scale: int = 8
+    # inpainting (`pipelines.inpaint`): a hook after each scheduler step (step index, latents) -> latents, channels
+    # concatenated to the UNet input under each tile (9-channel inpainting UNets), and a filter dropping tiles
+    post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    extra_channels: torch.Tensor | None = None  # [1 or B, C, h, w]
+    tile_filter: Callable[[list[Tile]], list[Tile]] | None = None
 
 
 def _check_cancel(cancel) -> None:
@@ -130,7 +135,17 @@ def _tiles_for_step(inp: LoopInputs, step: int) -> list[Tile]:
     if spec is None or (spec.size >= h and spec.size >= w):
         return [Tile(0, 0, h, w)]
     offset = grid_offset(inp.seed, step, spec.size, spec.overlap) if spec.shift else (0, 0)
-    return plan_tiles(h, w, spec.size, spec.overlap, offset=offset)
+    tiles = plan_tiles(h, w, spec.size, spec.overlap, offset=offset)
+    return inp.tile_filter(tiles) if inp.tile_filter is not None else tiles
+
+
+def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: list[Tile], n_img: int) -> torch.Tensor:
+    """The UNet input with `inp.extra_channels` under each tile appended (diffusers' order: latents first)."""
+    if inp.extra_channels is None:
+        return model_in
+    extra = inp.extra_channels.to(model_in.device, model_in.dtype).expand(n_img, -1, -1, -1)
+    crops = torch.cat([extra[..., t.y:t.y + t.h, t.x:t.x + t.w] for t in tiles])
+    return torch.cat([model_in, crops.repeat(model_in.shape[0] // crops.shape[0], 1, 1, 1)], dim=1)
 
 
 def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, n_img):
@@ -198,6 +213,7 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
         model_in = torch.cat([crops, crops]) if do_cfg else crops
         enc, added = _batch_inputs(cond, n, do_cfg)
         down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+        model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
         out = inp.unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
                        return_dict=False)[0]
@@ -239,6 +255,8 @@ def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
         step_index = getattr(sched, "step_index", None)
         extra = {"generator": gen} if gen is not None else {}
         latents = sched.step(model_out, t, latents, return_dict=False, **extra)[0]
+        if inp.post_step is not None:
+            latents = inp.post_step(i, latents)
         stats.steps_done += 1
         if inp.callback is not None:
             idx = step_index if step_index is not None else i

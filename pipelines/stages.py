@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ class StageSpec:
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
     preview_every: int = 0
+    inpaint: Any = None  # a pipelines.inpaint.LatentMask: the mask's loop hooks (with init_latents)
 
 
 @dataclass
@@ -137,7 +139,7 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
     device, dtype = model.device, model.dtype
     sched = make_scheduler(spec.sampler, model.pipe.scheduler.config)
     timesteps = _timesteps(sched, spec, device)
-    latent_shape = (model.unet.config.in_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
+    latent_shape = (model.vae.config.latent_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
     noise, gens = initial_noise(spec.seeds, latent_shape, device, dtype)
     if spec.init_latents is None:
         latents = noise * sched.init_noise_sigma
@@ -145,7 +147,8 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         init = spec.init_latents.to(device, dtype).expand(len(spec.seeds), -1, -1, -1)
         if not timesteps:
             return StageResult(init.clone(), stats)
-        latents = sched.add_noise(init, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
+        start = init if spec.inpaint is None else spec.inpaint.start_latents(init)  # A1111's masked content
+        latents = sched.add_noise(start, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
     schedule = parse_cfg(spec.cfg)
     inp = LoopInputs(
         unet=unet or model.unet, scheduler=sched, latents=latents, timesteps=timesteps,
@@ -153,5 +156,6 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         scales=scales_for_steps(schedule, len(timesteps)), rescale=schedule.rescale, tiles=spec.tiles,
         control=spec.control, generators=gens if _step_accepts_generator(sched) else None,
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
+        **({} if spec.inpaint is None else spec.inpaint.hooks(sched, timesteps, init, noise)),
     )
     return StageResult(denoise(inp, stats), stats)
