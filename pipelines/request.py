@@ -132,7 +132,7 @@ class InpaintConfig:
     soft_inpainting: bool = False
     """Grey levels are per-pixel change strengths (Differential Diffusion) instead of being thresholded at 50%."""
     outpaint_left: int = 0
-    """Pixels added on the left (multiple of 8; 0-2048); the new area is pre-filled and repainted."""
+    """Pixels added on the left (multiple of 8; the result within the size limits); the new area is pre-filled and repainted."""
     outpaint_right: int = 0
     """Pixels added on the right."""
     outpaint_top: int = 0
@@ -470,7 +470,7 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
     for side in ("left", "right", "top", "bottom"):
         name = f"outpaint_{side}"
         v = sides[name] = _int(name, getattr(c, name))
-        _in_range(name, v, 0, 2048)
+        _in_range(name, v, 0, limits.max_side)
         if v % 8:
             raise ValidationError(name, v, f"must be a multiple of 8; try {v - v % 8} or {v - v % 8 + 8}")
     out = replace(c, mask_blur=blur, inpaint_padding=padding, inpaint_size=size, **sides)
