@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile
@@ -56,6 +56,49 @@ def load_mask(value: Any, name: str = "mask") -> Image.Image:
         return load_control_image(value).convert("L")  # grey -> RGB -> grey keeps every level
     except ValidationError as exc:
         raise ValidationError(name, exc.value, exc.fix) from None
+
+
+def editor_images(value: Any, name: str = "inpaint_editor") -> tuple[Image.Image | None, Image.Image | None]:
+    """The UI brush's value {"background": file, "layers": [files], ...} -> (image, mask): the background as a
+    checked RGB image, the union of the painted layers' alpha as the mask (None when nothing is painted)."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        return None, None
+    image = _background(value["background"], name)
+    mask = None
+    for layer in value.get("layers") or []:
+        alpha = _layer_alpha(layer, name)
+        if alpha.size != image.size:
+            alpha = alpha.resize(image.size, Image.NEAREST)
+        mask = alpha if mask is None else ImageChops.lighter(mask, alpha)
+    if mask is not None and mask.getextrema()[1] == 0:
+        mask = None
+    return image, mask
+
+
+def _background(value: Any, name: str) -> Image.Image:
+    from pipelines.control import load_control_image
+
+    try:
+        return load_control_image(value)
+    except ValidationError as exc:
+        raise ValidationError(name, exc.value, exc.fix) from None
+
+
+def _layer_alpha(path: Any, name: str) -> Image.Image:
+    """A painted layer's alpha channel, with the header checks of uploads (format, 64 MP) before decoding."""
+    from pipelines.control import CONTROL_FORMATS, MAX_CONTROL_PIXELS
+
+    fix = f"layers must be PNG/JPEG/WebP images of at most {MAX_CONTROL_PIXELS // 2**20} MP"
+    try:
+        with Image.open(path) as im:
+            if im.format not in CONTROL_FORMATS or im.width * im.height > MAX_CONTROL_PIXELS:
+                raise ValidationError(name, f"{im.format} {im.width}x{im.height}", fix)
+            im.load()
+            return im.getchannel("A") if "A" in im.getbands() else im.convert("L")
+    except ValidationError:
+        raise
+    except Exception:  # PIL raises OSError, SyntaxError, ... for bad data
+        raise ValidationError(name, "layer", fix) from None
 
 
 def check_mask(mask: Image.Image, image: Image.Image | None, soft: bool) -> None:

@@ -150,15 +150,16 @@ def test_four_channel_model_gets_the_blend_not_extra_channels(tiny, engine):
     assert not torch.allclose(out[..., 4:], spec.init_latents[..., 4:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name,channels", [("tiny", 4), ("tiny-inpaint", 9)])
-def test_unmasked_pixels_identical_at_2000x1048_tiled(manager, engine, name, channels):
-    """Both methods, whole picture (tiled, tiles skipped) and only masked: outside the blurred mask = input."""
+@pytest.mark.parametrize("name,channels,decode", [("tiny", 4, "full"), ("tiny-inpaint", 9, "taesd")])
+def test_unmasked_pixels_identical_at_2000x1048_tiled(manager, engine, name, channels, decode):
+    """Both methods, whole picture (tiled, tiles skipped) and only masked: outside the blurred mask = input, with
+    the full VAE and with TAESD decoding (the 2000x1048 decode costs most of this test's time)."""
     image = _image(2000, 1048, seed=3)
     mask = Image.new("L", image.size, 0)
     ImageDraw.Draw(mask).ellipse((900, 400, 1180, 690), fill=255)
     outside = np.asarray(prepare_mask(mask, blur=4, invert=False, soft=False)) == 0
     base = GenerationRequest(model=name, prompt="x", width=2000, height=1048, steps=1, seed=1, init_image=image,
-                             mask=mask, strength=0.8, tiling=TileConfig(mode="on", size=64, overlap=16))
+                             mask=mask, strength=0.8, tiling=TileConfig(mode="on", size=64, overlap=16), vae_decode=decode)
     for area in ("whole picture", "only masked"):
         fake = PointwiseUNet(channels)
         res = engine.generate(replace(base, inpaint=InpaintConfig(inpaint_area=area)), unet=fake, save=False)
@@ -338,3 +339,37 @@ def test_a_mask_that_is_not_an_image_is_refused(tmp_path):
     with pytest.raises(ValidationError, match="`mask`"):
         load_mask(str(bad))
     assert load_mask(_rect_mask(16, 16, (0, 0, 7, 7))).mode == "L"
+
+
+@pytest.mark.parametrize("config", [
+    InpaintConfig(),
+    InpaintConfig(mask_blur=9, masked_content="latent noise", inpaint_area="only masked", inpaint_padding=48,
+                  inpaint_size=768, mask_mode="inpaint not masked", soft_inpainting=True),
+    InpaintConfig(masked_content="fill", outpaint_left=64, outpaint_top=128),
+    InpaintConfig(masked_content="latent nothing", mask_blur=0, outpaint_right=8, outpaint_bottom=16),
+])
+def test_metadata_round_trip_of_every_inpaint_option(config):
+    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
+
+    req = GenerationRequest(model="tiny", prompt="fix the face", width=512, height=512, strength=0.6, seed=3,
+                            mask=_rect_mask(8, 8, (0, 0, 3, 3)), inpaint=config)
+    text = infotext(req, seed=3, model_hash="abc")
+    params = parse_infotext(text)
+    assert params["Mask blur"] == str(config.mask_blur) and params["Denoising strength"] == "0.6"
+    assert params["Masked content"] == config.masked_content
+    assert params["Inpaint area"] in ("Whole picture", "Only masked")
+    assert ("Masked area padding" in params) == (config.inpaint_area == "only masked")
+    back = request_from_infotext(text)
+    assert back.inpaint == config and back.strength == 0.6 and back.mask is None
+
+
+def test_a1111_inpaint_infotext_is_read():
+    from pipelines.metadata import request_from_infotext
+
+    text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.75, "
+            "Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32, Masked content: latent noise, "
+            "Mask mode: Inpaint not masked")
+    req = request_from_infotext(text)
+    assert req.inpaint == InpaintConfig(mask_blur=4, inpaint_area="only masked", inpaint_padding=32,
+                                        masked_content="latent noise", mask_mode="inpaint not masked")
+    assert req.strength == 0.75
