@@ -15,7 +15,9 @@ import gradio as gr
 from pipelines.request import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
-USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength"})
+USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
+                         "mask_blur", "masked_content", "inpaint_area", "inpaint_padding", "inpaint_size", "mask_mode",
+                         "soft_inpainting", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"})
 
 
 class Form:
