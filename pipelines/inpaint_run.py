@@ -117,23 +117,21 @@ def _paste(work: InpaintWork, generated: Image.Image) -> Image.Image:
     return composite(work.original, generated, work.paste)
 
 
-def tiles_note(plan, width: int, height: int, stats: LoopStats) -> str:
-    """"inpainting runs 4 of 25 tiles" for a tiled run (the tiles with a masked latent pixel)."""
+def tiles_note(plan, stats: LoopStats) -> str:
+    """"; inpainting runs 4 of 25 tiles" for a tiled run (the tiles with a masked latent pixel, last step)."""
     if not plan.tiled:
         return ""
-    total = len(plan_tiles(height // 8, width // 8, plan.tile_size, plan.overlap))
+    total = len(plan_tiles(plan.height // 8, plan.width // 8, plan.tile_size, plan.overlap))
     return f"; inpainting runs {stats.tiles_per_step} of {total} tiles"
 
 
-def run_inpaint(engine, model, req: GenerationRequest, seeds: list[int], callback, cancel, save: bool, unet,
-                low_memory: bool) -> Any:
-    """Inpaint/outpaint `req` on the loaded `model`; returns the engine's GenerationResult (images saved)."""
-    t0 = time.perf_counter()
+def _inpaint_pass(engine, model, req: GenerationRequest, seeds: list[int], callback, cancel, unet, low_memory: bool,
+                  stats: LoopStats, report: vae_io.DecodeReport) -> tuple[list[Image.Image], Any, dict, InpaintWork]:
+    """One prepared, run and pasted inpainting stage: (images, plan, decode options, the work it did)."""
     work = prepare_work(req, model.native_size)
     pw, ph = work.size
     plan = engine.plan(req, model, width=pw, height=ph)
     dec, enc = engine._codec_opts(plan, low_memory, model.device)
-    stats, report = LoopStats(), vae_io.DecodeReport()
     pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), pw, ph, model.device, model.dtype)
     spec = StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=pw, height=ph, steps=req.steps,
@@ -149,7 +147,56 @@ def run_inpaint(engine, model, req: GenerationRequest, seeds: list[int], callbac
     for i in range(len(seeds)):
         decoded = vae_io.decode(model, latents[i:i + 1], mode=req.vae_decode, report=report, **dec)
         images.append(_paste(work, vae_io.to_pil(decoded)[0]))
-    result = engine._finish(model, req, seeds, latents, images, plan, dec, report, stats, save)
+    return images, plan, dec, work
+
+
+def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork) -> GenerationRequest:
+    """The refine of an inpainted image: its pixels upscaled (`image`), the same mask scaled with them (already
+    inverted and outpainted), the hires settings as the stage's own, no second hires or outpaint."""
+    from pipelines.hires import hires_denoise
+    from pipelines.request import HiresConfig, hires_target
+
+    h = req.hires
+    tw, th = hires_target(*work.original.size, h.scale)
+    mask = work.repaint.resize((tw, th), Image.BILINEAR)
+    config = replace(req.inpaint, mask_mode="inpaint masked", outpaint_left=0, outpaint_right=0, outpaint_top=0,
+                     outpaint_bottom=0)
+    return replace(req, init_image=image, mask=mask, width=tw, height=th, strength=hires_denoise(req),
+                   steps=h.steps or req.steps, sampler=h.sampler or req.sampler,
+                   prompt=req.prompt if h.prompt is None else h.prompt,
+                   negative_prompt=req.negative_prompt if h.negative_prompt is None else h.negative_prompt,
+                   cfg=h.cfg or req.cfg, hires=HiresConfig(), inpaint=config)
+
+
+def _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_memory, stats, report):
+    """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
+    from pipelines.request import hires_target
+    from pipelines.upscale import upscale_image
+
+    size = hires_target(*work.original.size, req.hires.scale)
+    out, plan, dec = [], None, {}
+    for image, seed in zip(images, seeds, strict=True):
+        big = upscale_image(image, req.hires.upscaler, size=size, models_dir=engine.manager.models_dir,
+                            device=model.device, dtype=model.dtype)
+        sub = replace(hires_request(req, big, work), seed=seed, batch_size=1)
+        done, plan, dec, _ = _inpaint_pass(engine, model, sub, [seed], callback, cancel, unet, low_memory, stats,
+                                           report)
+        out += done
+    return out, plan, dec
+
+
+def run_inpaint(engine, model, req: GenerationRequest, seeds: list[int], callback, cancel, save: bool, unet,
+                low_memory: bool) -> Any:
+    """Inpaint/outpaint `req` on the loaded `model` (then the hires refine under the same mask, when on); returns
+    the engine's GenerationResult (images saved)."""
+    t0 = time.perf_counter()
+    stats, report = LoopStats(), vae_io.DecodeReport()
+    images, plan, dec, work = _inpaint_pass(engine, model, req, seeds, callback, cancel, unet, low_memory, stats,
+                                            report)
+    if req.hires.enabled:
+        images, plan, dec = _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_memory,
+                                   stats, report)
+    result = engine._finish(model, req, seeds, None, images, plan, dec, report, stats, save)
     result.stats["seconds"] = round(time.perf_counter() - t0, 3)
-    result.stats["plan"] = plan.describe() + tiles_note(plan, pw, ph, stats)
+    result.stats["plan"] = plan.describe() + tiles_note(plan, stats)
     return result

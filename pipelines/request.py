@@ -485,9 +485,17 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
         side = next(n for n, v in sides.items() if v)
         raise ValidationError(side, sides[side], f"makes {ow}x{oh}, over the {limits.max_side}px / "
                                                  f"{limits.max_pixels} pixel limit; extend by less")
-    if _float("hires_scale", req.hires.scale) not in (0.0, 1.0):
-        raise ValidationError("hires_scale", req.hires.scale, "must be 1 (off) when inpainting or outpainting; "
-                                                              "upscale the result afterwards (Upscale tab)")
+    scale = _float("hires_scale", req.hires.scale)
+    if scale not in (0.0, 1.0):  # the refine repaints under the same mask, scaled (`pipelines.inpaint_run`)
+        from pipelines.upscale import is_latent
+
+        if is_latent(req.hires.upscaler):
+            raise ValidationError("hires_upscaler", req.hires.upscaler, "must be a pixel upscaler (lanczos or a "
+                                                                        "model file) when inpainting")
+        tw, th = hires_target(ow, oh, scale)
+        if max(tw, th) > limits.max_side or tw * th > limits.max_pixels:
+            raise ValidationError("hires_scale", scale, f"makes {tw}x{th} after outpainting, over the "
+                                                        f"{limits.max_side}px limit; lower it")
     return out
 
 

@@ -323,7 +323,9 @@ def test_paste_back_is_exact_outside_and_feathered_inside():
     ({"inpaint": InpaintConfig(masked_content="blur")}, "masked_content"),
     ({"inpaint": InpaintConfig(inpaint_area="face")}, "inpaint_area"),
     ({"inpaint": InpaintConfig(mask_blur=-1)}, "mask_blur"),
-    ({"hires": replace(GenerationRequest().hires, scale=2.0)}, "must be 1 \\(off\\) when inpainting"),
+    ({"hires": replace(GenerationRequest().hires, scale=2.0, upscaler="latent")}, "must be a pixel upscaler"),
+    ({"hires": replace(GenerationRequest().hires, scale=8.0), "inpaint": InpaintConfig(outpaint_left=1024)},
+     "after outpainting"),
 ])
 def test_bad_inpaint_input_gets_one_clear_message(engine, change, match):
     req = GenerationRequest(model="tiny", prompt="x", width=64, height=64, init_image=_image(64, 64),
@@ -373,3 +375,44 @@ def test_a1111_inpaint_infotext_is_read():
     assert req.inpaint == InpaintConfig(mask_blur=4, inpaint_area="only masked", inpaint_padding=32,
                                         masked_content="latent noise", mask_mode="inpaint not masked")
     assert req.strength == 0.75
+
+
+def test_controlnet_with_a_mask_gets_the_crop_for_only_masked(tiny, engine):
+    from pipelines.request import ControlUnit
+
+    image, mask = _image(128, 96, seed=6), _rect_mask(128, 96, (70, 40, 100, 70))
+    seen = []
+    real = engine._control_inputs
+
+    def recording(model, req, width, height):
+        seen.append(([u.image.size for u in req.control], (width, height)))
+        return real(model, req, width, height)
+
+    engine._control_inputs = recording  # the engine instance's own method, for this test's engine only
+    req = GenerationRequest(model="tiny", prompt="x", width=128, height=96, steps=2, seed=1, init_image=image,
+                            mask=mask, strength=0.8, control=(ControlUnit(image=image, type="none", scale=0.8),),
+                            inpaint=InpaintConfig(inpaint_area="only masked", inpaint_padding=8))
+    out = np.asarray(engine.generate(req, save=False).images[0])
+    outside = np.asarray(prepare_mask(mask, blur=4, invert=False, soft=False)) == 0
+    assert np.array_equal(out[outside], np.asarray(image)[outside])
+    (crop_size,), processing = seen[-1]
+    assert processing == (64, 64) and crop_size[0] == crop_size[1] < 128  # the square box around the mask
+
+
+def test_hires_refine_repaints_under_the_scaled_mask(tiny, engine):
+    """Inpaint at 64², upscale 2x (Lanczos), refine under the same mask at 128²: outside the scaled blurred mask
+    the result is the Lanczos-upscaled input, inside it changed again."""
+    from pipelines.request import HiresConfig
+
+    image, mask = _image(64, 64, seed=8), _rect_mask(64, 64, (16, 16, 40, 40))
+    req = GenerationRequest(model="tiny", prompt="x", width=64, height=64, steps=2, seed=1, init_image=image,
+                            mask=mask, strength=0.8, hires=HiresConfig(scale=2.0, upscaler="lanczos", denoise=0.5))
+    res = engine.generate(req, unet=PointwiseUNet(), save=False)
+    assert res.images[0].size == (128, 128)
+    big_mask = prepare_mask(mask, blur=4, invert=False, soft=False).resize((128, 128), Image.BILINEAR)
+    outside = np.asarray(prepare_mask(big_mask, blur=4, invert=False, soft=False)) == 0
+    first = engine.generate(replace(req, hires=HiresConfig()), unet=PointwiseUNet(), save=False).images[0]
+    upscaled = np.asarray(first.resize((128, 128), Image.LANCZOS))
+    out = np.asarray(res.images[0])
+    assert np.array_equal(out[outside], upscaled[outside]) and not np.array_equal(out[~outside], upscaled[~outside])
+    assert "Hires upscale: 2" in res.infotexts[0] and "Mask blur: 4" in res.infotexts[0]
