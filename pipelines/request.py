@@ -477,7 +477,10 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
     if req.mask is None and not any(out.outpaint):
         return out
     if req.init_image is None:
-        raise ValidationError("init_image", None, "is required to inpaint or outpaint: upload the image")
+        if req.mask is not None:
+            raise ValidationError("init_image", None, "is required to inpaint: upload the image the mask is for")
+        side = next(n for n, v in sides.items() if v)
+        raise ValidationError(side, sides[side], "needs an init_image to extend: upload the image to outpaint")
     if req.mask is not None:
         check_mask(req.mask, req.init_image, out.soft_inpainting)
     ow, oh = outpaint_size(width, height, out.outpaint)

@@ -316,7 +316,8 @@ def test_paste_back_is_exact_outside_and_feathered_inside():
 @pytest.mark.parametrize("change,match", [
     ({"mask": Image.new("L", (32, 32), 255)}, "must have the image's size 64x64"),
     ({"mask": Image.new("L", (64, 64), 0)}, "all black"),
-    ({"init_image": None}, "is required to inpaint"),
+    ({"init_image": None}, "`init_image` is required to inpaint"),
+    ({"init_image": None, "mask": None, "inpaint": InpaintConfig(outpaint_top=64)}, "`outpaint_top` needs an init"),
     ({"inpaint": InpaintConfig(outpaint_left=8200)}, "outpaint_left"),
     ({"inpaint": InpaintConfig(outpaint_right=4096, outpaint_left=4096)}, "over the 8192px"),
     ({"inpaint": InpaintConfig(outpaint_top=12)}, "multiple of 8"),
