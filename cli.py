@@ -33,6 +33,9 @@ _FIELDS = {
     "feature_cache": "feature_cache", "feature_cache_interval": "feature_cache_interval",
     "feature_cache_branch": "feature_cache_branch", "feature_cache_schedule": "feature_cache_schedule",
     "region_base": "region_base",
+    "mask_blur": "mask_blur", "masked_content": "masked_content", "inpaint_area": "inpaint_area",
+    "inpaint_padding": "inpaint_padding", "inpaint_size": "inpaint_size", "mask_mode": "mask_mode",
+    "soft_inpainting": "soft_inpainting",
 }
 
 
@@ -113,11 +116,43 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--region-base", choices=["rest", "background"],
                    help="where the base prompt acts: rest (only outside the regions; default) or background "
                         "(everywhere, regions blended over it)")
+    _inpaint_args(p)
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",
                    help="a ControlNet unit (repeatable); TYPE = canny | none | depth | openpose | ...")
     c.add_argument("--control-model", action="append", default=[],
                    help="ControlNet model for the unit at the same position (default: matches TYPE)")
+
+
+def _inpaint_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+
+    g = p.add_argument_group("inpainting / outpainting (with --init-image)")
+    g.add_argument("--mask", help="inpainting mask, the image's size: white = repaint (grey = partial with "
+                                  "--soft-inpainting)")
+    g.add_argument("--mask-blur", type=int, help="mask blur in px, the paste-back's feather (default 4)")
+    g.add_argument("--masked-content", choices=MASKED_CONTENT, help="what the masked area starts from")
+    g.add_argument("--inpaint-area", choices=INPAINT_AREAS, help="only masked: inpaint the mask's box at "
+                                                                  "--inpaint-size, then paste it back")
+    g.add_argument("--inpaint-padding", type=int, help="only masked: context px around the mask (default 32)")
+    g.add_argument("--inpaint-size", type=int, help="only masked: long side of the crop while inpainted "
+                                                    "(default: the model's native size)")
+    g.add_argument("--mask-mode", choices=MASK_MODES, help="repaint the white (default) or the black part")
+    g.add_argument("--soft-inpainting", action="store_true", default=None,
+                   help="grey mask levels are per-pixel change strengths (Differential Diffusion)")
+    g.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM", help="extend the canvas by these px "
+                                                                       "(multiples of 8), e.g. 128,128,0,0")
+
+
+def _outpaint_values(text: str) -> dict[str, int]:
+    parts = text.split(",")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) != 4:
+        raise ValidationError("--outpaint", text, "must be four whole numbers LEFT,RIGHT,TOP,BOTTOM, e.g. 128,128,0,0")
+    return {f"outpaint_{n}": v for n, v in zip(("left", "right", "top", "bottom"), sides, strict=True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +211,8 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
         from pipelines.region_spec import parse_region_cli
 
         values["regions"] = tuple(parse_region_cli(text) for text in args.region)
+    if getattr(args, "outpaint", None):
+        values.update(_outpaint_values(args.outpaint))
     return values
 
 
@@ -204,6 +241,10 @@ def _request(args: argparse.Namespace):
     extra: dict[str, Any] = {}
     if args.init_image:
         extra["init_image"] = _load_image(args.init_image, "init_image")
+    if args.mask:
+        from pipelines.inpaint import load_mask
+
+        extra["mask"] = load_mask(Path(args.mask), "mask")
     if args.control:
         models = args.control_model + [None] * len(args.control)
         extra["control"] = tuple(_parse_control(s, models[i], i) for i, s in enumerate(args.control))

@@ -276,6 +276,10 @@ class Engine:
         t0 = time.perf_counter()
         model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
         seeds = [req.seed + i for i in range(req.batch_size)]
+        if req.inpainting:  # a mask or outpainting: prepared, run and pasted back by `pipelines.inpaint_run`
+            from pipelines.inpaint_run import run_inpaint
+
+            return run_inpaint(self, model, req, seeds, callback, cancel, save, unet, low_memory)
         plan = self.plan(req, model)
         dec, enc = self._codec_opts(plan, low_memory, model.device)
         stats = LoopStats()

@@ -64,7 +64,12 @@ _KNOWN_KEYS = frozenset({
     "Model hash", "Model", "Denoising strength", "Clip skip", "Hires upscale", "Hires resize", "Hires steps",
     "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
     "Hires CFG Scale", "Loras", "Version", "Regions", TESSERA_KEY, OLD_TIMELINES_KEY,
+    "Mask blur", "Inpaint area", "Masked area padding", "Masked content", "Mask mode", "Soft inpainting enabled",
 })
+# A1111's inpainting keys and values (modules/processing.py, img2img.py); values are ours lower-cased
+_INPAINT_KEYS = {"Mask blur": "mask_blur", "Inpaint area": "inpaint_area", "Masked area padding": "inpaint_padding",
+                 "Masked content": "masked_content", "Mask mode": "mask_mode",
+                 "Soft inpainting enabled": "soft_inpainting"}
 
 
 # ---------------------------------------------------------------- text helpers
@@ -215,8 +220,39 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
         out[OLD_TIMELINES_KEY] = "True"
     if req.regions:
         out["Regions"] = regions_to_json(req.regions)
+    out.update(_inpaint_fields(req))
     for i, unit in enumerate(req.control):
         out[f"ControlNet {i}"] = _control_text(unit)
+    return out
+
+
+def _inpaint_fields(req: GenerationRequest) -> dict[str, str]:
+    """A1111's inpainting keys, for an image made with a mask or outpainting ("Masked area padding" only with
+    "Inpaint area: Only masked", "Soft inpainting enabled" only when on, as A1111 writes them)."""
+    if not req.inpainting:
+        return {}
+    c = req.inpaint
+    out = {"Mask blur": _number(c.mask_blur), "Inpaint area": c.inpaint_area.capitalize(),
+           "Masked content": c.masked_content, "Mask mode": c.mask_mode.capitalize()}
+    if c.inpaint_area == "only masked":
+        out["Masked area padding"] = _number(c.inpaint_padding)
+    if c.soft_inpainting:
+        out["Soft inpainting enabled"] = "True"
+    return out
+
+
+def _inpaint_values(params: dict[str, str]) -> dict[str, Any]:
+    """The flat inpainting fields of A1111's keys (values compared case-insensitively)."""
+    out: dict[str, Any] = {}
+    for key, name in _INPAINT_KEYS.items():
+        if key not in params:
+            continue
+        if name in ("mask_blur", "inpaint_padding"):
+            out[name] = _int(params, key)
+        elif name == "soft_inpainting":
+            out[name] = params[key].strip().lower() == "true"
+        else:
+            out[name] = params[key].strip().lower()
     return out
 
 
@@ -375,6 +411,7 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
     if "Regions" in params:
         values["regions"] = validate_regions(params["Regions"], values.get("width", base.width),
                                              values.get("height", base.height))
+    values.update(_inpaint_values(params))
     return from_flat(values, base, source="infotext")
 
 
@@ -452,7 +489,7 @@ def _request_from_infotext(text: str, base: GenerationRequest | None) -> Generat
         own = None
     if not isinstance(own, dict):
         raise ValidationError(TESSERA_KEY, raw, "must be a JSON object of Tessera settings, e.g. {\"tile_mode\":\"on\"}")
-    for key in ("control", "init_image"):
+    for key in ("control", "init_image", "mask"):
         if key in own:
             raise ValidationError(key, own[key], "cannot be set from infotext")
     return from_flat(own, req, source=f"the infotext's {TESSERA_KEY} key")

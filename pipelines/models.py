@@ -247,7 +247,7 @@ class ModelManager:
             raise ValidationError("model", name, "must name a model")
         name = name.strip()
         if name in TINY_MODELS:
-            return Source("tiny", name, "sdxl" if name == "tiny-sdxl" else "sd1")
+            return Source("tiny", name, "sdxl" if name.startswith("tiny-sdxl") else "sd1")
         if name in CATALOGUE:
             hub_id, family = CATALOGUE[name]
             return Source("hub", hub_id, family)
@@ -493,7 +493,7 @@ def _warm_up(model: LoadedModel) -> None:
     t0 = time.perf_counter()
     t = torch.tensor(999.0, device=model.device)  # a tensor, like the loop passes: a compiled UNet compiles once
     unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
-    vae.decode(x[:1].to(vae.dtype))
+    vae.decode(x[:1, :vae.config.latent_channels].to(vae.dtype))  # an inpainting UNet takes 9 channels
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     log.info("warm-up of %s took %.2fs", model.name, time.perf_counter() - t0)

@@ -116,6 +116,40 @@ class ControlUnit:
     """Apply the control only to the conditional pass (ControlNet "guess mode")."""
 
 
+@dataclass(frozen=True)
+class InpaintConfig:
+    """Inpainting (a `mask` over `init_image`) and outpainting (extend the canvas); A1111's options. Used only with
+    a mask or a nonzero outpaint side; `strength` is the denoising strength."""
+
+    mask_blur: int = 4
+    """Gaussian blur radius of the mask in pixels (0-64): the feather of the paste-back."""
+    masked_content: str = "original"
+    """What the masked area starts from: original | fill (blurred surroundings) | latent noise | latent nothing."""
+    inpaint_area: str = "whole picture"
+    """whole picture | only masked (crop the mask's box + padding, inpaint it at `inpaint_size`, paste it back)."""
+    inpaint_padding: int = 32
+    """Only masked: pixels of context around the mask's bounding box (0-1024)."""
+    inpaint_size: int | None = None
+    """Only masked: long side of the crop while it is inpainted, multiple of 8; None = the model's native size."""
+    mask_mode: str = "inpaint masked"
+    """inpaint masked (white = repaint) | inpaint not masked (black = repaint)."""
+    soft_inpainting: bool = False
+    """Grey levels are per-pixel change strengths (Differential Diffusion) instead of being thresholded at 50%."""
+    outpaint_left: int = 0
+    """Pixels added on the left (multiple of 8; the result within the size limits); the new area is pre-filled and repainted."""
+    outpaint_right: int = 0
+    """Pixels added on the right."""
+    outpaint_top: int = 0
+    """Pixels added at the top."""
+    outpaint_bottom: int = 0
+    """Pixels added at the bottom."""
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom)."""
+        return self.outpaint_left, self.outpaint_right, self.outpaint_top, self.outpaint_bottom
+
+
 # The UI and the API offer this many ControlNet units, with flat names per unit (`control_name`); the engine and
 # the CLI (`--control`, repeatable) take any number.
 UI_CONTROL_UNITS = 3
@@ -178,14 +212,23 @@ class GenerationRequest:
     region_base: str = "rest"
     """rest (the base prompt only where no region is) | background (the base prompt everywhere, regions blended
     over it)."""
+    mask: Any = None
+    """Inpainting mask over `init_image` (PIL image of the same size; white = repaint, grey = partial with
+    soft inpainting); None = no inpainting."""
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+
+    @property
+    def inpainting(self) -> bool:
+        """A mask or an outpaint side is set: the run goes through `pipelines.inpaint_run`."""
+        return self.mask is not None or any(self.inpaint.outpaint)
 
 
 # Flat names: nested fields get a prefix (hires.scale -> hires_scale, tiling.size -> tile_size).
-_PREFIX = {"hires": "hires_", "tiling": "tile_"}
+_PREFIX = {"hires": "hires_", "tiling": "tile_", "inpaint": ""}
 _FLAT_EXCEPTIONS = {"tile_vae_tiling": "vae_tiling", "tile_vae_tile_size": "vae_tile_size",
                     "tile_vae_tile_mode": "vae_tile_mode",
                     "tile_memory_budget_gb": "memory_budget_gb"}
-_NESTED_TYPES = {"hires": HiresConfig, "tiling": TileConfig}
+_NESTED_TYPES = {"hires": HiresConfig, "tiling": TileConfig, "inpaint": InpaintConfig}
 
 
 def _flat_name(group: str, name: str) -> str:
@@ -200,7 +243,7 @@ def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
         if f.name in _NESTED_TYPES:
             for sub in fields(_NESTED_TYPES[f.name]):
                 out[_flat_name(f.name, sub.name)] = (f.name, sub)
-        elif f.name not in ("control", "init_image"):
+        elif f.name not in ("control", "init_image", "mask"):
             out[f.name] = (None, f)
     return out
 
@@ -220,7 +263,7 @@ def from_flat(values: dict[str, Any], base: GenerationRequest | None = None, *, 
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {g: {} for g in _NESTED_TYPES}
     for key, value in values.items():
-        if key in ("control", "init_image"):
+        if key in ("control", "init_image", "mask"):
             top[key] = value
             continue
         if key not in known:
@@ -474,6 +517,7 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
         tiling=validate_tiling(req.tiling),
         control=tuple(validate_control(u, i) for i, u in enumerate(req.control)),
         **validate_feature_cache(req),
+        inpaint=validate_inpaint(req, width, height, limits),
     )
 
 
@@ -490,6 +534,58 @@ def validate_feature_cache(req: GenerationRequest) -> dict[str, Any]:
                               "no cached tile feature could be reused); set tile_shift off or feature_cache off")
     return dict(feature_cache=mode, feature_cache_interval=interval, feature_cache_branch=branch,
                 feature_cache_schedule=schedule)
+
+
+def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Limits) -> InpaintConfig:
+    """Check the inpainting settings, and the mask and outpaint sizes when they are used."""
+    from pipelines.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, check_mask, outpaint_size
+
+    c = req.inpaint
+    blur, padding = _int("mask_blur", c.mask_blur), _int("inpaint_padding", c.inpaint_padding)
+    _in_range("mask_blur", blur, 0, 64)
+    _in_range("inpaint_padding", padding, 0, 1024)
+    size = _optional_positive_int("inpaint_size", c.inpaint_size, 64, 2048)
+    if size is not None and size % 8:
+        raise ValidationError("inpaint_size", size, f"must be a multiple of 8; try {size - size % 8}")
+    _choice("masked_content", c.masked_content, MASKED_CONTENT)
+    _choice("inpaint_area", c.inpaint_area, INPAINT_AREAS)
+    _choice("mask_mode", c.mask_mode, MASK_MODES)
+    if not isinstance(c.soft_inpainting, bool):
+        raise ValidationError("soft_inpainting", c.soft_inpainting, "must be true or false")
+    sides = {}
+    for side in ("left", "right", "top", "bottom"):
+        name = f"outpaint_{side}"
+        v = sides[name] = _int(name, getattr(c, name))
+        _in_range(name, v, 0, limits.max_side)
+        if v % 8:
+            raise ValidationError(name, v, f"must be a multiple of 8; try {v - v % 8} or {v - v % 8 + 8}")
+    out = replace(c, mask_blur=blur, inpaint_padding=padding, inpaint_size=size, **sides)
+    if req.mask is None and not any(out.outpaint):
+        return out
+    if req.init_image is None:
+        if req.mask is not None:
+            raise ValidationError("init_image", None, "is required to inpaint: upload the image the mask is for")
+        side = next(n for n, v in sides.items() if v)
+        raise ValidationError(side, sides[side], "needs an init_image to extend: upload the image to outpaint")
+    if req.mask is not None:
+        check_mask(req.mask, req.init_image, out.soft_inpainting)
+    ow, oh = outpaint_size(width, height, out.outpaint)
+    if max(ow, oh) > limits.max_side or ow * oh > limits.max_pixels:
+        side = next(n for n, v in sides.items() if v)
+        raise ValidationError(side, sides[side], f"makes {ow}x{oh}, over the {limits.max_side}px / "
+                                                 f"{limits.max_pixels} pixel limit; extend by less")
+    scale = _float("hires_scale", req.hires.scale)
+    if scale not in (0.0, 1.0):  # the refine repaints under the same mask, scaled (`pipelines.inpaint_run`)
+        from pipelines.upscale import is_latent
+
+        if is_latent(req.hires.upscaler):
+            raise ValidationError("hires_upscaler", req.hires.upscaler, "must be a pixel upscaler (lanczos or a "
+                                                                        "model file) when inpainting")
+        tw, th = hires_target(ow, oh, scale)
+        if max(tw, th) > limits.max_side or tw * th > limits.max_pixels:
+            raise ValidationError("hires_scale", scale, f"makes {tw}x{th} after outpainting, over the "
+                                                        f"{limits.max_side}px limit; lower it")
+    return out
 
 
 def parse_lora(spec: str) -> tuple[str, float]:

@@ -115,6 +115,11 @@ class LoopInputs:
     feature_cache: Any = None  # a pipelines.feature_cache.FeatureCache: the UNet calls go through it
     regions: Sequence[Any] = ()  # `pipelines.regions.RegionView`s: extra views with their own prompt and mask
     base_mask: torch.Tensor | None = None  # [h, w] weight of the base prompt when regions are set
+    # inpainting (`pipelines.inpaint`): a hook after each scheduler step (step index, latents) -> latents, channels
+    # concatenated to the UNet input under each tile (9-channel inpainting UNets), and a filter dropping tiles
+    post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    extra_channels: torch.Tensor | None = None  # [1 or B, C, h, w]
+    tile_filter: Callable[[list[Tile]], list[Tile]] | None = None
 
 
 def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats, parts: int = 1,
@@ -151,7 +156,17 @@ def _tiles_for_step(inp: LoopInputs, step: int) -> list[Tile]:
     if spec is None or (spec.size >= h and spec.size >= w):
         return [Tile(0, 0, h, w)]
     offset = grid_offset(inp.seed, step, spec.size, spec.overlap) if spec.shift else (0, 0)
-    return plan_tiles(h, w, spec.size, spec.overlap, offset=offset)
+    tiles = plan_tiles(h, w, spec.size, spec.overlap, offset=offset)
+    return inp.tile_filter(tiles) if inp.tile_filter is not None else tiles
+
+
+def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: list[Tile], n_img: int) -> torch.Tensor:
+    """The UNet input with `inp.extra_channels` under each tile appended (diffusers' order: latents first)."""
+    if inp.extra_channels is None:
+        return model_in
+    extra = inp.extra_channels.to(model_in.device, model_in.dtype).expand(n_img, -1, -1, -1)
+    crops = torch.cat([extra[..., t.y:t.y + t.h, t.x:t.x + t.w] for t in tiles])
+    return torch.cat([model_in, crops.repeat(model_in.shape[0] // crops.shape[0], 1, 1, 1)], dim=1)
 
 
 def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, n_img):
@@ -242,6 +257,7 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
         model_in = torch.cat([crops] * rows) if rows > 1 else crops
         enc, added = _batch_inputs(cond, n, do_cfg)
         down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+        model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
         unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view)
         out = unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
@@ -310,6 +326,8 @@ def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
         step_index = getattr(sched, "step_index", None)
         extra = {"generator": gen} if gen is not None else {}
         latents = sched.step(model_out, t, latents, return_dict=False, **extra)[0]
+        if inp.post_step is not None:
+            latents = inp.post_step(i, latents)
         stats.steps_done += 1
         if inp.callback is not None:
             idx = step_index if step_index is not None else i

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # The UI's and the API's ControlNet units: control_image, control_scale, ... then control2_image, ... (flat names)
 _UNIT_NAMES = [{control_name(i, f): f for f in CONTROL_FIELDS} for i in range(UI_CONTROL_UNITS)]
-_EXTRA_KEYS = {"preset", "init_image", "preview_every", *(n for names in _UNIT_NAMES for n in names)}
+_EXTRA_KEYS = {"preset", "init_image", "preview_every", "mask", "inpaint_editor",
+               *(n for names in _UNIT_NAMES for n in names)}
 _UNIT_FIELD = re.compile(r"control\[(\d+)\]\.(\w+)")
 
 
@@ -121,6 +122,7 @@ class Backend:
         extra: dict[str, Any] = {}
         if values.get("init_image") is not None:
             extra["init_image"] = _image(values["init_image"], "init_image")
+        extra.update(_mask_values(values))
         # units with an image, in order; unit_names[j] = the flat names of the j-th unit sent to the engine
         unit_names = [names for names in _UNIT_NAMES if values.get(next(iter(names))) is not None]
         if unit_names:
@@ -308,6 +310,22 @@ def _control_values(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i, unit in enumerate(control_settings(text, UI_CONTROL_UNITS)):
         out.update({control_name(i, f): v for f, v in unit.items() if f != "type" or v in PREPROCESSORS})
+    return out
+
+
+def _mask_values(values: dict[str, Any]) -> dict[str, Any]:
+    """init_image and mask from the Inpaint tab's brush (its background and strokes) and the uploaded mask, which
+    wins over the strokes."""
+    from pipelines.inpaint import editor_images, load_mask
+
+    out: dict[str, Any] = {}
+    image, painted = editor_images(values.get("inpaint_editor"))
+    if image is not None:
+        out["init_image"] = image
+        if painted is not None:
+            out["mask"] = painted
+    if values.get("mask") is not None:
+        out["mask"] = load_mask(values["mask"], "mask")
     return out
 
 

@@ -60,6 +60,7 @@ class StageSpec:
     regions: Sequence = ()  # `pipelines.region_spec.Region`s: regional prompts
     region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.regions`)
     region_canvas: tuple[int, int] | None = None  # stage-1 (width, height) the regions refer to; None = this size
+    inpaint: Any = None  # a pipelines.inpaint.LatentMask: the mask's loop hooks (with init_latents)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
     device, dtype = model.device, model.dtype
     sched = make_scheduler(spec.sampler, model.pipe.scheduler.config)
     timesteps = _timesteps(sched, spec, device)
-    latent_shape = (model.unet.config.in_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
+    latent_shape = (model.vae.config.latent_channels, spec.height // model.vae_scale, spec.width // model.vae_scale)
     noise, gens = initial_noise(spec.seeds, latent_shape, device, dtype)
     noise = paste_region_noise(noise, spec.regions, spec.seeds, spec.region_canvas or (spec.width, spec.height),
                                model.vae_scale)
@@ -215,7 +216,8 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         init = spec.init_latents.to(device, dtype).expand(len(spec.seeds), -1, -1, -1)
         if not timesteps:
             return StageResult(init.clone(), stats)
-        latents = sched.add_noise(init, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
+        start = init if spec.inpaint is None else spec.inpaint.start_latents(init)  # A1111's masked content
+        latents = sched.add_noise(start, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
     schedule = parse_cfg(spec.cfg)
     base_mask, views = region_views(model, spec, cache, len(timesteps))
     inp = LoopInputs(
@@ -226,5 +228,6 @@ def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
         feature_cache=make_feature_cache(unet or model.unet, len(timesteps), spec.feature_cache),
         regions=views, base_mask=base_mask,
+        **({} if spec.inpaint is None else spec.inpaint.hooks(sched, timesteps, init, noise)),
     )
     return StageResult(denoise(inp, stats), stats)

@@ -122,8 +122,9 @@ def accumulate(canvas: torch.Tensor, wsum: torch.Tensor, tile: Tile, value: torc
 
 
 def finish(canvas: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
-    """Weighted average: canvas / summed weights (float32); every pixel must have been covered."""
-    return canvas / wsum
+    """Weighted average: canvas / summed weights (float32); a pixel no tile covered (inpainting skips tiles with
+    nothing masked) is 0. Covered pixels divide by their own sum, bit for bit."""
+    return canvas / wsum.clamp_min(torch.finfo(wsum.dtype).tiny)
 
 
 def tile_boundaries(tiles: list[Tile], scale: int = 8) -> tuple[list[int], list[int]]:

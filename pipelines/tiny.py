@@ -22,7 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny", "tiny-sdxl")
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-inpaint", "tiny-sdxl-inpaint")
+# Inpainting variants: a UNet with 9 input channels (latents, mask, masked-image latents), like sd-v1-5-inpainting
+INPAINT_MODELS = ("tiny-inpaint", "tiny-sdxl-inpaint")
 TINY_VERSION = "4"  # bump when a config below changes, so cached folders are rebuilt
 SEED = 1234
 
@@ -123,12 +125,12 @@ def _scheduler():
     )
 
 
-def _unet(sdxl: bool):
+def _unet(sdxl: bool, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     common = dict(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -158,8 +160,13 @@ def _unet(sdxl: bool):
 
 
 def build_tiny(name: str, folder: Path) -> Path:
-    """Build the tiny model `name` ("tiny" or "tiny-sdxl") into `folder` as a diffusers pipeline folder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """Build the tiny model `name` (one of TINY_MODELS) into `folder` as a diffusers pipeline folder."""
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTokenizer
 
     if name not in TINY_MODELS:
@@ -169,17 +176,19 @@ def build_tiny(name: str, folder: Path) -> Path:
         _write_tokenizer(Path(tmp) / "tok")
         tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tok")
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
-    sdxl = name == "tiny-sdxl"
-    unet, vae = _unet(sdxl), _vae()
+    sdxl, inpaint = name.startswith("tiny-sdxl"), name in INPAINT_MODELS
+    unet, vae = _unet(sdxl, 9 if inpaint else 4), _vae()
     te1 = _text_encoder(vocab, eos, 32, projection=False)
     if sdxl:
         te2 = _text_encoder(vocab, eos, 32, projection=True)
-        pipe = StableDiffusionXLPipeline(
+        cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+        pipe = cls(
             vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
             unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,  # like SDXL base
         )
     else:
-        pipe = StableDiffusionPipeline(
+        cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+        pipe = cls(
             vae=vae, text_encoder=te1, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )

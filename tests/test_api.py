@@ -158,3 +158,30 @@ def test_api_is_documented_with_named_parameters(client):
     assert all(p["parameter_has_default"] for p in info["named_endpoints"]["/generate"]["parameters"])
     assert {"control_image", "control2_image", "control3_image", "control3_guess_mode"} <= set(gen)
     assert "/upscale" in info["named_endpoints"]
+
+
+def test_inpaint_with_an_uploaded_mask_by_parameter_name(client, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 32, 40))
+    mask.save(tmp_path / "mask.png")
+    files, texts = client.predict(prompt="api inpaint", seed=5, **TINY, init_image=handle_file(str(tmp_path / "photo.png")),
+                                  mask=handle_file(str(tmp_path / "mask.png")), strength=0.9, mask_blur=0,
+                                  inpaint_area="only masked", outpaint_right=16, api_name="/generate")
+    text = check_png(files[0], (80, 64))
+    assert "Mask blur: 0, Inpaint area: Only masked" in text and "Masked area padding: 32" in text
+    with Image.open(files[0]) as out:
+        out_px = np.asarray(out.convert("RGB"))[:, :64]
+    src = np.asarray(Image.open(tmp_path / "photo.png").convert("RGB"))
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(out_px[keep], src[keep]) and not np.array_equal(out_px[~keep], src[~keep])
+    with pytest.raises(AppError, match="`mask` must have the image's size 64x64"):
+        Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+        client.predict(prompt="x", **TINY, init_image=handle_file(str(tmp_path / "photo.png")),
+                       mask=handle_file(str(tmp_path / "small.png")), api_name="/generate")
+    with pytest.raises(AppError, match="`mask`"):  # a path string, not an upload: refused either way
+        client.predict(prompt="x", **TINY, init_image=handle_file(str(tmp_path / "photo.png")),
+                       mask="/etc/passwd", api_name="/generate")

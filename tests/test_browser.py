@@ -240,3 +240,56 @@ def test_uploads_reach_the_backend_as_files(page, app, tmp_path):
         assert "Hires upscaler: lanczos" in served.info["parameters"]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-upscale.png"), full_page=True)
+
+
+def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
+    """Upload an image into the Inpaint tab's editor, paint one stroke, generate: the stroke's area changes and
+    every pixel outside the blurred mask is the input's."""
+    import numpy as np
+
+    from pipelines.inpaint import prepare_mask
+
+    _, engine, _ = app
+    source = Image.fromarray(np.random.default_rng(7).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    source.save(tmp_path / "photo.png")
+    seen = []
+    real = engine.generate
+
+    def recording(req, **kw):
+        seen.append(req)
+        return real(req, **kw)
+
+    engine.generate = recording
+    try:
+        open_advanced(page)
+        set_number(page, "steps", 2)
+        set_number(page, "width", 128)
+        set_number(page, "height", 128)
+        open_advanced(page, "Inpaint")
+        page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
+        page.locator("#inpaint-editor button[aria-label=Brush]").click()
+        canvas = page.locator("#inpaint-editor canvas").first
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 30, cy)
+        page.mouse.down()
+        for dx in range(-30, 31, 5):
+            page.mouse.move(cx + dx, cy)
+        page.mouse.up()
+        page.locator("#prompt textarea").fill("inpaint in the browser")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#infotext textarea').value.startsWith('inpaint in the')")
+    finally:
+        engine.generate = real
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-inpaint.png"), full_page=True)
+    req = seen[-1]
+    assert req.mask is not None and req.mask.getextrema()[1] == 255, "the stroke did not reach the backend"
+    src = next(s for s in gallery_sources(page) if "/gradio_api/file=" in s)
+    with Image.open(io.BytesIO(page.request.get(src).body())) as served:
+        out = np.asarray(served.convert("RGB"))
+    outside = np.asarray(prepare_mask(req.mask, blur=req.inpaint.mask_blur, invert=False, soft=False)) == 0
+    assert 0 < (~outside).sum() < outside.size
+    assert np.array_equal(out[outside], np.asarray(source)[outside])
+    assert not np.array_equal(out[~outside], np.asarray(source)[~outside])

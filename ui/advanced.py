@@ -12,6 +12,7 @@ import gradio as gr
 
 from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import Form, hint, optional_number
+from ui.inpaint_tab import build_inpaint
 
 CFG_HELP = ("7 · linear(4,9) · cosine(9,4) · step(9,5,0.5) · interval(7.5,0.2,0.8), optionally `, rescale=0.7`. "
             "interval() turns guidance off outside the window, saving half the UNet work there.")
@@ -30,6 +31,8 @@ def build_advanced(form: Form, choices: dict[str, Any], values: dict[str, Any]) 
             _tiling(form, values)
         with gr.Tab("img2img"):
             _img2img(form)
+        with gr.Tab("Inpaint", elem_id="inpaint-tab"):
+            build_inpaint(form, values)
     return extra
 
 

@@ -26,7 +26,7 @@ from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_
 from ui.uploads import open_upload
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
-IMAGE_PARAMS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
+IMAGE_PARAMS = ("init_image", "mask", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 
 # /generate's parameters, in order: name -> type (every one optional).
 GENERATE_PARAMS: dict[str, Any] = {
@@ -41,6 +41,10 @@ GENERATE_PARAMS: dict[str, Any] = {
     "memory_budget_gb": float,
     "regions": str, "region_base": str,
     "init_image": FileData, "strength": float,
+    # inpainting (with init_image and/or outpaint_*): the mask file and A1111's options
+    "mask": FileData, "mask_blur": int, "masked_content": str, "inpaint_area": str, "inpaint_padding": int,
+    "inpaint_size": int, "mask_mode": str, "soft_inpainting": bool, "outpaint_left": int, "outpaint_right": int,
+    "outpaint_top": int, "outpaint_bottom": int,
     # ControlNet units: control_image, control_type, ... for the first; control2_image, ... for the next ones
     **{control_name(i, field): kind for i in range(UI_CONTROL_UNITS) for field, kind in (
         ("image", FileData), ("type", str), ("model", str), ("scale", float), ("start", float), ("end", float),

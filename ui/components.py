@@ -16,7 +16,8 @@ from pipelines.request import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
 USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
-                         "regions"})
+                         "regions", "mask_blur", "masked_content", "inpaint_area", "inpaint_padding", "inpaint_size", "mask_mode",
+                         "soft_inpainting", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"})
 
 
 class Form:
@@ -80,12 +81,14 @@ def widget_value(component: gr.components.Component, value: Any) -> Any:
 
 
 INT_FIELDS = frozenset({"width", "height", "steps", "seed", "batch_size", "clip_skip", "hires_steps", "tile_size",
-                        "tile_overlap", "tile_batch", "vae_tile_size", "preview_every",
+                        "tile_overlap", "tile_batch", "vae_tile_size", "preview_every", "mask_blur",
+                        "inpaint_padding", "inpaint_size", "outpaint_left", "outpaint_right", "outpaint_top",
+                        "outpaint_bottom",
                         *(control_name(i, f) for i in range(UI_CONTROL_UNITS) for f in ("low", "high"))})
 # Numbers that may be left empty (= the preset's value or the planner's choice). They are text boxes, because
 # gr.Number shows and sends an empty value as 0.
 OPTIONAL_NUMBERS = frozenset({"hires_denoise", "hires_steps", "tile_size", "tile_overlap", "tile_batch",
-                              "vae_tile_size", "memory_budget_gb"})
+                              "vae_tile_size", "memory_budget_gb", "inpaint_size"})
 
 
 def request_value(name: str, value: Any) -> Any:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_MAX = 60
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
-IMAGE_FIELDS = ("init_image", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
+IMAGE_FIELDS = ("init_image", "mask", "inpaint_editor", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "notes", "results", "selected", "history",
                   "history_gallery")
 # Widgets whose changes change what describe() says (the preset's description, the planner's estimate).
@@ -46,7 +46,7 @@ DESCRIBE_FIELDS = ("preset", "model", "width", "height", "batch_size", "steps", 
 def request_values(values: dict[str, Any]) -> dict[str, Any]:
     """Widget values -> the backend's flat values (None = preset/default); strength only with an init image."""
     out = {name: request_value(name, value) for name, value in values.items()}
-    if out.get("init_image") is None:
+    if out.get("init_image") is None and not (out.get("inpaint_editor") or {}).get("background"):
         out["strength"] = None
     return out
 

@@ -1,0 +1,70 @@
+"""The Generate tab's "Inpaint" settings: a brush over the image (gr.ImageEditor), an uploaded-mask option,
+A1111's inpainting options and outpainting, every widget named by its request field.
+
+The editor's value goes to the backend undecoded (files in Gradio's cache); the backend opens the background and
+the painted layers with its checks and takes the strokes' alpha as the mask (`pipelines.inpaint.editor_images`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from ui.components import Form, hint, optional_number
+
+MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
+OUTPAINT_STEP = 128
+SIDES = ("left", "right", "top", "bottom")
+_ARROWS = {"left": "◀", "right": "▶", "top": "▲", "bottom": "▼"}
+
+
+def build_inpaint(form: Form, v: dict[str, Any]) -> None:
+    """The Inpaint tab's widgets (inside an open gr.Tab); the outpaint buttons are wired here."""
+    hint("Paint over the area to repaint (white brush), or upload a black-and-white mask. Denoise strength (img2img "
+         "tab) sets how much it changes. Outpainting extends the canvas; it works without a mask.")
+    with gr.Row(equal_height=False):
+        form.add("inpaint_editor", gr.ImageEditor(
+            type="filepath", format="png", label="Image and mask (paint what to repaint)", sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"), layers=False,
+            transforms=(), height=360, elem_id="inpaint-editor"))
+        form.add("mask", gr.Image(type="filepath", format="png", label="Or upload a mask (white = repaint)",
+                                  sources=["upload"], height=360, elem_id="inpaint-mask"))
+    with gr.Row():
+        form.add("mask_blur", gr.Slider(0, 64, value=v["mask_blur"], step=1, label="Mask blur",
+                                        info="Feather of the paste-back in px."))
+        form.add("masked_content", gr.Radio(list(MASKED_CONTENT), value=v["masked_content"], label="Masked content",
+                                            info="What the masked area starts from."))
+        form.add("mask_mode", gr.Radio(["inpaint masked", "inpaint not masked"], value=v["mask_mode"],
+                                       label="Mask mode"))
+    with gr.Row():
+        form.add("inpaint_area", gr.Radio(["whole picture", "only masked"], value=v["inpaint_area"],
+                                          label="Inpaint area",
+                                          info="only masked: repaint the mask's box at the model's size, then "
+                                               "paste it back (a face in a 4K image gets 512² or 1024² of detail)."))
+        form.add("inpaint_padding", gr.Slider(0, 256, value=v["inpaint_padding"], step=4,
+                                              label="Only masked padding (px)"))
+        form.add("inpaint_size", optional_number(v["inpaint_size"], "Only masked size", "model's native",
+                                                 "Long side of the crop while inpainted (multiple of 8)."))
+        form.add("soft_inpainting", gr.Checkbox(value=bool(v["soft_inpainting"]), label="Soft inpainting",
+                                                info="Grey mask levels = how much each pixel may change."))
+    _outpaint(form, v)
+
+
+def _outpaint(form: Form, v: dict[str, Any]) -> None:
+    with gr.Row(elem_id="outpaint-row"):
+        for side in SIDES:
+            with gr.Column(min_width=120):
+                box = form.add(f"outpaint_{side}", gr.Number(value=v[f"outpaint_{side}"], precision=0, minimum=0,
+                                                              step=8, label=f"Outpaint {side} (px)",
+                                                              elem_id=f"outpaint-{side}"))
+                button = gr.Button(f"{_ARROWS[side]} +{OUTPAINT_STEP}", size="sm", elem_id=f"outpaint-{side}-more")
+                button.click(_more, inputs=[box], outputs=[box], queue=False, api_visibility="private")
+
+
+def _more(value: Any) -> int:
+    """One outpaint button press: OUTPAINT_STEP more px on that side."""
+    try:
+        return max(0, int(value or 0)) + OUTPAINT_STEP
+    except (TypeError, ValueError):
+        return OUTPAINT_STEP
