@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageChops
 
 from pipelines import vae_io
+from pipelines.feature_cache import cache_settings
 from pipelines.inpaint import (
     LatentMask,
     composite,
@@ -140,6 +141,9 @@ def _inpaint_pass(engine, model, req: GenerationRequest, seeds: list[int], callb
         tiles=engine._tile_spec(plan, req, low_memory),
         control=engine._control_inputs(model, _control(req, work), pw, ph),
         inpaint=_latent_mask(model, work, req, unet, enc),
+        prompt_timeline=req.prompt_timeline, embeddings=engine.embeddings.snapshot(),
+        feature_cache=cache_settings(req), regions=req.regions, region_base=req.region_base,
+        region_canvas=(req.width, req.height),
     )
     latents = run_stage(model, spec, cache=engine.prompt_cache, callback=callback, cancel=cancel, stats=stats,
                         unet=unet).latents

@@ -562,6 +562,10 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
     out = replace(c, mask_blur=blur, inpaint_padding=padding, inpaint_size=size, **sides)
     if req.mask is None and not any(out.outpaint):
         return out
+    if req.regions and (out.inpaint_area != "whole picture" or any(out.outpaint) or req.hires.scale not in (0, 1)):
+        raise ValidationError("regions", f"<{len(req.regions)} regions>", "work with inpainting only on the whole "
+                              "picture without outpainting or hires yet; set inpaint_area to 'whole picture' or "
+                              "drop the regions")
     if req.init_image is None:
         if req.mask is not None:
             raise ValidationError("init_image", None, "is required to inpaint: upload the image the mask is for")
