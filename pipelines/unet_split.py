@@ -192,14 +192,19 @@ def split_for(unet, branch: int) -> SplitUNet:
 
 def shallow_fraction(unet, branch: int, sample_shape: tuple[int, ...], enc_shape: tuple[int, ...],
                      added: dict | None = None) -> float:
-    """FLOPs of a shallow pass / FLOPs of a full pass, counted with torch.utils.flop_counter on meta tensors."""
+    """FLOPs of a shallow pass / FLOPs of a full pass, counted with torch.utils.flop_counter.
+
+    Counted on a meta-device twin built from the UNet's config (no weights, no compute): there SDPA runs as counted
+    matmuls, while torch's counter has no formula for the CPU flash-attention kernel and would miss attention."""
+    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    split = SplitUNet(unet, branch)
-    dev, dt = split.unet.device, split.unet.dtype
-    x = torch.zeros(sample_shape, device=dev, dtype=dt)
-    enc = torch.zeros(enc_shape, device=dev, dtype=dt)
-    t = torch.tensor(500.0, device=dev)
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(getattr(unet, "_orig_mod", unet).config)
+    split = SplitUNet(twin, branch)
+    x, enc = torch.zeros(sample_shape, device="meta"), torch.zeros(enc_shape, device="meta")
+    added = None if added is None else {k: torch.zeros(v.shape, device="meta") for k, v in added.items()}
+    t = torch.tensor(500.0, device="meta")
     with torch.no_grad():
         with FlopCounterMode(display=False) as full_count:
             _, cached = split.full(x, t, enc, added)
