@@ -284,3 +284,18 @@ def test_settings_reach_cli_api_ui_and_the_draft_preset(tmp_path):
     assert all(n in form for n in names)
     draft = load_presets()["draft"].apply()
     assert draft.feature_cache == "on" and draft.feature_cache_interval == 3
+
+
+def test_hires_refine_gets_a_fresh_cache_per_stage(engine, req_factory):
+    import numpy as np
+
+    from pipelines.request import HiresConfig
+
+    kw = dict(seed=9, steps=2, hires=HiresConfig(scale=1.5, steps=2, denoise=0.5))
+    off = engine.generate(req_factory(**kw), save=False)
+    on1 = engine.generate(req_factory(**kw, feature_cache="on", feature_cache_interval=1), save=False)
+    assert np.array_equal(np.asarray(off.images[0]), np.asarray(on1.images[0]))
+    on2 = engine.generate(req_factory(**kw, feature_cache="on", feature_cache_interval=2), save=False)
+    # each stage's schedule starts at its own step 0: full, then shallow (the refine's canvas is 1.5x larger)
+    assert (on2.stats["unet_full_calls"], on2.stats["unet_shallow_calls"]) == (2, 2)
+    assert on2.images[0].size == (96, 96)
