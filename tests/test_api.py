@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -121,7 +123,8 @@ def test_a_submitted_job_reports_progress_and_cancelling_it_stops_the_run(app, c
         time.sleep(0.05)
     files, (text,) = job.outputs()[0]
     assert files == [] and text.startswith("Step 1/150")
-    job.cancel()
+    with contextlib.suppress(httpx.TimeoutException):  # the cancel POST waits for the stop; a loaded CI can pass 5 s
+        job.cancel()
     while not seen["finished"] and time.monotonic() < deadline:
         time.sleep(0.05)
     log.warning("cancelled API job: %d of 150 steps ran, %d after the cancel token was set", seen["steps"],

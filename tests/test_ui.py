@@ -418,15 +418,25 @@ def test_three_control_units_each_with_its_own_fields_and_preview(demo, backend,
     assert Image.open(sent["control3_image"]).size == (8, 8) and sent["control3_scale"] == 0.4
 
 
+def _drain(api_fn, **kwargs) -> list:
+    """Every output of an API function (an async generator: `ui.runner.deliver`)."""
+    import asyncio
+
+    async def drain() -> list:
+        return [item async for item in api_fn(**kwargs)]
+
+    return asyncio.run(drain())
+
+
 def test_api_functions_return_png_files(demo, backend):
     gen = handler(demo, "generate").fn
-    *steps, (files, texts) = gen(prompt="api", width=64, height=64, steps=2, seed=9)
+    *steps, (files, texts) = _drain(gen, prompt="api", width=64, height=64, steps=2, seed=9)
     # progress for clients that submit a job: ([], ["Step 1/2 · about 1 s left"]), ...
     assert [(files, [text.split(" · ")[0]]) for files, (text,) in steps] == [([], ["Step 1/2"]), ([], ["Step 2/2"])]
     assert files[0]["meta"] == {"_type": "gradio.FileData"} and texts[0].startswith("api")
     assert Image.open(files[0]["path"]).info["parameters"] == texts[0]
     with pytest.raises(gr.Error, match="multiple of 8"):
-        list(gen(width=1001))
+        _drain(gen, width=1001)
     assert json.dumps(files)  # plain JSON for the client
 
 
