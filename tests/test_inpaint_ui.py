@@ -28,10 +28,9 @@ def _mask(w=64, h=64) -> Image.Image:
 
 def test_inpaint_fields_are_flat_request_fields():
     assert set(INPAINT_FIELDS) <= set(flat_fields())
-    from pipelines import inpaint
-    from ui import inpaint_tab
+    from pipelines.request import InpaintConfig
 
-    assert inpaint_tab.MASKED_CONTENT == inpaint.MASKED_CONTENT  # the UI cannot import the torch module
+    assert InpaintConfig().outpaint == (0, 0, 0, 0)
 
 
 def test_cli_inpaints_with_mask_and_refuses_a_bad_one(tiny_cache, tmp_path, capsys):
