@@ -115,3 +115,16 @@ def test_request_values_keep_strength_for_the_brush_image():
     editor = {"background": "/tmp/x.png", "layers": []}
     assert request_values({"strength": 0.6, "inpaint_editor": editor})["strength"] == 0.6
     assert request_values({"strength": 0.6})["strength"] is None
+
+
+def test_the_plan_estimate_ignores_outpainting_without_the_image(tmp_path):
+    from ui.generate_events import describe
+
+    class Backend:
+        def describe(self, values):
+            self.values = values
+            return "ok"
+
+    backend = Backend()
+    assert describe(backend, {"width": 64, "outpaint_left": 128, "mask_blur": 4}) == "ok"
+    assert "outpaint_left" not in backend.values and backend.values["mask_blur"] == 4
