@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from pipelines.errors import ValidationError
-from pipelines.request import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT  # noqa: F401 - the choices live there
 from pipelines.tiling import Tile
 
-OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 OUTPAINT_OVERLAP = 32
 """Pixels of the old image next to an outpainted side that are repainted in latent space (the model sees the seam
 and continues the image across it); the paste-back still keeps every old pixel."""
