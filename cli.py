@@ -125,7 +125,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _inpaint_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+    from pipelines.request import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
 
     g = p.add_argument_group("inpainting / outpainting (with --init-image)")
     g.add_argument("--mask", help="inpainting mask, the image's size: white = repaint (grey = partial with "

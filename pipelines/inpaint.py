@@ -32,10 +32,6 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile
 
-MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
-INPAINT_AREAS = ("whole picture", "only masked")
-MASK_MODES = ("inpaint masked", "inpaint not masked")
-OUTPAINT_SIDES = ("left", "right", "top", "bottom")
 OUTPAINT_OVERLAP = 32
 """Pixels of the old image next to an outpainted side that are repainted in latent space (the model sees the seam
 and continues the image across it); the paste-back still keeps every old pixel."""
@@ -114,12 +110,6 @@ def check_mask(mask: Image.Image, image: Image.Image | None, soft: bool) -> None
     if hi < (1 if soft else 128):
         raise ValidationError("mask", "empty", "is all black, so nothing would be repainted; paint (white) the "
                                                "area to repaint")
-
-
-def outpaint_size(width: int, height: int, sides: Sequence[int]) -> tuple[int, int]:
-    """The canvas size after extending (width, height) by (left, right, top, bottom) pixels."""
-    left, right, top, bottom = sides
-    return width + left + right, height + top + bottom
 
 
 # ---------------------------------------------------------------- pixel-space preparation

@@ -116,6 +116,11 @@ class ControlUnit:
     """Apply the control only to the conditional pass (ControlNet "guess mode")."""
 
 
+MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
+INPAINT_AREAS = ("whole picture", "only masked")
+MASK_MODES = ("inpaint masked", "inpaint not masked")
+
+
 @dataclass(frozen=True)
 class InpaintConfig:
     """Inpainting (a `mask` over `init_image`) and outpainting (extend the canvas); A1111's options. Used only with
@@ -538,8 +543,6 @@ def validate_feature_cache(req: GenerationRequest) -> dict[str, Any]:
 
 def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Limits) -> InpaintConfig:
     """Check the inpainting settings, and the mask and outpaint sizes when they are used."""
-    from pipelines.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, check_mask, outpaint_size
-
     c = req.inpaint
     blur, padding = _int("mask_blur", c.mask_blur), _int("inpaint_padding", c.inpaint_padding)
     _in_range("mask_blur", blur, 0, 64)
@@ -572,8 +575,10 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
         side = next(n for n, v in sides.items() if v)
         raise ValidationError(side, sides[side], "needs an init_image to extend: upload the image to outpaint")
     if req.mask is not None:
+        from pipelines.inpaint import check_mask
+
         check_mask(req.mask, req.init_image, out.soft_inpainting)
-    ow, oh = outpaint_size(width, height, out.outpaint)
+    ow, oh = width + out.outpaint_left + out.outpaint_right, height + out.outpaint_top + out.outpaint_bottom
     if max(ow, oh) > limits.max_side or ow * oh > limits.max_pixels:
         side = next(n for n, v in sides.items() if v)
         raise ValidationError(side, sides[side], f"makes {ow}x{oh}, over the {limits.max_side}px / "

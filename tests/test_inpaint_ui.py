@@ -28,10 +28,9 @@ def _mask(w=64, h=64) -> Image.Image:
 
 def test_inpaint_fields_are_flat_request_fields():
     assert set(INPAINT_FIELDS) <= set(flat_fields())
-    from pipelines import inpaint
-    from ui import inpaint_tab
+    from pipelines.request import InpaintConfig
 
-    assert inpaint_tab.MASKED_CONTENT == inpaint.MASKED_CONTENT  # the UI cannot import the torch module
+    assert InpaintConfig().outpaint == (0, 0, 0, 0)
 
 
 def test_cli_inpaints_with_mask_and_refuses_a_bad_one(tiny_cache, tmp_path, capsys):
@@ -116,3 +115,16 @@ def test_request_values_keep_strength_for_the_brush_image():
     editor = {"background": "/tmp/x.png", "layers": []}
     assert request_values({"strength": 0.6, "inpaint_editor": editor})["strength"] == 0.6
     assert request_values({"strength": 0.6})["strength"] is None
+
+
+def test_the_plan_estimate_ignores_outpainting_without_the_image(tmp_path):
+    from ui.generate_events import describe
+
+    class Backend:
+        def describe(self, values):
+            self.values = values
+            return "ok"
+
+    backend = Backend()
+    assert describe(backend, {"width": 64, "outpaint_left": 128, "mask_blur": 4}) == "ok"
+    assert "outpaint_left" not in backend.values and backend.values["mask_blur"] == 4

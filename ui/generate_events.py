@@ -102,7 +102,8 @@ def seed_of(results: dict, index: int | None) -> Any:
 
 def describe(backend: Any, values: dict[str, Any]) -> str:
     """The backend's description and estimate; advisory, so a failure shows as a note, never an error."""
-    request = {k: v for k, v in request_values(values).items() if k not in IMAGE_FIELDS}
+    # without the images (and so without outpainting, which needs one): the estimate of the stage-1 settings
+    request = {k: v for k, v in request_values(values).items() if k not in IMAGE_FIELDS and not k.startswith("outpaint_")}
     try:
         return backend.describe(request)
     except Exception as exc:  # the estimate must never break the page

@@ -11,9 +11,9 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.request import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
 from ui.components import Form, hint, optional_number
 
-MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
 OUTPAINT_STEP = 128
 SIDES = ("left", "right", "top", "bottom")
 _ARROWS = {"left": "◀", "right": "▶", "top": "▲", "bottom": "▼"}
@@ -35,10 +35,10 @@ def build_inpaint(form: Form, v: dict[str, Any]) -> None:
                                         info="Feather of the paste-back in px."))
         form.add("masked_content", gr.Radio(list(MASKED_CONTENT), value=v["masked_content"], label="Masked content",
                                             info="What the masked area starts from."))
-        form.add("mask_mode", gr.Radio(["inpaint masked", "inpaint not masked"], value=v["mask_mode"],
+        form.add("mask_mode", gr.Radio(list(MASK_MODES), value=v["mask_mode"],
                                        label="Mask mode"))
     with gr.Row():
-        form.add("inpaint_area", gr.Radio(["whole picture", "only masked"], value=v["inpaint_area"],
+        form.add("inpaint_area", gr.Radio(list(INPAINT_AREAS), value=v["inpaint_area"],
                                           label="Inpaint area",
                                           info="only masked: repaint the mask's box at the model's size, then "
                                                "paste it back (a face in a 4K image gets 512² or 1024² of detail)."))
