@@ -110,7 +110,8 @@ def pick(page, elem_id: str, option: str) -> None:
 
 
 def open_advanced(page, tab: str = "Sampling") -> None:
-    """Open the Advanced accordion (when closed) and one of its tabs."""
+    """Open the Generate tab, its Advanced accordion (when closed) and one of the accordion's tabs."""
+    page.get_by_role("tab", name="Generate").first.click()  # an earlier test may have left another tab open
     if not page.locator("#advanced [role=tablist]").is_visible():
         page.locator("#advanced").get_by_text("Advanced settings").click()
     page.locator("#advanced").get_by_role("tab", name=tab).first.click()
@@ -261,6 +262,8 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
 
     engine.generate = recording
     try:
+        page.goto(app[0])  # a fresh page: earlier tests leave a preset's hires, a control image, ... in the form
+        page.wait_for_selector("#generate")
         open_advanced(page)
         set_number(page, "steps", 2)
         set_number(page, "width", 128)
