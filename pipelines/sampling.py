@@ -12,7 +12,7 @@ Used by txt2img, img2img, the hires refine pass and tiled runs alike. Per step (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -190,19 +190,10 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
         canvas_c, wsum = new_canvas(*x_in.shape, device=x_in.device)
         canvas_u, wsum_u = new_canvas(*x_in.shape, device=x_in.device) if do_cfg else (None, None)
     per_call = len(tiles) if spec is None else max(1, spec.batch)
-    for i in range(0, len(tiles), per_call):
-        _check_cancel(inp.cancel)
-        group = tiles[i:i + per_call]
-        crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
-        n = crops.shape[0]
-        model_in = torch.cat([crops, crops]) if do_cfg else crops
-        enc, added = _batch_inputs(cond, n, do_cfg)
-        down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
-        out = inp.unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
-                       down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       return_dict=False)[0]
+    groups = [tiles[i:i + per_call] for i in range(0, len(tiles), per_call)]
+    for group, out in zip(groups, _batch_outputs(inp, x_in, t, cond, groups, step, steps, do_cfg), strict=True):
         stats.unet_calls += 1
-        stats.unet_evals += model_in.shape[0] // b
+        stats.unet_evals += (2 if do_cfg else 1) * len(group)
         out_u, out_c = out.chunk(2) if do_cfg else (None, out)
         if single:
             return out_c, out_u
@@ -215,6 +206,41 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
     out_c = finish(canvas_c, wsum).to(x_in.dtype)
     out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
     return out_c, out_u
+
+
+def _unet_batch(inp: LoopInputs, unet, x_in, t, cond: Conditioning, group, step, steps, do_cfg, device=None):
+    """One UNet call (+ ControlNet) on a batch of tiles: [uncond, cond] outputs, on `device` (None: x_in's)."""
+    b = x_in.shape[0]
+    crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
+    n = crops.shape[0]
+    model_in = torch.cat([crops, crops]) if do_cfg else crops
+    enc, added = _batch_inputs(cond, n, do_cfg)
+    if device is not None and device != x_in.device:  # a replica on another device (`pipelines.multi_device`)
+        from pipelines.multi_device import to_device
+
+        model_in, t, enc, added = to_device((model_in, t, enc, added), device)
+    down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+    return unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
+                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+def _batch_outputs(inp: LoopInputs, x_in, t, cond: Conditioning, groups, step, steps, do_cfg):
+    """The UNet outputs of each batch of tiles, in order: one after the other on `inp.unet`, or spread over
+    several devices' replicas and gathered here when `inp.unet` is a `TileReplicas` that splits this step."""
+    splits = getattr(inp.unet, "splits", None)
+    if splits is None or not splits(len(groups)):
+        for group in groups:
+            _check_cancel(inp.cancel)
+            yield _unet_batch(inp, inp.unet, x_in, t, cond, group, step, steps, do_cfg)
+        return
+    _check_cancel(inp.cancel)
+
+    def run(index: int, unet, device, group):
+        _check_cancel(inp.cancel)
+        local = replace(inp, control=inp.unet.control_for(index, inp.control))
+        return _unet_batch(local, unet, x_in, t, cond, group, step, steps, do_cfg, device)
+
+    yield from inp.unet.map(run, groups, x_in.device)
 
 
 @torch.no_grad()

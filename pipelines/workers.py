@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
+from pipelines.multi_device import SPLIT_MODES
 from pipelines.stages import PromptCache
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,17 @@ class WorkerPool:
     decoded on its own device), else the first worker's.
     """
 
-    def __init__(self, engines: list[Any], names: list[str] | None = None):
+    def __init__(self, engines: list[Any], names: list[str] | None = None, *, split: str = "auto"):
         if not engines:
             raise ValueError("a worker pool needs at least one engine")
+        if split not in SPLIT_MODES:
+            raise ValidationError("split_image", split, f"must be one of {', '.join(SPLIT_MODES)}")
         names = names or [f"worker{i}" for i in range(len(engines))]
         self.workers = [Worker(n, e) for n, e in zip(names, engines, strict=True)]
+        self.split = split
         self._idle = threading.Condition()
         self._local = threading.local()
+        self._gathering = 0  # split jobs waiting for every worker: single jobs let them go first
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -140,7 +145,10 @@ class WorkerPool:
         return self.first.count_tokens(model_name, text)
 
     def generate(self, req, *, callback=None, cancel=None, **kw):
-        """Run `req` on the next idle worker (waiting for one, cancellable); stats["worker"] names it."""
+        """Run `req` on the next idle worker (waiting for one, cancellable); stats["worker"] names it. A large
+        tiled image goes to every worker at once, its tile batches spread over their devices (`split`)."""
+        if self._splits(req):
+            return self._generate_split(req, callback, cancel, **kw)
         with self._worker(cancel) as worker:
             result = worker.engine.generate(req, callback=callback, cancel=cancel, **kw)
         result.stats["worker"] = worker.name
@@ -151,6 +159,59 @@ class WorkerPool:
             result = worker.engine.upscale(image, callback=callback, cancel=cancel, **kw)
         result.stats["worker"] = worker.name
         return result
+
+    # ------------------------------------------------------------ one image across the workers
+    def _splits(self, req) -> bool:
+        """Whether `req` runs across every worker: split on, or auto with at least as many tile batches per step
+        (the final stage's plan, with the first worker's model when it has it loaded) as workers."""
+        if len(self.workers) < 2 or self.split == "off":
+            return False
+        if self.split == "on":
+            return True
+        from pipelines.request import hires_target
+
+        req = self.first.check(req)
+        current = self.first.manager.current
+        model = current if current is not None and current.name == req.model else None
+        size = hires_target(req.width, req.height, req.hires.scale) if req.hires.enabled else (req.width, req.height)
+        plan = self.first.plan(req, model, width=size[0], height=size[1])
+        return plan.tiled and plan.unet_evals_per_step >= len(self.workers)
+
+    def _generate_split(self, req, callback, cancel, **kw):
+        from pipelines.multi_device import TileReplicas
+
+        with self._every_worker(cancel) as workers:
+            main = workers[0].engine
+            models = [w.engine.manager.get(req.model, loras=req.loras, allow_paths=main.allow_paths) for w in workers]
+            replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on")
+            result = main.generate(req, callback=callback, cancel=cancel, unet=replicas, **kw)
+        calls = "+".join(map(str, replicas.calls))
+        result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls))
+        result.stats["plan"] = f"{result.stats.get('plan', '')}; split over {len(workers)} devices: UNet calls {calls}"
+        return result
+
+    @contextmanager
+    def _every_worker(self, cancel) -> Iterator[list[Worker]]:
+        with self._idle:
+            self._gathering += 1
+            try:
+                while any(w.busy for w in self.workers):
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledError("generation stopped while waiting for the devices")
+                    self._idle.wait(timeout=0.1)
+                for w in self.workers:
+                    w.busy, w.jobs = True, w.jobs + 1
+            finally:
+                self._gathering -= 1
+        self._local.worker = self.workers[0]
+        try:
+            yield self.workers
+        finally:
+            self._local.worker = None
+            with self._idle:
+                for w in self.workers:
+                    w.busy = False
+                self._idle.notify_all()
 
     # ------------------------------------------------------------ dispatching
     @contextmanager
@@ -170,7 +231,7 @@ class WorkerPool:
         with self._idle:
             while True:
                 for w in self.workers:
-                    if not w.busy:
+                    if not w.busy and not self._gathering:
                         w.busy, w.jobs = True, w.jobs + 1
                         return w
                 if cancel is not None and cancel.is_set():
@@ -180,7 +241,7 @@ class WorkerPool:
 
 def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_dir: Path | str | None = "outputs",
                *, dtype: str = "auto", attention: str = "sdpa", compile_unet: bool = False, offload: bool = False,
-               limits=None) -> WorkerPool:
+               limits=None, split: str = "auto", allow_paths: bool = False) -> WorkerPool:
     """One ModelManager + Engine per device (nothing is loaded until a job needs it). Workers on devices of one
     type share the prompt cache."""
     from pipelines.engine import Engine
@@ -190,11 +251,11 @@ def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_di
     for device in devices:
         manager = ModelManager(models_dir, device=device, dtype=dtype, attention=attention,
                                compile_unet=compile_unet, offload=offload)
-        engines.append(Engine(manager, outputs_dir, limits=limits))
+        engines.append(Engine(manager, outputs_dir, limits=limits, allow_paths=allow_paths))
     if len(engines) > 1 and len({d.split(":")[0] for d in devices}) == 1:
         shared = SharedPromptCache()
         for e in engines:
             e.prompt_cache = shared
     names = [f"{i}:{d}" for i, d in enumerate(devices)]
     log.info("serving on %d worker(s): %s", len(engines), ", ".join(names))
-    return WorkerPool(engines, names)
+    return WorkerPool(engines, names, split=split)
