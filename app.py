@@ -37,9 +37,10 @@ def ui_parser() -> argparse.ArgumentParser:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """--devices (a worker per device) and --ray (a Ray Serve cluster of workers)."""
-    from pipelines.workers import DEVICES_HELP
+    from pipelines.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
 
     p.add_argument("--devices", default=None, help=DEVICES_HELP)
+    p.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="serve through a Ray Serve cluster: start a local one, or join ADDRESS (e.g. ray://head:10001 "
                         "or auto); needs `pip install \"ray[serve]\"`")
@@ -82,7 +83,7 @@ def build_demo(args: argparse.Namespace):
         engine = WorkerPool([Engine(manager, args.out)], [f"0:{devices[0]}"])
     else:
         engine = build_pool(devices, args.models_dir, args.out, dtype=args.dtype, attention=args.attention,
-                            compile_unet=args.compile, offload=args.offload)
+                            compile_unet=args.compile, offload=args.offload, split=args.split_image)
     if args.model:
         engine.default_model = args.model
     notice = engine.manager.availability(engine.default_model)

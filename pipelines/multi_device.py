@@ -25,11 +25,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SPLIT_MODES = ("auto", "on", "off")
-SPLIT_HELP = ("one tiled image across --devices: auto = when a step has at least as many tile batches as devices, "
-              "on = always, off = never (each job on one device)")
-
-
 class TileReplicas:
     """UNet replicas [(unet, device), ...] (the first on the canvas device) and per-replica UNet call counts."""
 

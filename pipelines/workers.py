@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
-from pipelines.multi_device import SPLIT_MODES
-from pipelines.stages import PromptCache
+from pipelines.lru import LRUCache
 
 log = logging.getLogger(__name__)
 
 DEVICES_HELP = ("devices to serve on, one worker each: all (every CUDA GPU) | cuda:0,cuda:1,... | cpu,cpu "
                 "(default: --device, i.e. the first GPU)")
+SPLIT_MODES = ("auto", "on", "off")
+SPLIT_HELP = ("one tiled image across --devices: auto = when a step has at least as many tile batches as devices, "
+              "on = always, off = never (each job on one device)")
 
 
 def parse_devices(text: str | None, default: str = "auto", *, cuda_count: int | None = None) -> list[str]:
@@ -52,12 +54,12 @@ def parse_devices(text: str | None, default: str = "auto", *, cuda_count: int | 
     return devices
 
 
-class SharedPromptCache(PromptCache):
+class SharedPromptCache(LRUCache):
     """The prompt cache shared by workers on devices of one type (text embeddings are small; keys name the model
     and its LoRAs). Dict updates are locked; encoding runs outside the lock (two workers may both encode once)."""
 
     def __init__(self, size: int = 64):
-        super().__init__(size)
+        super().__init__(size)  # the same size as `pipelines.stages.PromptCache`
         self._lock = threading.Lock()
 
     def get(self, key, make: Callable[[], Any]) -> Any:

@@ -109,3 +109,15 @@ def test_app_devices_option_builds_a_pool_and_matching_queue(tiny_cache, tmp_pat
     demo = build_demo(args)
     limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
     assert limits == {2}
+
+
+def test_cli_devices_option_builds_a_splitting_pool(tiny_cache, tmp_path):
+    from cli import _engine, build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "tiny", "--devices", "cpu,cpu", "--split-image", "on",
+                                      "--models-dir", str(tmp_path)])
+    engine = _engine(args)
+    assert isinstance(engine, WorkerPool) and len(engine) == 2 and engine.split == "on"
+    assert all(w.engine.allow_paths for w in engine.workers)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--split-image", "sometimes"])
