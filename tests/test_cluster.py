@@ -86,6 +86,18 @@ def test_the_same_seed_gives_the_embedded_engines_pixels(client, engine):
     assert texts[0] == local.infotexts[0]
 
 
+def test_upscale_runs_on_a_worker_and_is_saved_by_the_ingress(cluster, client, tmp_path):
+    from gradio_client import handle_file
+
+    src = tmp_path / "small.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    file, text = client.predict(image=handle_file(str(src)), upscaler="lanczos", scale=2, api_name="/upscale")
+    with Image.open(file) as img:
+        assert img.size == (128, 128) and img.info["parameters"] == text
+    assert "Hires upscaler: lanczos" in text
+    assert list(cluster[1].outputs_dir.rglob("*.png"))  # saved on the ingress's disk
+
+
 def test_a_bad_request_is_refused_at_the_ingress_with_the_usual_message(client):
     from gradio_client.exceptions import AppError
 
@@ -130,12 +142,12 @@ def test_killing_a_replica_mid_job_gives_a_retried_success_and_the_server_keeps_
     import ray
 
     _, engine = cluster
-    job = client.submit(**{**TINY, "steps": 40, "width": 192, "height": 192}, seed=9, api_name="/generate")
+    job = client.submit(**{**TINY, "steps": 16, "width": 128, "height": 128}, seed=9, api_name="/generate")
     _wait_for_progress(job)
     (started,) = engine.running.values()
     ray.kill(started.actor, no_restart=True)
     files, texts = job.result(timeout=240)  # the retry on the other replica: a whole, valid image
-    assert assert_valid_png(files[0], (192, 192)) == texts[0] and "Seed: 9" in texts[0]
+    assert assert_valid_png(files[0], (128, 128)) == texts[0] and "Seed: 9" in texts[0]
     last = engine.history[-1]
     assert last["retried"] and last["worker"] != started.worker
     files, _ = client.predict(**TINY, seed=10, api_name="/generate")
