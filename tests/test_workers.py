@@ -121,3 +121,13 @@ def test_cli_devices_option_builds_a_splitting_pool(tiny_cache, tmp_path):
     assert all(w.engine.allow_paths for w in engine.workers)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--split-image", "sometimes"])
+
+
+def test_cli_bad_devices_is_one_line_and_exit_2(tiny_cache, tmp_path, capsys):
+    from cli import main
+
+    code = main(["generate", "--model", "tiny", "--prompt", "x", "--devices", "gpu0", "--models-dir", str(tmp_path),
+                 "--out", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: `devices` must be all, or a comma list")
