@@ -131,3 +131,46 @@ def test_cli_bad_devices_is_one_line_and_exit_2(tiny_cache, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: `devices` must be all, or a comma list")
+
+
+class _Meeting:
+    """An engine that waits at a barrier before generating: two jobs pass it only if they run at the same time."""
+
+    def __init__(self, engine, barrier: threading.Barrier):
+        self._engine, self._barrier = engine, barrier
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate(self, req, **kw):
+        self._barrier.wait()
+        return self._engine.generate(req, **kw)
+
+
+@pytest.mark.xdist_group("gradio-app")
+def test_two_api_callers_run_at_once_on_two_workers(pool, tmp_path):
+    import socket
+
+    from gradio_client import Client
+
+    from pipelines.service import make_backend
+    from tests.conftest import assert_valid_png
+    from ui.app import create_demo, launch_kwargs
+
+    barrier = threading.Barrier(2, timeout=60)
+    meeting = WorkerPool([_Meeting(w.engine, barrier) for w in pool.workers], [w.name for w in pool.workers])
+    meeting.default_model = "tiny"
+    demo = create_demo(make_backend(meeting), workers=len(meeting))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+        jobs = [client.submit(prompt="x", model="tiny", width=64, height=64, steps=2, seed=i, api_name="/generate")
+                for i in range(2)]
+        for job in jobs:
+            assert_valid_png(job.result(timeout=120)[0][0])
+    finally:
+        demo.close()
+    assert not barrier.broken
