@@ -43,7 +43,7 @@ SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusio
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # One load at a time per process: managers of several workers (`pipelines.workers`) loading at once crashed in
 # from_pretrained ("Cannot copy out of meta tensor"): its empty-weights initialisation is process-wide state.
-LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
