@@ -34,7 +34,21 @@ def ui_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--queue-size", type=int, default=16, help="maximum waiting requests before new ones are refused")
+    add_worker_args(p)
     return p
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """--devices (a worker per device) and --ray (a Ray Serve cluster of workers)."""
+    from pipelines.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
+
+    p.add_argument("--devices", default=None, help=DEVICES_HELP)
+    p.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="serve through a Ray Serve cluster: start a local one, or join ADDRESS (e.g. ray://head:10001 "
+                        "or auto); needs `pip install \"ray[serve]\"`")
+    p.add_argument("--min-workers", type=int, default=1, help="Ray: fewest TesseraWorker replicas (default 1)")
+    p.add_argument("--max-workers", type=int, default=None, help="Ray: most replicas (default: --min-workers)")
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -73,15 +87,33 @@ def build_demo(args: argparse.Namespace):
     from pipelines.service import make_backend
     from ui.app import create_demo
 
-    manager = ModelManager(args.models_dir, device=args.device, dtype=args.dtype, attention=args.attention,
-                           compile_unet=args.compile, offload=args.offload)
-    engine = Engine(manager, args.out)
+    if getattr(args, "ray", None) is not None:
+        return _build_ray_demo(args)
+    from pipelines.workers import WorkerPool, build_pool, parse_devices
+
+    devices = parse_devices(getattr(args, "devices", None), args.device)
+    if len(devices) == 1:
+        manager = ModelManager(args.models_dir, device=devices[0], dtype=args.dtype, attention=args.attention,
+                               compile_unet=args.compile, offload=args.offload)
+        engine = WorkerPool([Engine(manager, args.out)], [f"0:{devices[0]}"])
+    else:
+        engine = build_pool(devices, args.models_dir, args.out, dtype=args.dtype, attention=args.attention,
+                            compile_unet=args.compile, offload=args.offload, split=args.split_image)
     if args.model:
         engine.default_model = args.model
-    notice = manager.availability(engine.default_model)
+    notice = engine.manager.availability(engine.default_model)
     if notice:
         log.warning("%s", notice)
-    return create_demo(make_backend(engine), queue_size=args.queue_size)
+    return create_demo(make_backend(engine), queue_size=args.queue_size, workers=len(engine))
+
+
+def _build_ray_demo(args: argparse.Namespace):
+    """The UI as the one ingress of a Ray Serve cluster of TesseraWorker replicas (`pipelines.cluster`)."""
+    from pipelines.cluster import connect
+    from ui.app import create_demo
+
+    backend = connect(args)
+    return create_demo(backend, queue_size=args.queue_size, workers=backend.engine.max_workers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster after)")
     g.add_argument("--offload", action="store_true", help="keep weights on CPU, move each model to the GPU when used")
     g.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    _device_args(g)
+
+
+def _device_args(g) -> None:
+    """--devices / --split-image: one image's tile batches spread over several devices (`pipelines.multi_device`)."""
+    from pipelines.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
+
+    g.add_argument("--devices", default=None, help=DEVICES_HELP)
+    g.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -219,8 +228,13 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 def _engine(args: argparse.Namespace):
     from pipelines.engine import Engine
     from pipelines.models import ModelManager
+    from pipelines.workers import build_pool, parse_devices
 
-    manager = ModelManager(args.models_dir, device=args.device, dtype=args.dtype, attention=args.attention,
+    devices = parse_devices(args.devices, args.device)
+    if len(devices) > 1:
+        return build_pool(devices, args.models_dir, args.out, dtype=args.dtype, attention=args.attention,
+                          compile_unet=args.compile, offload=args.offload, split=args.split_image, allow_paths=True)
+    manager = ModelManager(args.models_dir, device=devices[0], dtype=args.dtype, attention=args.attention,
                            compile_unet=args.compile, offload=args.offload)
     return Engine(manager, args.out, allow_paths=True)
 

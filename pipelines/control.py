@@ -363,7 +363,10 @@ def load_controlnet(spec: str, *, device: torch.device | str = "cpu", dtype: tor
     resolved = resolve_controlnet(spec, models_dir, allow_paths=allow_paths)
     stamp = resolved.stat().st_mtime_ns if isinstance(resolved, Path) else 0
     key = (str(resolved), stamp, str(device), dtype)
-    return _controlnets.get(key, lambda: _load_controlnet(resolved, spec, device, dtype))
+    from pipelines.models import LOAD_LOCK
+
+    with LOAD_LOCK:  # workers on several devices load at once; from_pretrained is not thread-safe
+        return _controlnets.get(key, lambda: _load_controlnet(resolved, spec, device, dtype))
 
 
 def _load_controlnet(resolved: str | Path, spec: str, device: torch.device | str, dtype: torch.dtype):

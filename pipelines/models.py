@@ -42,6 +42,9 @@ TAESD_CATALOGUE = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl
 SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# One load at a time per process: managers of several workers (`pipelines.workers`) loading at once crashed in
+# from_pretrained ("Cannot copy out of meta tensor"): its empty-weights initialisation is process-wide state.
+LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -274,10 +277,12 @@ class ModelManager:
             cur = self._current
             if cur is None or cur.name != name:
                 self.unload()
-                cur = self._current = self._load(name, self.resolve(name, allow_paths=allow_paths))
+                with LOAD_LOCK:
+                    cur = self._current = self._load(name, self.resolve(name, allow_paths=allow_paths))
                 self._tokenizers[name] = cur.tokenizers[0]  # the token counter keeps it after a switch
             if cur.loras != tuple(loras):
-                self._apply_loras(cur, tuple(loras))
+                with LOAD_LOCK:
+                    self._apply_loras(cur, tuple(loras))
             return cur
 
     def unload(self) -> None:

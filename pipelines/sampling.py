@@ -12,7 +12,7 @@ Used by txt2img, img2img, the hires refine pass and tiled runs alike. Per step (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -248,22 +248,11 @@ def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps,
     if not single:
         canvas_c, wsum, canvas_u, wsum_u = canvases or _new_canvases(x_in, do_cfg)
     per_call = len(tiles) if spec is None else max(1, spec.batch)
-    for i in range(0, len(tiles), per_call):
-        _check_cancel(inp.cancel)
-        group = tiles[i:i + per_call]
-        crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
-        n = crops.shape[0]
-        rows = len(cond.weights) + (1 if do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
-        model_in = torch.cat([crops] * rows) if rows > 1 else crops
-        enc, added = _batch_inputs(cond, n, do_cfg)
-        down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
-        model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
-        unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view)
-        out = unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
-                   down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                   return_dict=False)[0]
+    groups = [tiles[i:i + per_call] for i in range(0, len(tiles), per_call)]
+    outputs = _batch_outputs(inp, x_in, t, cond, groups, step, steps, do_cfg, stats, view)
+    for group, out in zip(groups, outputs, strict=True):
         stats.unet_calls += 1
-        stats.unet_evals += model_in.shape[0] // b
+        stats.unet_evals += (len(cond.weights) + (1 if do_cfg else 0)) * len(group)
         out_u, out_c = _split_parts(out, cond, do_cfg)
         if single:
             return out_c, out_u
@@ -300,6 +289,47 @@ def _needs_uncond(inp: LoopInputs, scale: float, cond: Conditioning, step: int) 
     """The unconditional pass is needed with guidance, or for AND weights not summing to 1 (any view)."""
     weights = [cond.weights, *(r.conditioning(step).weights for r in inp.regions)]
     return any(needs_uncond_for(scale, w) for w in weights)
+
+
+def _unet_batch(inp: LoopInputs, unet, x_in, t, cond: Conditioning, group, step, steps, do_cfg, stats, view=0,
+                device=None):
+    """One UNet call (+ ControlNet) on a batch of tiles: the [uncond,] cond (AND parts: cond_1..cond_k) row blocks'
+    outputs, on `device` (None: x_in's). `unet` None is the loop's own: the UNet or its feature cache."""
+    b = x_in.shape[0]
+    crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
+    n = crops.shape[0]
+    rows = len(cond.weights) + (1 if do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
+    model_in = torch.cat([crops] * rows) if rows > 1 else crops
+    enc, added = _batch_inputs(cond, n, do_cfg)
+    if device is not None and device != x_in.device:  # a replica on another device (`pipelines.multi_device`)
+        from pipelines.multi_device import to_device
+
+        model_in, t, enc, added = to_device((model_in, t, enc, added), device)
+    down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+    model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
+    if unet is None:
+        unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view)
+    return unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
+                down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+def _batch_outputs(inp: LoopInputs, x_in, t, cond: Conditioning, groups, step, steps, do_cfg, stats, view=0):
+    """The UNet outputs of each batch of tiles, in order: one after the other on `inp.unet`, or spread over
+    several devices' replicas and gathered here when `inp.unet` is a `TileReplicas` that splits this step."""
+    splits = getattr(inp.unet, "splits", None)
+    if splits is None or not splits(len(groups)):
+        for group in groups:
+            _check_cancel(inp.cancel)
+            yield _unet_batch(inp, None, x_in, t, cond, group, step, steps, do_cfg, stats, view)
+        return
+    _check_cancel(inp.cancel)
+
+    def run(index: int, unet, device, group):
+        _check_cancel(inp.cancel)
+        local = replace(inp, control=inp.unet.control_for(index, inp.control))
+        return _unet_batch(local, unet, x_in, t, cond, group, step, steps, do_cfg, stats, view, device)
+
+    yield from inp.unet.map(run, groups, x_in.device)
 
 
 @torch.no_grad()

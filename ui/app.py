@@ -31,8 +31,11 @@ HEADER = ("# Tessera\nFast high-resolution Stable Diffusion: pick a preset, writ
 DELETE_CACHE = (3600, 6 * 3600)
 
 
-def create_demo(backend: Any, *, queue_size: int = 16) -> gr.Blocks:
-    """The whole app: Generate, Upscale and PNG info tabs plus the /generate and /upscale API endpoints."""
+def create_demo(backend: Any, *, queue_size: int = 16, workers: int = 1) -> gr.Blocks:
+    """The whole app: Generate, Upscale and PNG info tabs plus the /generate and /upscale API endpoints.
+
+    `workers` is how many jobs the backend runs at once (one per device or cluster replica): the "gpu" queue's
+    concurrency."""
     choices = backend.choices()
     gpu = GpuCalls(backend)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
@@ -52,7 +55,15 @@ def create_demo(backend: Any, *, queue_size: int = 16) -> gr.Blocks:
         _wire_send_to_generate(send, info, gen, tabs)
         add_api(gpu)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    set_gpu_concurrency(demo, workers)
     return demo
+
+
+def set_gpu_concurrency(demo: gr.Blocks, workers: int) -> None:
+    """Every event in the "gpu" queue may run `workers` at once (Gradio takes the smallest limit of an id)."""
+    for fn in demo.fns.values():
+        if fn.concurrency_id == "gpu":
+            fn.concurrency_limit = max(1, int(workers))
 
 
 def _wire_send_to_generate(send: gr.Button, info: Any, gen: Any, tabs: gr.Tabs) -> None:
