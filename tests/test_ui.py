@@ -361,7 +361,8 @@ def png_file(folder: Path, size: tuple[int, int], color="black") -> str:
 
 def test_image_widgets_hand_over_files_not_decoded_images(demo):
     images = [c for c in demo.blocks.values() if isinstance(c, gr.Image) and c.interactive is not False]
-    assert sorted(c.label for c in images) == ["Control image"] * 3 + ["Image", "Image to upscale", "Initial image"]
+    assert sorted(c.label for c in images) == ["Control image"] * 3 + ["Image", "Image to upscale", "Initial image",
+                                                         "Or upload a mask (white = repaint)"]
     assert all(c.type == "filepath" and c.image_mode is None for c in images)  # image_mode would convert = decode
 
 

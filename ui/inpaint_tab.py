@@ -28,7 +28,7 @@ def build_inpaint(form: Form, v: dict[str, Any]) -> None:
             type="filepath", format="png", label="Image and mask (paint what to repaint)", sources=["upload", "clipboard"],
             brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"), layers=False,
             transforms=(), height=360, elem_id="inpaint-editor"))
-        form.add("mask", gr.Image(type="filepath", format="png", label="Or upload a mask (white = repaint)",
+        form.add("mask", gr.Image(type="filepath", image_mode=None, format="png", label="Or upload a mask (white = repaint)",
                                   sources=["upload"], height=360, elem_id="inpaint-mask"))
     with gr.Row():
         form.add("mask_blur", gr.Slider(0, 64, value=v["mask_blur"], step=1, label="Mask blur",
