@@ -1,12 +1,15 @@
-"""The one denoising loop: tiles x CFG x ControlNet x previews x cancel.
+"""The one denoising loop: views x tiles x CFG x AND x ControlNet x previews x cancel.
 
-Used by txt2img, img2img, the hires refine pass and tiled runs alike. Per step (DESIGN.md):
-1. for each batch of tiles (one tile = the whole canvas when untiled), crop the latents and the control
-   images, run the UNet on [uncond, cond] (cond only when this step's guidance scale is 1);
-2. accumulate cond and uncond outputs on the canvas with per-tile weights and divide by the weight sum;
-3. apply guidance (schedule + rescale) ONCE on the whole canvas and take ONE scheduler step, so every
-   scheduler works without per-tile state;
-4. report progress (with the predicted x0 for previews) and check the cancel token.
+Used by txt2img, img2img, inpainting, the hires refine pass and tiled runs alike. Per step (docs/ARCHITECTURE.md):
+1. plan the views: one tile = the whole canvas when untiled, else the step's tiles (inpainting drops the tiles
+   with nothing to repaint); regional prompts add one view per region over the tiles its mask touches;
+2. for each batch of tiles of a view, crop the latents and the control maps and run the UNet on
+   [uncond, cond_1..cond_k] rows (k AND parts; no uncond where this step's guidance scale is 1), through the
+   feature cache when it is on, spread over several devices' replicas when the image is split;
+3. accumulate the outputs on the canvas with per-tile (x region mask) weights and divide by the weight sum;
+4. apply guidance (schedule + rescale) ONCE on the whole canvas and take ONE scheduler step, so every
+   scheduler works without per-tile state; then the post-step hook (inpainting's latent blend);
+5. report progress (with the predicted x0 for previews) and check the cancel token.
 """
 
 from __future__ import annotations

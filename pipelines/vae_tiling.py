@@ -1,6 +1,6 @@
 """Tiled VAE decode/encode for diffusers ``AutoencoderKL`` with whole-image GroupNorm statistics.
 
-Design (see DESIGN.md, "Tiled VAE"). Decoding: ``post_quant_conv``, ``conv_in`` and the mid-block (with its
+Design (README, "Tiled diffusion and tiled VAE"). Decoding: ``post_quant_conv``, ``conv_in`` and the mid-block (with its
 global self-attention) run ONCE on the whole latent: that is latent resolution, so cheap. The up-blocks, where
 the memory goes, run tile by tile, *layer by layer*: the up path is cut into stages that each start at a
 GroupNorm (``norm -> act -> conv``, ``norm -> act -> conv + skip [-> upsample]``, ``norm_out -> act -> conv_out``).
