@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin
 
 from pipelines import errors
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.service import Backend, Done, Progress, _image, _Timer
+from pipelines.service import Backend, Done, Progress, _image, _Timer, safe_preview
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,7 @@ class TesseraWorker:
             put(Failed("TesseraError", f"the worker failed unexpectedly ({type(exc).__name__}: {exc})"))
 
     def _preview(self, denoised) -> Image.Image | None:
-        from pipelines.vae_io import preview
-
-        model = self.engine.manager.current
-        try:
-            return preview(model, denoised) if model is not None else None
-        except Exception as exc:  # a preview must never break a generation
-            log.warning("preview failed: %s", exc)
-            return None
+        return safe_preview(self.engine, denoised)
 
 
 def _replica_identity() -> tuple[str, Any]:

@@ -201,14 +201,7 @@ class Backend:
                 log.info("stopped after the last denoising step: the images were finished and are saved")
 
     def _preview(self, denoised) -> Image.Image | None:
-        from pipelines.vae_io import preview
-
-        model = self.engine.manager.current
-        try:
-            return preview(model, denoised) if model is not None else None
-        except Exception as exc:  # a preview must never break a generation
-            log.warning("preview failed: %s", exc)
-            return None
+        return safe_preview(self.engine, denoised)
 
     # ------------------------------------------------------------ small services
     def describe(self, values: dict[str, Any]) -> str:
@@ -299,6 +292,19 @@ class Backend:
         if name not in presets:
             raise ValidationError("preset", name, f"must be one of: {', '.join(presets)}")
         return dict(presets[name].values)
+
+
+def safe_preview(engine, denoised) -> Image.Image | None:
+    """A TAESD preview of the predicted x0 on the engine's current model; None (logged) if it cannot be made: a
+    preview must never break a generation."""
+    from pipelines.vae_io import preview
+
+    model = engine.manager.current
+    try:
+        return preview(model, denoised) if model is not None else None
+    except Exception as exc:
+        log.warning("preview failed: %s", exc)
+        return None
 
 
 def _control_values(text: str) -> dict[str, Any]:
