@@ -118,3 +118,44 @@ def assert_valid_png(path, size: tuple[int, int] = (64, 64)) -> str:
     assert text, f"{Path(path).name} has no parameters"
     request_from_infotext(text)
     return text
+
+
+@pytest.fixture
+def tiny(manager):
+    """The built-in tiny SD1 model, loaded (cached by the session's manager)."""
+    return manager.get("tiny")
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir: Path):
+    """A PromptEncoder over the tiny SD1 tokenizer and text encoder."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipelines.prompt_encoding import PromptEncoder
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_dir: Path):
+    """A PromptEncoder over the tiny SDXL's two tokenizers and text encoders."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from pipelines.prompt_encoding import PromptEncoder
+
+    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
+    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
+                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")]
+    return PromptEncoder(tokenizers, encoders, sdxl=True)
+
+
+def stage_spec(**kw):
+    """A small txt2img StageSpec (64², DDIM, CFG 7, seed 3); keywords override any field."""
+    from pipelines.stages import StageSpec
+
+    base = dict(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=4, sampler="DDIM", cfg="7",
+                seeds=[3])
+    base.update(kw)
+    return StageSpec(**base)
+

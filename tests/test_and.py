@@ -10,7 +10,8 @@ from pipelines.composable import MAX_AND_PARTS, check_and_parts, split_and
 from pipelines.errors import ValidationError
 from pipelines.guidance import apply_cfg, parse_cfg, scales_for_steps
 from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, denoise
-from pipelines.stages import StageSpec, run_stage
+from pipelines.stages import run_stage
+from tests.conftest import stage_spec
 
 
 def text_term(enc: torch.Tensor, channels: int) -> torch.Tensor:
@@ -89,16 +90,7 @@ def test_request_validation_refuses_too_many_parts():
         validate(GenerationRequest(hires=HiresConfig(scale=2, prompt=" AND ".join("abcdefghij"))))
 
 
-@pytest.fixture
-def tiny(manager):
-    return manager.get("tiny")
-
-
-def _spec(**kw) -> StageSpec:
-    base = dict(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=4, sampler="DDIM", cfg="7",
-                seeds=[3])
-    base.update(kw)
-    return StageSpec(**base)
+_spec = stage_spec
 
 
 def test_one_part_equals_the_plain_prompt_bit_for_bit(tiny, engine):

@@ -20,24 +20,6 @@ from pipelines.errors import ValidationError
 from pipelines.prompt_encoding import PLACEHOLDER, PromptEncoder, count_tokens_with, tokenize_chunks
 
 
-@pytest.fixture(scope="module")
-def sd(tiny_dir: Path) -> PromptEncoder:
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
-    return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir: Path) -> PromptEncoder:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")]
-    return PromptEncoder(tokenizers, encoders, sdxl=True)
-
-
 def _write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.safetensors"

@@ -3,6 +3,8 @@ pass counts against the schedule, and the request/metadata plumbing."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from pipelines.guidance import needs_uncond, parse_cfg, scales_for_steps
 from pipelines.sampling import TileSpec
 from pipelines.stages import StageSpec, run_stage
 from pipelines.unet_split import SplitUNet, branch_count, shallow_fraction
+from tests.conftest import stage_spec
 
 
 def _tiny_unet(sdxl: bool):
@@ -129,16 +132,7 @@ class ClosedFormParts:
         return (self.full(x, t, encoder_hidden_states)[0],)
 
 
-def _spec(**kw) -> StageSpec:
-    base = dict(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=7, sampler="DDIM", cfg="7",
-                seeds=[3])
-    base.update(kw)
-    return StageSpec(**base)
-
-
-@pytest.fixture
-def tiny(manager):
-    return manager.get("tiny")
+_spec = partial(stage_spec, steps=7)
 
 
 def test_cached_run_equals_the_formula(tiny, engine):

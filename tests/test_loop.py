@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from pipelines.guidance import parse_cfg, scales_for_steps
 from pipelines.sampling import ControlInput, TileSpec
 from pipelines.schedulers import sampler_names
 from pipelines.stages import StageSpec, run_stage
+from tests.conftest import stage_spec
 
 
 class PointwiseUNet:
@@ -36,16 +39,7 @@ class PointwiseUNet:
         return (out.to(sample.dtype),)
 
 
-def _spec(**kw) -> StageSpec:
-    base = dict(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=6, sampler="DDIM", cfg="7",
-                seeds=[3])
-    base.update(kw)
-    return StageSpec(**base)
-
-
-@pytest.fixture
-def tiny(manager):
-    return manager.get("tiny")
+_spec = partial(stage_spec, steps=6)
 
 
 def test_schedule_followed_and_scale_one_steps_make_one_pass(tiny, engine):

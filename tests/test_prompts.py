@@ -211,24 +211,6 @@ def test_schedule_switch_step(steps: int, when: int) -> None:
 # ---------------------------------------------------------------- encoding on the tiny models
 
 
-@pytest.fixture(scope="module")
-def sd(tiny_dir: Path) -> PromptEncoder:
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
-    return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], sdxl=False)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir: Path) -> PromptEncoder:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")]
-    return PromptEncoder(tokenizers, encoders, sdxl=True)
-
-
 LONG = " ".join(["abcd"] * 80)  # character-level tokenizer: 4 tokens a word, 320 tokens
 
 

@@ -4,6 +4,8 @@ region, seeds per region, the hires scale, and bad-input messages."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -20,8 +22,9 @@ from pipelines.region_spec import (
 )
 from pipelines.regions import latent_box, paste_region_noise, region_masks, views_per_step
 from pipelines.sampling import TileSpec
-from pipelines.stages import StageSpec, run_stage
+from pipelines.stages import run_stage
 from pipelines.tiling import plan_tiles
+from tests.conftest import stage_spec
 
 
 def text_term(enc: torch.Tensor, channels: int) -> torch.Tensor:
@@ -49,16 +52,7 @@ class TextUNet:
         return (out.to(sample.dtype),)
 
 
-@pytest.fixture
-def tiny(manager):
-    return manager.get("tiny")
-
-
-def _spec(**kw) -> StageSpec:
-    base = dict(prompt="a meadow", negative_prompt="blur", width=256, height=192, steps=3, sampler="DDIM", cfg="6",
-                seeds=[5])
-    base.update(kw)
-    return StageSpec(**base)
+_spec = partial(stage_spec, prompt="a meadow", width=256, height=192, steps=3, cfg="6", seeds=[5])
 
 
 def _run(model, engine, **kw):
