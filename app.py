@@ -40,7 +40,7 @@ def ui_parser() -> argparse.ArgumentParser:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     """--devices (a worker per device) and --ray (a Ray Serve cluster of workers)."""
-    from pipelines.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
+    from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
 
     p.add_argument("--devices", default=None, help=DEVICES_HELP)
     p.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
@@ -83,13 +83,13 @@ def share_warning(share: bool, auth: object | None) -> str | None:
 def build_demo(args: argparse.Namespace):
     """Compose the engine with the UI (no weights are loaded until the first request)."""
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
-    from pipelines.service import make_backend
+    from pipelines.models.manager import ModelManager
+    from pipelines.serving.service import make_backend
     from ui.app import create_demo
 
     if getattr(args, "ray", None) is not None:
         return _build_ray_demo(args)
-    from pipelines.workers import WorkerPool, build_pool, parse_devices
+    from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
 
     devices = parse_devices(getattr(args, "devices", None), args.device)
     if len(devices) == 1:
@@ -108,8 +108,8 @@ def build_demo(args: argparse.Namespace):
 
 
 def _build_ray_demo(args: argparse.Namespace):
-    """The UI as the one ingress of a Ray Serve cluster of TesseraWorker replicas (`pipelines.cluster`)."""
-    from pipelines.cluster import connect
+    """The UI as the one ingress of a Ray Serve cluster of TesseraWorker replicas (`pipelines.serving.cluster`)."""
+    from pipelines.serving.cluster import connect
     from ui.app import create_demo
 
     backend = connect(args)

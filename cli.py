@@ -53,8 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _device_args(g) -> None:
-    """--devices / --split-image: one image's tile batches spread over several devices (`pipelines.multi_device`)."""
-    from pipelines.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
+    """--devices / --split-image: one image's tile batches spread over several devices (`pipelines.serving.multi_device`)."""
+    from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
 
     g.add_argument("--devices", default=None, help=DEVICES_HELP)
     g.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
@@ -217,7 +217,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora:
         values["loras"] = tuple(args.lora)
     if args.region:
-        from pipelines.region_spec import parse_region_cli
+        from pipelines.denoise.region_spec import parse_region_cli
 
         values["regions"] = tuple(parse_region_cli(text) for text in args.region)
     if getattr(args, "outpaint", None):
@@ -227,8 +227,8 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 def _engine(args: argparse.Namespace):
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
-    from pipelines.workers import build_pool, parse_devices
+    from pipelines.models.manager import ModelManager
+    from pipelines.serving.workers import build_pool, parse_devices
 
     devices = parse_devices(args.devices, args.device)
     if len(devices) > 1:
@@ -256,7 +256,7 @@ def _request(args: argparse.Namespace):
     if args.init_image:
         extra["init_image"] = _load_image(args.init_image, "init_image")
     if args.mask:
-        from pipelines.inpaint import load_mask
+        from pipelines.edit.inpaint import load_mask
 
         extra["mask"] = load_mask(Path(args.mask), "mask")
     if args.control:

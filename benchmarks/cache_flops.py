@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.realsize import SD15_UNET, SDXL_UNET
-from pipelines.feature_cache import full_steps
-from pipelines.unet_split import shallow_fraction
+from pipelines.denoise.feature_cache import full_steps
+from pipelines.denoise.unet_split import shallow_fraction
 
 RESULT = Path(__file__).resolve().parent / "results" / "feature-cache-flops.md"
 CASES = (("SD 1.5", SD15_UNET, 256), ("SD 1.5", SD15_UNET, 512), ("SDXL", SDXL_UNET, 1024))

@@ -16,12 +16,12 @@ import torch
 from benchmarks.measure import NotMeasured, UNetCounter
 from benchmarks.realsize import REAL_MODELS, ensure_real, ensure_taesd
 from benchmarks.settings import NEGATIVE, PROMPT, SAMPLER, SEED, Settings, Sizes, sizes_for
+from pipelines.denoise.schedulers import make_scheduler
+from pipelines.denoise.stages import initial_noise
 from pipelines.engine import Engine
-from pipelines.models import LoadedModel, ModelManager
+from pipelines.models.manager import LoadedModel, ModelManager
+from pipelines.models.tiny import TINY_MODELS
 from pipelines.request import GenerationRequest
-from pipelines.schedulers import make_scheduler
-from pipelines.stages import initial_noise
-from pipelines.tiny import TINY_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Context:
         return GenerationRequest(**base)
 
     def noise(self, width: int, height: int) -> torch.Tensor:
-        """The app's initial noise for SEED (`pipelines.stages.initial_noise`), handed to diffusers as `latents`."""
+        """The app's initial noise for SEED (`pipelines.denoise.stages.initial_noise`), handed to diffusers as `latents`."""
         shape = (self.model.unet.config.in_channels, height // self.model.vae_scale, width // self.model.vae_scale)
         return initial_noise([SEED], shape, self.device, self.model.dtype)[0]
 

@@ -4,7 +4,7 @@ Speed and memory depend on the architecture and the tensor shapes, not on the we
 built from the real configs (written out below) measures what the real one would. The folders are written once
 with `save_pretrained` (fp16 weights, about 2 GB for SD 1.5 and 7 GB for SDXL) and loaded back through the app's
 `ModelManager` like any local diffusers folder. The text encoders keep their real sizes but use the tiny
-character-level tokenizer (`pipelines.tiny._write_tokenizer`), so no vocabulary file is needed. A random-weight
+character-level tokenizer (`pipelines.models.tiny._write_tokenizer`), so no vocabulary file is needed. A random-weight
 TAESD (the real TAESD architecture: `AutoencoderTiny()` defaults) is written next to them as `taesd`/`taesdxl`,
 where `ModelManager` looks for one, and a random tile ControlNet (`ControlNetModel.from_unet`) as
 `controlnet/<name>-tile`, which the engine's two-stage refine picks up (presets/ultra.json uses one).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.tiny import _scheduler, _write_tokenizer, save_taesd
+from pipelines.models.tiny import _scheduler, _write_tokenizer, save_taesd
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from benchmarks.context import Context, load_context
 from benchmarks.measure import NotMeasured, load_average, measured_run
 from benchmarks.settings import CFG, INTERVAL_CFG, NEGATIVE, PROMPT, SEED, Settings
+from pipelines.denoise.stages import initial_noise
 from pipelines.engine import Engine
-from pipelines.stages import initial_noise
 
 log = logging.getLogger(__name__)
 BATCH = 4

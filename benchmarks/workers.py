@@ -6,7 +6,7 @@
 
 The same jobs (distinct seeds) run first on worker 0 alone, then on every worker at once (a caller thread per
 worker); images/minute = jobs / wall time. The scaling table takes the ultra preset's refine plan at 4096² (the
-planner's tiles and tile batch for the budget given) and `pipelines.multi_device.expected_speedup` with the
+planner's tiles and tile batch for the budget given) and `pipelines.serving.multi_device.expected_speedup` with the
 per-batch UNet time measured here on worker 0 at that tile shape, and the once-per-step time (guidance and
 scheduler step on the whole canvas) measured at 4096².
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines.multi_device import expected_speedup
 from pipelines.request import GenerationRequest
-from pipelines.workers import WorkerPool, build_pool, parse_devices
+from pipelines.serving.multi_device import expected_speedup
+from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
 
 log = logging.getLogger(__name__)
 

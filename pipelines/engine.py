@@ -14,17 +14,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipelines import vae_io
-from pipelines.embeddings import EmbeddingLibrary, ti_hashes
+from pipelines.denoise.feature_cache import cache_settings
+from pipelines.denoise.loop import ControlInput, LoopStats, StepInfo, TileSpec
+from pipelines.denoise.schedulers import check_sampler
+from pipelines.denoise.stages import PromptCache, StageSpec, run_stage
 from pipelines.errors import OutOfMemoryError, ValidationError
-from pipelines.feature_cache import cache_settings
 from pipelines.heap import tune_heap
 from pipelines.hires import hires_denoise, hires_warning, refine_spec, upscale_latents_or_pixels
 from pipelines.lru import LRUCache
 from pipelines.metadata import infotext
-from pipelines.model_sizes import known_sizes
-from pipelines.models import LoadedModel, ModelManager
+from pipelines.models.manager import LoadedModel, ModelManager
+from pipelines.models.sizes import known_sizes
+from pipelines.models.upscalers import concrete_upscaler, resolve_upscaler
 from pipelines.planner import Plan, available_ram, free_device_memory, plan_generation
+from pipelines.prompts.embeddings import EmbeddingLibrary, ti_hashes
 from pipelines.request import (
     DEFAULT_MODEL,
     GenerationRequest,
@@ -34,13 +37,10 @@ from pipelines.request import (
     resolve_seed,
     validate,
 )
-from pipelines.sampling import ControlInput, LoopStats, StepInfo, TileSpec
 from pipelines.saving import save_png
-from pipelines.schedulers import check_sampler
-from pipelines.stages import PromptCache, StageSpec, run_stage
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
-from pipelines.upscale import concrete_upscaler, resolve_upscaler
-from pipelines.vae_tiling import decode_splits
+from pipelines.vae import io as vae_io
+from pipelines.vae.tiling import decode_splits
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _vae_store(model: LoadedModel | None, width: int, height: int, budget: int |
 def _check_control_names(unit, i: int, models_dir: Path) -> None:
     """A unit's preprocessor and ControlNet names, refused before any model loads (no paths outside models/)."""
     from pipelines.control import PREPROCESSORS, resolve_controlnet
-    from pipelines.control_units import TINY_CONTROLNET
+    from pipelines.control.units import TINY_CONTROLNET
 
     if unit.type not in PREPROCESSORS:
         raise ValidationError(f"control[{i}].type", unit.type, f"must be one of {', '.join(PREPROCESSORS)}")
@@ -103,7 +103,7 @@ def _check_control_names(unit, i: int, models_dir: Path) -> None:
 
 
 def loop_finished(cancel: Any) -> None:
-    """Tell a run's cancel token that the last denoising step is done (`pipelines.service.RunToken`).
+    """Tell a run's cancel token that the last denoising step is done (`pipelines.serving.service.RunToken`).
 
     The loop checks the token before each step and each tile batch, never after the last one, so from here the
     decode and the saving run to the end whatever the token says; the token passes this on to the stream, which
@@ -113,7 +113,7 @@ def loop_finished(cancel: Any) -> None:
         finished()
 def max_and_parts(req: GenerationRequest) -> int:
     """The most AND parts of any prompt the run encodes (main, hires, regions): UNet rows besides uncond."""
-    from pipelines.composable import split_and
+    from pipelines.prompts.composable import split_and
 
     texts = [req.prompt, req.hires.prompt or "", *(r.prompt for r in req.regions)]
     return max(len(split_and(t)) if isinstance(t, str) else 1 for t in texts)
@@ -136,7 +136,7 @@ def preload_libraries() -> None:
     import diffusers
     import transformers
 
-    from pipelines.schedulers import SAMPLERS
+    from pipelines.denoise.schedulers import SAMPLERS
 
     names = ["DiffusionPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "AutoencoderKL",
              "AutoencoderTiny", "ControlNetModel", "UNet2DConditionModel", *{c for c, _ in SAMPLERS.values()}]
@@ -276,8 +276,8 @@ class Engine:
         t0 = time.perf_counter()
         model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
         seeds = [req.seed + i for i in range(req.batch_size)]
-        if req.inpainting:  # a mask or outpainting: prepared, run and pasted back by `pipelines.inpaint_run`
-            from pipelines.inpaint_run import run_inpaint
+        if req.inpainting:  # a mask or outpainting: prepared, run and pasted back by `pipelines.edit.run`
+            from pipelines.edit.run import run_inpaint
 
             return run_inpaint(self, model, req, seeds, callback, cancel, save, unet, low_memory)
         plan = self.plan(req, model)
@@ -342,7 +342,7 @@ class Engine:
         if not req.hires.control_tile:
             return (), None
         from pipelines.control import load_controlnet
-        from pipelines.control_units import tile_model_name
+        from pipelines.control.units import tile_model_name
         from pipelines.errors import ModelError
 
         try:
@@ -360,7 +360,7 @@ class Engine:
     def _control_inputs(self, model, req, width, height):
         if not req.control:
             return ()
-        from pipelines.control_units import prepare_units
+        from pipelines.control.units import prepare_units
 
         return prepare_units(model, req.control, width, height, self.manager.models_dir)
 
@@ -419,8 +419,8 @@ class Engine:
                 seed: int = -1, cfg: str = "7", sampler: str = "DPM++ 2M Karras", callback: Callback | None = None,
                 cancel=None, save: bool = True) -> GenerationResult:
         """Upscale an existing image with a pixel upscaler, then (denoise > 0) refine it with img2img."""
+        from pipelines.models.upscalers import is_latent, upscale_image
         from pipelines.request import check_name, check_text, validate_hires
-        from pipelines.upscale import is_latent, upscale_image
 
         if not isinstance(image, Image.Image):
             raise ValidationError("image", type(image).__name__, "must be an image (PNG, JPEG or WebP)")
@@ -459,7 +459,7 @@ class Engine:
     # ---------------------------------------------------------------- small services for the UI
     def count_tokens(self, model_name: str, text: str) -> str:
         """"83/150 tokens, 2 chunks" for the UI's token counter (loads only the tokenizer, never weights)."""
-        from pipelines.prompt_encoding import count_tokens_with
+        from pipelines.prompts.encoding import count_tokens_with
 
         tokenizer = self.manager.tokenizer(model_name)
         counts = self.embeddings.counts()

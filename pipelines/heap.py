@@ -3,7 +3,7 @@
 By default glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so tile buffers of a
 few to a few dozen MB end up in the heap, where blocks of many sizes fragment it and freed memory is not handed
 back: streaming the tiny VAE's tiles at 2048² grew the process by 1.5 GB for 170 MB of live tensors. With
-equal tile shapes (`pipelines.vae_stages.crop_span`) and fixed thresholds (buffers below 64 MB from the heap,
+equal tile shapes (`pipelines.vae.stages.crop_span`) and fixed thresholds (buffers below 64 MB from the heap,
 where equal sizes reuse each other; larger ones mmap'ed and returned on free; up to 512 MB of free heap kept
 rather than returned and faulted in again) the same decode grows it by 0.3 GB at the same speed (layer-wise:
 1.5 GB -> 0.7 GB). Returning all free memory at once (a small trim threshold) would cost twice the time in page

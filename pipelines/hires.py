@@ -8,10 +8,10 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from pipelines import vae_io
+from pipelines.denoise.stages import StageSpec
+from pipelines.models.upscalers import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
 from pipelines.request import GenerationRequest, hires_target
-from pipelines.stages import StageSpec
-from pipelines.upscale import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
+from pipelines.vae import io as vae_io
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def refine_spec(req: GenerationRequest, stage1: StageSpec, init_latents: torch.T
     """The refine pass: its own steps/sampler/prompt/cfg when given, else stage 1's; strength = hires denoise.
 
     Its prompts are scheduled in A1111's hires form (`first_pass_steps` = stage 1's steps): with the default
-    timeline `[a:b:1.5]` switches half-way through the refine's steps (`pipelines.prompts.prompts_per_step`)."""
+    timeline `[a:b:1.5]` switches half-way through the refine's steps (`pipelines.prompts.parser.prompts_per_step`)."""
     h = req.hires
     tw, th = hires_target(req.width, req.height, h.scale)
     return replace(

@@ -27,11 +27,11 @@ from typing import Any
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from pipelines.denoise.guidance import GuidanceSchedule, format_cfg, parse_cfg
+from pipelines.denoise.region_spec import regions_to_json, validate_regions
+from pipelines.denoise.schedulers import SAMPLERS, schedule_type
 from pipelines.errors import ValidationError
-from pipelines.guidance import GuidanceSchedule, format_cfg, parse_cfg
-from pipelines.region_spec import regions_to_json, validate_regions
 from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
-from pipelines.schedulers import SAMPLERS, schedule_type
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ The memory model is deliberately rough and stated here so it can be recalibrated
   around 2 GB above its weights -> ~64 KB;
 * VAE decode: ~4.5 KB per output pixel at fp16 (SD 1.5's VAE needs ~1.2 GB of activations at 512²), one image
   at a time (sliced), so not multiplied by the batch; tiled, the device holds one tile's working set plus the
-  latent-resolution mid-block (`pipelines.vae_tiling`);
+  latent-resolution mid-block (`pipelines.vae.tiling`);
 * the UNet and the VAE never run at the same time, so the peak is weights + the larger of the two;
-* a tiled VAE runs layer by layer ("exact") when its full-size stage canvases (`pipelines.vae_tiling.decode_splits`)
+* a tiled VAE runs layer by layer ("exact") when its full-size stage canvases (`pipelines.vae.tiling.decode_splits`)
   fit the host budget (on a CPU that is the device budget minus the weights; on an accelerator, half the available
   RAM), else "stream": the low-resolution stages still layer by layer as far as the budget allows, the rest tile by
   tile (bounded memory, more compute the more stages stream: SD's VAE at 4096² with 128² tiles costs ~2.3x one
-  decode streaming its last 9 stages, ~8.6x streaming all 25; `pipelines.vae_stream`). All are exact; only time
+  decode streaming its last 9 stages, ~8.6x streaming all 25; `pipelines.vae.stream`). All are exact; only time
   and host memory differ.
 """
 
@@ -30,7 +30,7 @@ import torch
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile, plan_tiles
-from pipelines.vae_stream import Split, choose
+from pipelines.vae.stream import Split, choose
 
 Family = Literal["sd1", "sdxl"]
 Switch = Literal["auto", "on", "off"]
@@ -73,7 +73,7 @@ class Plan:
     tiles_per_step: int
     """Tiles covering the canvas (1 when untiled)."""
     vae_tiled: bool
-    """Whether the VAE decodes tile by tile (`pipelines.vae_tiling`)."""
+    """Whether the VAE decodes tile by tile (`pipelines.vae.tiling`)."""
     vae_tile_size: int
     """VAE tile edge in latent pixels (0 when the VAE is not tiled)."""
     vae_mode: str
@@ -194,12 +194,12 @@ def plan_generation(
 
     `weights` (bytes of the loaded model) replaces the family's constant; `activation_scale` scales the
     per-pixel activation constants for models narrower than the real architecture (e.g. the tiny test models).
-    `vae_splits` (`pipelines.vae_tiling.decode_splits` at this size: the tiled VAE's canvases for each hand-over
+    `vae_splits` (`pipelines.vae.tiling.decode_splits` at this size: the tiled VAE's canvases for each hand-over
     between its runners) against `host_budget_bytes` (None = no limit) picks the tiled VAE's mode when `vae_mode` is
     auto, and how much of it streams; a forced "stream" streams every stage (the least host memory).
-    `regions` (`pipelines.region_spec.Region`s over a `region_canvas`-sized stage 1) add their views to the UNet
-    calls per step: each over the tiles it touches (`pipelines.regions.views_per_step`). `cond_rows` = UNet rows
-    per sample and view: 2 with CFG, 1 + the parts of an AND prompt (`pipelines.composable`).
+    `regions` (`pipelines.denoise.region_spec.Region`s over a `region_canvas`-sized stage 1) add their views to the UNet
+    calls per step: each over the tiles it touches (`pipelines.denoise.regions.views_per_step`). `cond_rows` = UNet rows
+    per sample and view: 2 with CFG, 1 + the parts of an AND prompt (`pipelines.prompts.composable`).
     """
     _validate(width, height, batch, budget_bytes, family, dtype_bytes)
     _check_choice("force", force, ("auto", "on", "off"))
@@ -251,7 +251,7 @@ def _region_calls(regions: Sequence, tiles: list[Tile], width: int, height: int,
     """UNet calls per step of the base prompt and the regions over these tiles; 0 without regions."""
     if not regions:
         return 0
-    from pipelines.regions import views_per_step
+    from pipelines.denoise.regions import views_per_step
 
     return views_per_step(regions, tiles, width, height, base, tile_batch, canvas)
 

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from pipelines.composable import check_and_parts
+from pipelines.denoise.region_spec import REGION_BASES, Region, validate_regions
 from pipelines.errors import ValidationError
-from pipelines.region_spec import REGION_BASES, Region, validate_regions
+from pipelines.prompts.composable import check_and_parts
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -213,7 +213,7 @@ class GenerationRequest:
     control: tuple[ControlUnit, ...] = ()
     regions: tuple[Region, ...] = ()
     """Regional prompts (at most 16): rectangles with their own prompt, negative prompt, weight, feather, seed
-    (`pipelines.region_spec`); a list of objects or its JSON text is accepted and normalised."""
+    (`pipelines.denoise.region_spec`); a list of objects or its JSON text is accepted and normalised."""
     region_base: str = "rest"
     """rest (the base prompt only where no region is) | background (the base prompt everywhere, regions blended
     over it)."""
@@ -224,7 +224,7 @@ class GenerationRequest:
 
     @property
     def inpainting(self) -> bool:
-        """A mask or an outpaint side is set: the run goes through `pipelines.inpaint_run`."""
+        """A mask or an outpaint side is set: the run goes through `pipelines.edit.run`."""
         return self.mask is not None or any(self.inpaint.outpaint)
 
 
@@ -463,7 +463,7 @@ def validate_control(u: ControlUnit, i: int) -> ControlUnit:
 
 def _cfg_text(name: str, value: Any) -> str:
     """A guidance schedule (number or text) checked by `parse_cfg`, as its text; errors name `name`."""
-    from pipelines.guidance import parse_cfg
+    from pipelines.denoise.guidance import parse_cfg
 
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValidationError(name, value, "must be a number or a schedule like linear(4,9)")
@@ -575,7 +575,7 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
         side = next(n for n, v in sides.items() if v)
         raise ValidationError(side, sides[side], "needs an init_image to extend: upload the image to outpaint")
     if req.mask is not None:
-        from pipelines.inpaint import check_mask
+        from pipelines.edit.inpaint import check_mask
 
         check_mask(req.mask, req.init_image, out.soft_inpainting)
     ow, oh = width + out.outpaint_left + out.outpaint_right, height + out.outpaint_top + out.outpaint_bottom
@@ -584,8 +584,8 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
         raise ValidationError(side, sides[side], f"makes {ow}x{oh}, over the {limits.max_side}px / "
                                                  f"{limits.max_pixels} pixel limit; extend by less")
     scale = _float("hires_scale", req.hires.scale)
-    if scale not in (0.0, 1.0):  # the refine repaints under the same mask, scaled (`pipelines.inpaint_run`)
-        from pipelines.upscale import is_latent
+    if scale not in (0.0, 1.0):  # the refine repaints under the same mask, scaled (`pipelines.edit.run`)
+        from pipelines.models.upscalers import is_latent
 
         if is_latent(req.hires.upscaler):
             raise ValidationError("hires_upscaler", req.hires.upscaler, "must be a pixel upscaler (lanczos or a "

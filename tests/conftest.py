@@ -30,14 +30,14 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_cache) -> Path:
-    from pipelines.tiny import ensure_tiny
+    from pipelines.models.tiny import ensure_tiny
 
     return ensure_tiny("tiny", tiny_cache / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tiny_cache) -> Path:
-    from pipelines.tiny import ensure_tiny
+    from pipelines.models.tiny import ensure_tiny
 
     return ensure_tiny("tiny-sdxl", tiny_cache / "tiny")
 
@@ -51,7 +51,7 @@ def seed() -> int:
 @pytest.fixture(scope="session")
 def manager(tiny_cache, tmp_path_factory):
     """A model manager on CPU fp32 with an empty local models folder (tiny models come from the cache)."""
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     models = tmp_path_factory.mktemp("models")
     return ModelManager(models, device="cpu", dtype="fp32")
@@ -87,7 +87,7 @@ def running_app(engine, *, queue_size: int = 8, auth: dict | None = None):
     `auth`: keyword arguments from `ui.auth.auth_launch_kwargs` (users and the login back-off), as app.py passes."""
     import socket
 
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
     from ui.app import create_demo, launch_kwargs
 
     engine.default_model = "tiny"
@@ -131,7 +131,7 @@ def sd(tiny_dir: Path):
     """A PromptEncoder over the tiny SD1 tokenizer and text encoder."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
     return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], sdxl=False)
@@ -142,7 +142,7 @@ def sdxl(tiny_sdxl_dir: Path):
     """A PromptEncoder over the tiny SDXL's two tokenizers and text encoders."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
@@ -152,7 +152,7 @@ def sdxl(tiny_sdxl_dir: Path):
 
 def stage_spec(**kw):
     """A small txt2img StageSpec (64², DDIM, CFG 7, seed 3); keywords override any field."""
-    from pipelines.stages import StageSpec
+    from pipelines.denoise.stages import StageSpec
 
     base = dict(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=4, sampler="DDIM", cfg="7",
                 seeds=[3])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.composable import MAX_AND_PARTS, check_and_parts, split_and
+from pipelines.denoise.guidance import apply_cfg, parse_cfg, scales_for_steps
+from pipelines.denoise.loop import Conditioning, ControlInput, LoopInputs, LoopStats, denoise
+from pipelines.denoise.stages import run_stage
 from pipelines.errors import ValidationError
-from pipelines.guidance import apply_cfg, parse_cfg, scales_for_steps
-from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, denoise
-from pipelines.stages import run_stage
+from pipelines.prompts.composable import MAX_AND_PARTS, check_and_parts, split_and
 from tests.conftest import stage_spec
 
 
@@ -99,17 +99,17 @@ def test_one_part_equals_the_plain_prompt_bit_for_bit(tiny, engine):
     ours = run_stage(tiny, spec, cache=engine.prompt_cache).latents
     weighted_one = run_stage(tiny, _spec(prompt=spec.prompt + " :1"), cache=engine.prompt_cache).latents
     assert torch.equal(ours, weighted_one)
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     enc = PromptEncoder(tiny.tokenizers, tiny.text_encoders, sdxl=False)
-    from pipelines.prompts import prompts_per_step
+    from pipelines.prompts.parser import prompts_per_step
 
     texts = prompts_per_step(spec.prompt, 4)
     chunks = max(enc.chunk_count(t) for t in {*texts, "blur"})
     neg = enc.encode("blur", min_chunks=chunks).embeds
     plain = {t: Conditioning(enc.encode(t, min_chunks=chunks).embeds, neg) for t in set(texts)}
-    from pipelines.schedulers import make_scheduler
-    from pipelines.stages import _timesteps, initial_noise
+    from pipelines.denoise.schedulers import make_scheduler
+    from pipelines.denoise.stages import _timesteps, initial_noise
 
     sched = make_scheduler("DDIM", tiny.pipe.scheduler.config)
     timesteps = _timesteps(sched, spec, "cpu")
@@ -198,7 +198,7 @@ def test_sdxl_parts_get_their_own_pooled_embedding(manager, engine):
     spy = TextUNet()
     spec = _spec(prompt="a red cat AND a blue dog :0.8", steps=2)
     run_stage(sdxl, spec, cache=engine.prompt_cache, unet=spy)
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     enc = PromptEncoder(sdxl.tokenizers, sdxl.text_encoders, sdxl=True)
     pooled = [enc.encode(t).pooled for t in ("blur", "a red cat", " a blue dog")]

@@ -248,7 +248,7 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
     every pixel outside the blurred mask is the input's."""
     import numpy as np
 
-    from pipelines.inpaint import prepare_mask
+    from pipelines.edit.inpaint import prepare_mask
 
     _, engine, _ = app
     source = Image.fromarray(np.random.default_rng(7).integers(0, 255, (128, 128, 3), dtype=np.uint8))

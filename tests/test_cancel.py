@@ -15,7 +15,7 @@ from gradio_client import Client
 
 from pipelines.errors import CancelledError
 from pipelines.request import HiresConfig
-from pipelines.service import Backend, Done, Progress, RunToken
+from pipelines.serving.service import Backend, Done, Progress, RunToken
 from tests.conftest import running_app
 from ui.runner import deliver
 

@@ -14,8 +14,8 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
-from pipelines.cluster import ClusterBackend, ClusterEngine, Failed, WorkerLostError, deploy, runtime_env
 from pipelines.errors import OutOfMemoryError, ValidationError
+from pipelines.serving.cluster import ClusterBackend, ClusterEngine, Failed, WorkerLostError, deploy, runtime_env
 from tests.conftest import assert_valid_png, tiny_request
 
 pytestmark = pytest.mark.xdist_group("ray")
@@ -30,7 +30,7 @@ def cluster(tiny_dir, tmp_path_factory):
     from ray import serve
 
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
     from ui.app import create_demo, launch_kwargs
 
     models = tmp_path_factory.mktemp("models")
@@ -190,7 +190,7 @@ class _DeadStream:
 @pytest.mark.parametrize("exc", [ValidationError("width", 1001, "must be a multiple of 8"),
                                  OutOfMemoryError("out of memory even with tiling")])
 def test_worker_errors_come_back_as_the_same_errors(exc):
-    from pipelines.cluster import _failed
+    from pipelines.serving.cluster import _failed
 
     back = _failed(exc).error()
     assert type(back) is type(exc) and str(back) == str(exc)
@@ -201,7 +201,7 @@ def test_importing_the_app_does_not_import_ray():
     import subprocess
     import sys
 
-    code = "import app, pipelines.cluster, pipelines.workers, sys; print('ray' in sys.modules)"
+    code = "import app, pipelines.serving.cluster, pipelines.serving.workers, sys; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

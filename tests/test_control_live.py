@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.denoise.loop import ControlInput, TileSpec
+from pipelines.denoise.stages import StageSpec, run_stage
 from pipelines.request import ControlUnit
-from pipelines.sampling import ControlInput, TileSpec
-from pipelines.stages import StageSpec, run_stage
 
 
 def _maps() -> dict[str, Image.Image]:
@@ -29,7 +29,7 @@ def _arr(img: Image.Image) -> np.ndarray:
 
 def test_tiny_controlnet_conditioning_embedding_is_not_zero(manager):
     from pipelines.control import load_controlnet
-    from pipelines.tiny import ensure_tiny_controlnet
+    from pipelines.models.tiny import ensure_tiny_controlnet
 
     manager.get("tiny")
     cn = load_controlnet(str(ensure_tiny_controlnet("tiny")), allow_paths=True, models_dir=manager.models_dir)

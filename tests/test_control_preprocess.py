@@ -209,7 +209,7 @@ def test_decompression_bomb_rejected_from_header():
 
 @pytest.fixture(scope="module")
 def cn_models(tiny_dir, tmp_path_factory) -> Path:
-    from pipelines.tiny import build_tiny_controlnet
+    from pipelines.models.tiny import build_tiny_controlnet
 
     models = tmp_path_factory.mktemp("models")
     folder = build_tiny_controlnet(tiny_dir, models / "controlnet" / "cn")

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.embeddings import EmbeddingLibrary, describe
 from pipelines.errors import ValidationError
-from pipelines.prompt_encoding import PLACEHOLDER, PromptEncoder, count_tokens_with, tokenize_chunks
+from pipelines.prompts.embeddings import EmbeddingLibrary, describe
+from pipelines.prompts.encoding import PLACEHOLDER, PromptEncoder, count_tokens_with, tokenize_chunks
 
 
 def _write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
@@ -206,7 +206,7 @@ def test_describe_formats(tmp_path: Path, tensors, keys, vectors, problem) -> No
 
 
 def test_replacing_a_file_re_encodes(manager, tmp_path: Path) -> None:
-    from pipelines.stages import PromptCache, StageSpec, build_conditioning
+    from pipelines.denoise.stages import PromptCache, StageSpec, build_conditioning
 
     model = manager.get("tiny")
     library, cache = EmbeddingLibrary(tmp_path), PromptCache()
@@ -227,7 +227,7 @@ def test_replacing_a_file_re_encodes(manager, tmp_path: Path) -> None:
 def test_engine_counter_metadata_and_errors(tiny_cache, tmp_path: Path, req_factory) -> None:
     from pipelines.engine import Engine
     from pipelines.metadata import parse_infotext, request_from_infotext
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     folder = tmp_path / "models" / "embeddings"
     path = _write(folder, "twovec", {"emb_params": torch.randn(2, 32)})

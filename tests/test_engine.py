@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.denoise.schedulers import sampler_names
 from pipelines.metadata import read_parameters, request_from_infotext
-from pipelines.schedulers import sampler_names
 
 
 def _arr(img: Image.Image) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_prompt_cache_hit_skips_text_encoder(engine, manager, req_factory, monke
 
 
 def test_img2img_strength_zero_is_the_vae_round_trip(engine, manager, req_factory):
-    from pipelines import vae_io
+    from pipelines.vae import io as vae_io
 
     init = engine.generate(req_factory(seed=1), save=False).images[0]
     same = engine.generate(req_factory(init_image=init, strength=0.0), save=False)
@@ -89,7 +89,7 @@ def test_img2img_strength_zero_is_the_vae_round_trip(engine, manager, req_factor
 
 
 def test_img2img_schedule_is_tail_of_longer_schedule():
-    from pipelines.stages import img2img_schedule
+    from pipelines.denoise.stages import img2img_schedule
 
     assert img2img_schedule(20, 1.0) == (20, 20)
     assert img2img_schedule(20, 0.5) == (40, 20)
@@ -119,7 +119,7 @@ def test_previews_and_cancel(engine, req_factory):
 
 
 def test_taesd_decode_and_preview(engine, manager, req_factory):
-    from pipelines.vae_io import preview
+    from pipelines.vae.io import preview
 
     res = engine.generate(req_factory(vae_decode="taesd"), save=False)
     assert res.images[0].size == (64, 64)
@@ -133,7 +133,7 @@ def test_taesd_decode_and_preview(engine, manager, req_factory):
 def test_fp16_nan_guard_decodes_again_in_fp32(engine, manager, req_factory, monkeypatch):
     import torch
 
-    from pipelines import vae_io
+    from pipelines.vae import io as vae_io
 
     model = manager.get("tiny")
     calls = []
@@ -158,7 +158,7 @@ def test_fp16_nan_guard_decodes_again_in_fp32(engine, manager, req_factory, monk
 
 def test_token_counter_needs_no_loaded_weights(tiny_cache, tmp_path):
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     engine = Engine(ModelManager(tmp_path, device="cpu", dtype="fp32"), None)
     assert engine.count_tokens("tiny", "abc def") == "6/75 tokens, 1 chunk"
@@ -202,7 +202,7 @@ def test_availability_names_what_must_be_fetched(manager, monkeypatch, tmp_path)
 def test_tiny_models_build_once_when_asked_from_many_threads(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipelines.tiny import ensure_tiny
+    from pipelines.models.tiny import ensure_tiny
 
     with ThreadPoolExecutor(4) as pool:
         folders = list(pool.map(lambda _: ensure_tiny("tiny", tmp_path), range(4)))

@@ -8,17 +8,17 @@ from functools import partial
 import pytest
 import torch
 
+from pipelines.denoise.feature_cache import CacheSettings, full_steps, plan_passes
+from pipelines.denoise.guidance import needs_uncond, parse_cfg, scales_for_steps
+from pipelines.denoise.loop import TileSpec
+from pipelines.denoise.stages import StageSpec, run_stage
+from pipelines.denoise.unet_split import SplitUNet, branch_count, shallow_fraction
 from pipelines.errors import ValidationError
-from pipelines.feature_cache import CacheSettings, full_steps, plan_passes
-from pipelines.guidance import needs_uncond, parse_cfg, scales_for_steps
-from pipelines.sampling import TileSpec
-from pipelines.stages import StageSpec, run_stage
-from pipelines.unet_split import SplitUNet, branch_count, shallow_fraction
 from tests.conftest import stage_spec
 
 
 def _tiny_unet(sdxl: bool):
-    from pipelines.tiny import _unet
+    from pipelines.models.tiny import _unet
 
     torch.manual_seed(5)
     unet = _unet(sdxl)
@@ -137,8 +137,8 @@ _spec = partial(stage_spec, steps=7)
 
 def test_cached_run_equals_the_formula(tiny, engine):
     """The loop with caching = a hand-written DDIM loop that reuses each half's deep part between full steps."""
-    from pipelines.schedulers import make_scheduler
-    from pipelines.stages import build_conditioning, initial_noise
+    from pipelines.denoise.schedulers import make_scheduler
+    from pipelines.denoise.stages import build_conditioning, initial_noise
 
     cfg, steps = "interval(6,0.3,1)", 7
     spec = _spec(steps=steps, cfg=cfg, feature_cache=CacheSettings(interval=3))
@@ -207,7 +207,7 @@ def test_real_unet_cached_run_with_controlnet_and_tiles(tiny, engine):
     """A cached run on the real tiny UNet with a ControlNet and tiles: runs, differs from uncached, counts add up."""
     from diffusers import ControlNetModel
 
-    from pipelines.sampling import ControlInput
+    from pipelines.denoise.loop import ControlInput
 
     torch.manual_seed(3)
     cn = ControlNetModel.from_unet(tiny.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()

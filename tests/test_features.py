@@ -23,7 +23,7 @@ def _arr(img: Image.Image) -> np.ndarray:
 # ---------------------------------------------------------------- prompts (issue 4)
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model):
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     head = "lorem " * 60  # 300 character tokens: chunk 5 starts after them
     a, b = head + "tail words here", head + "other birds there"
@@ -36,8 +36,8 @@ def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model
 
 
 def test_prompt_scheduling_reaches_the_loop(manager, engine):
-    from pipelines.prompt_encoding import PromptEncoder
-    from pipelines.stages import StageSpec, run_stage
+    from pipelines.denoise.stages import StageSpec, run_stage
+    from pipelines.prompts.encoding import PromptEncoder
     from tests.test_loop import PointwiseUNet
 
     model = manager.get("tiny")
@@ -92,8 +92,8 @@ class TileEdgeUNet:
 
 
 def test_gaussian_overlap_blending_has_lower_seam_score_than_no_overlap(engine, manager):
-    from pipelines.sampling import TileSpec
-    from pipelines.stages import StageSpec, run_stage
+    from pipelines.denoise.loop import TileSpec
+    from pipelines.denoise.stages import StageSpec, run_stage
     from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
 
     model = manager.get("tiny")
@@ -140,8 +140,8 @@ def test_streamed_and_exact_tiled_vae_give_the_same_image(engine, req_factory):
 
 def test_auto_streams_only_the_stages_whose_canvases_do_not_fit(engine, req_factory, monkeypatch):
     from pipelines import engine as engine_module
-    from pipelines import vae_io
-    from pipelines.vae_tiling import decode_splits
+    from pipelines.vae import io as vae_io
+    from pipelines.vae.tiling import decode_splits
 
     model = engine.manager.get("tiny")
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (192, 256, 3), dtype=np.uint8))
@@ -289,7 +289,7 @@ def test_control_bad_upload_and_unknown_model(engine, req_factory):
 
 def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
     from pipelines.metadata import parse_infotext
-    from pipelines.service import Backend
+    from pipelines.serving.service import Backend
 
     backend = Backend(engine)
     base = {"prompt": "a lighthouse", "model": "tiny", "width": 64, "height": 64, "steps": 3, "seed": 5}
@@ -353,7 +353,7 @@ def test_tile_controlnet_holds_structure_in_the_refine(engine, req_factory):
 
 
 def test_sdxl_controlnet_from_models_folder(engine, manager, req_factory, tiny_sdxl_dir):
-    from pipelines.tiny import build_tiny_controlnet
+    from pipelines.models.tiny import build_tiny_controlnet
 
     folder = manager.models_dir / "controlnet" / "tiny-sdxl-cn"
     if not folder.exists():

@@ -7,8 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.errors import ValidationError
-from pipelines.guidance import (
+from pipelines.denoise.guidance import (
     GuidanceSchedule,
     apply_cfg,
     format_cfg,
@@ -19,6 +18,7 @@ from pipelines.guidance import (
     scales_for_steps,
     unet_evaluations,
 )
+from pipelines.errors import ValidationError
 
 G = GuidanceSchedule
 

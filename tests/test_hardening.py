@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.errors import ValidationError
-from pipelines.service import Backend
+from pipelines.serving.service import Backend
 from tests.test_cli import run_cli
 
 SURROGATE = "a \ud800 fox"
@@ -107,8 +107,8 @@ def test_tiny_estimate_before_loading_matches_after(engine, manager, name):
                                                  ("stabilityai/stable-diffusion-xl-base-1.0", 6.94)])
 def test_catalogue_estimate_uses_the_models_own_size_without_download(tmp_path, hub_id, fp16_gb):
     from pipelines.engine import Engine
-    from pipelines.model_sizes import known_sizes
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.sizes import known_sizes
     from pipelines.planner import plan_generation
 
     manager = ModelManager(tmp_path / "models", device="cpu", dtype="fp16")  # loads nothing
@@ -125,8 +125,8 @@ def test_local_folder_size_is_read_from_its_files(tmp_path, tiny_dir, manager):
     import shutil
 
     from pipelines.engine import _model_sizes
-    from pipelines.model_sizes import known_sizes
-    from pipelines.models import Source
+    from pipelines.models.manager import Source
+    from pipelines.models.sizes import known_sizes
 
     folder = shutil.copytree(tiny_dir, tmp_path / "mine")
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not counted: a variant copy")
@@ -140,8 +140,8 @@ def test_single_file_size_counts_every_tensor(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.model_sizes import known_sizes
-    from pipelines.models import Source
+    from pipelines.models.manager import Source
+    from pipelines.models.sizes import known_sizes
 
     path = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.a": torch.zeros(3, 4), "first_stage_model.b": torch.zeros(5)}, str(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.vae_stages import crop_span
+from pipelines.vae.stages import crop_span
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.errors import ValidationError
-from pipelines.inpaint import (
+from pipelines.denoise.loop import LoopInputs, LoopStats, TileSpec, denoise
+from pipelines.denoise.schedulers import make_scheduler
+from pipelines.denoise.stages import StageSpec, build_conditioning, initial_noise, run_stage
+from pipelines.edit.inpaint import (
     LatentMask,
     composite,
     crop_region,
@@ -21,10 +23,8 @@ from pipelines.inpaint import (
     load_mask,
     prepare_mask,
 )
+from pipelines.errors import ValidationError
 from pipelines.request import GenerationRequest, InpaintConfig, TileConfig
-from pipelines.sampling import LoopInputs, LoopStats, TileSpec, denoise
-from pipelines.schedulers import make_scheduler
-from pipelines.stages import StageSpec, build_conditioning, initial_noise, run_stage
 
 
 class PointwiseUNet:
@@ -78,7 +78,7 @@ def _diffusers_vs_loop(model, engine, mask_img: Image.Image, nine: bool):
     """(our loop's latents, diffusers' StableDiffusionInpaintPipeline latents): same components, DDIM, noise."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    from pipelines import vae_io
+    from pipelines.vae import io as vae_io
 
     image = _image(64, 64)
     pixels = vae_io.from_pil(image, 64, 64, "cpu", torch.float32)
@@ -131,7 +131,7 @@ def test_nine_channel_model_is_detected_and_gets_mask_and_masked_latents(manager
     assert [tuple(x.shape) for x in spy.inputs] == [(2, 9, 8, 8)] * 2
     x = spy.inputs[0]
     assert torch.equal(x[:, 4], latent_mask(mask, 8)[0, 0].expand(2, -1, -1))  # the mask channel
-    from pipelines import vae_io
+    from pipelines.vae import io as vae_io
 
     pixels = vae_io.from_pil(_image(64, 64), 64, 64, "cpu", torch.float32)
     pixels[..., :32] = 0  # diffusers' masked image: image * (mask < 0.5)
@@ -179,7 +179,7 @@ def _loop(latents, init, noise, strength, tiles, sampler="DPM++ 2M Karras", step
                                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon"})
     sched.set_timesteps(steps)
     ts = list(sched.timesteps)
-    from pipelines.sampling import Conditioning
+    from pipelines.denoise.loop import Conditioning
 
     cond = Conditioning(torch.full((1, 4, 8), 0.2), torch.full((1, 4, 8), -0.1))
     stats = LoopStats()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.inpaint import prepare_mask
+from pipelines.edit.inpaint import prepare_mask
 from pipelines.request import flat_fields
 from tests.test_ui import FakeBackend
 
@@ -60,7 +60,7 @@ def test_cli_inpaints_with_mask_and_refuses_a_bad_one(tiny_cache, tmp_path, caps
 
 
 def test_backend_takes_brush_strokes_as_the_mask_and_an_upload_wins(engine, tmp_path):
-    from pipelines.service import Backend
+    from pipelines.serving.service import Backend
 
     _image().save(tmp_path / "bg.png")
     layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))

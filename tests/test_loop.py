@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from pipelines.guidance import parse_cfg, scales_for_steps
-from pipelines.sampling import ControlInput, TileSpec
-from pipelines.schedulers import sampler_names
-from pipelines.stages import StageSpec, run_stage
+from pipelines.denoise.guidance import parse_cfg, scales_for_steps
+from pipelines.denoise.loop import ControlInput, TileSpec
+from pipelines.denoise.schedulers import sampler_names
+from pipelines.denoise.stages import StageSpec, run_stage
 from tests.conftest import stage_spec
 
 
@@ -73,7 +73,7 @@ def test_constant_cfg_equals_diffusers_pipeline_bit_for_bit(tiny, engine):
     """Our loop with a constant schedule == diffusers' StableDiffusionPipeline from the same components."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from pipelines.stages import initial_noise
+    from pipelines.denoise.stages import initial_noise
 
     spec = _spec(steps=5, cfg="7.5")
     ours = run_stage(tiny, spec, cache=engine.prompt_cache).latents

@@ -14,7 +14,7 @@ def _save_tiny_lora(folder, name: str) -> None:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from pipelines.tiny import ensure_tiny
+    from pipelines.models.tiny import ensure_tiny
 
     unet = UNet2DConditionModel.from_pretrained(ensure_tiny("tiny") / "unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
@@ -30,7 +30,7 @@ def _save_tiny_lora(folder, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def lora_manager(tiny_cache, tmp_path_factory):
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     models = tmp_path_factory.mktemp("lora-models")
     (models / "lora").mkdir()

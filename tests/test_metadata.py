@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pipelines.denoise.schedulers import SAMPLERS
 from pipelines.errors import ValidationError
 from pipelines.metadata import (
     PARAM_RE,
@@ -25,7 +26,6 @@ from pipelines.metadata import (
     request_from_infotext,
 )
 from pipelines.request import ControlUnit, GenerationRequest, HiresConfig, TileConfig
-from pipelines.schedulers import SAMPLERS
 
 UPSCALERS = ("lanczos", "latent", "latent-bicubic", "latent-nearest-exact", "latent-antialiased", "4x-UltraSharp.pth")
 

@@ -37,7 +37,7 @@ def test_require_refuses_an_undeclared_module():
 
 
 def test_xformers_missing_fails_the_model_manager_with_one_line(no_xformers, tmp_path):
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     with pytest.raises(MissingDependencyError, match=r"^--attention xformers needs .*pip install xformers$"):
         ModelManager(tmp_path, device="cpu", dtype="fp32", attention="xformers")
@@ -75,7 +75,7 @@ def test_cli_depth_without_controlnet_aux_exits_2(monkeypatch, tmp_path, capsys,
 
 
 def test_ui_depth_preview_without_controlnet_aux_is_gr_error(monkeypatch, engine):
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
     from ui.runner import user_errors
 
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)
@@ -104,7 +104,7 @@ def test_lms_without_scipy_is_a_sampler_error_not_a_traceback():
     code = (
         "import sys; sys.modules['scipy'] = None\n"
         "from pipelines.errors import ValidationError\n"
-        "from pipelines.schedulers import make_scheduler\n"
+        "from pipelines.denoise.schedulers import make_scheduler\n"
         "try:\n"
         "    make_scheduler('LMS Karras', {'num_train_timesteps': 1000})\n"
         "except ValidationError as exc:\n"

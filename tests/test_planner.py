@@ -7,7 +7,7 @@ import torch
 
 from pipelines.errors import ValidationError
 from pipelines.planner import free_device_memory, plan_generation
-from pipelines.vae_stream import Split
+from pipelines.vae.stream import Split
 
 GB = 10**9
 

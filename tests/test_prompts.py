@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.prompt_encoding import PromptEncoder, TokenCount, count_tokens_with, tokenize_chunks
-from pipelines.prompts import BREAK, MAX_WEIGHT, MIN_WEIGHT, parse_weighted, prompt_schedule, prompts_per_step
+from pipelines.prompts.encoding import PromptEncoder, TokenCount, count_tokens_with, tokenize_chunks
+from pipelines.prompts.parser import BREAK, MAX_WEIGHT, MIN_WEIGHT, parse_weighted, prompt_schedule, prompts_per_step
 
 R, S = 1.1, 1 / 1.1
 
@@ -347,7 +347,7 @@ def test_bad_arguments(sd: PromptEncoder) -> None:
 
 
 def test_parser_imports_without_torch() -> None:
-    code = ("import sys; sys.modules['torch'] = None; import pipelines.prompts as p; "
-            "import pipelines.prompt_encoding as e; "
+    code = ("import sys; sys.modules['torch'] = None; import pipelines.prompts.parser as p; "
+            "import pipelines.prompts.encoding as e; "
             "assert p.parse_weighted('(a)') == [('a', 1.1)]; assert p.prompts_per_step('[a|b]', 2) == ['a', 'b']")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

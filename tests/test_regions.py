@@ -9,8 +9,8 @@ from functools import partial
 import pytest
 import torch
 
-from pipelines.errors import ValidationError
-from pipelines.region_spec import (
+from pipelines.denoise.loop import TileSpec
+from pipelines.denoise.region_spec import (
     Region,
     parse_region_cli,
     preview_regions,
@@ -20,9 +20,9 @@ from pipelines.region_spec import (
     rows_from_regions,
     validate_regions,
 )
-from pipelines.regions import latent_box, paste_region_noise, region_masks, views_per_step
-from pipelines.sampling import TileSpec
-from pipelines.stages import run_stage
+from pipelines.denoise.regions import latent_box, paste_region_noise, region_masks, views_per_step
+from pipelines.denoise.stages import run_stage
+from pipelines.errors import ValidationError
 from pipelines.tiling import plan_tiles
 from tests.conftest import stage_spec
 
@@ -128,7 +128,7 @@ def test_regions_cost_nothing_on_tiles_they_miss_and_the_planner_counts_views(ti
 
 
 def test_region_views_get_the_control_map_under_their_tiles(tiny, engine):
-    from pipelines.sampling import ControlInput
+    from pipelines.denoise.loop import ControlInput
 
     class Spy:
         dtype = torch.float32
@@ -148,7 +148,7 @@ def test_region_views_get_the_control_map_under_their_tiles(tiny, engine):
 
 
 def test_sdxl_region_gets_its_own_pooled_embedding(manager, engine):
-    from pipelines.prompt_encoding import PromptEncoder
+    from pipelines.prompts.encoding import PromptEncoder
 
     sdxl = manager.get("tiny-sdxl")
     spy = TextUNet()
@@ -291,7 +291,7 @@ def test_engine_runs_regions_in_both_stages_and_records_them(engine, req_factory
 
 
 def test_api_values_take_the_json_text_form(engine):
-    from pipelines.service import Backend
+    from pipelines.serving.service import Backend
 
     backend = Backend(engine)
     engine.default_model = "tiny"

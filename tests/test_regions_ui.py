@@ -7,7 +7,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from pipelines.region_spec import Region
+from pipelines.denoise.region_spec import Region
 from tests.test_ui import FakeBackend, by_label, handler, initial_data
 
 ROWS = [[0, 0, 0.5, 1, "a cat", "", 1.5, 8, -1], [None, None, None, None, "", "", None, None, None],
@@ -51,7 +51,7 @@ def test_send_to_generate_fills_the_table(demo):
 
 
 def test_preview_draws_the_boxes_or_says_what_is_wrong(engine):
-    from pipelines.service import Backend
+    from pipelines.serving.service import Backend
     from ui.generate_events import region_preview
 
     backend = Backend(engine)

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import saving, vae_io
+from pipelines import saving
 from pipelines.errors import CancelledError, OutOfMemoryError
 from pipelines.metadata import read_parameters, request_from_infotext
 from pipelines.saving import save_png
-from pipelines.service import Backend, Done, Progress
+from pipelines.serving.service import Backend, Done, Progress
+from pipelines.vae import io as vae_io
 from tests.conftest import assert_valid_png
 
 LOCK_WAIT_S = 15  # the loop checks the cancel token every step; a tiny-model step takes well under a second
@@ -265,7 +266,7 @@ def test_crash_mid_batch_keeps_the_images_already_finished(engine, req_factory, 
 def test_oom_while_decoding_image_3_keeps_images_1_2_without_saving_them_twice(engine, req_factory, monkeypatch):
     import torch as _torch
 
-    from pipelines import vae_io
+    from pipelines.vae import io as vae_io
 
     real = vae_io.decode
     calls = {"n": 0}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipelines.denoise.schedulers import SAMPLERS, make_scheduler, sampler_names
 from pipelines.metadata import request_from_infotext
-from pipelines.schedulers import SAMPLERS, make_scheduler, sampler_names
 
 
 def test_the_ui_offers_every_sampler(engine):
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
 
     assert make_backend(engine).choices()["samplers"] == sampler_names() == list(SAMPLERS)
 

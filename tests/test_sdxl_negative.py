@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.schedulers import make_scheduler
-from pipelines.stages import PromptCache, StageSpec, build_conditioning, initial_noise, zeros_for_empty_negative
+from pipelines.denoise.schedulers import make_scheduler
+from pipelines.denoise.stages import PromptCache, StageSpec, build_conditioning, initial_noise, zeros_for_empty_negative
 
 SAMPLER = "DPM++ 2M"
 

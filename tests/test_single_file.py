@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipelines.engine import Engine
 from pipelines.errors import OfflineError
-from pipelines.models import SINGLE_FILE_CONFIGS, ModelManager, Source, _family_of_file
+from pipelines.models.manager import SINGLE_FILE_CONFIGS, ModelManager, Source, _family_of_file
 from tests.ldm_export import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, export_ldm_checkpoint, ldm_state_dict
 
 FILE = "tiny-ldm.safetensors"
@@ -140,8 +140,8 @@ def test_a_broken_checkpoint_with_downloadable_configs_is_not_called_offline(tin
                                                                              monkeypatch):
     """Configs found (here: the catalogue entry pointed at a local copy), weights of the wrong shape: the error
     names the file's problem, not a download."""
-    from pipelines import models
     from pipelines.errors import ModelError
+    from pipelines.models import manager as models
 
     monkeypatch.setitem(models.SINGLE_FILE_CONFIGS, "sd1", str(_config_only_copy(tiny_dir, ldm_models.parent / "c")))
     state = load_file(str(ldm_models / FILE))

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.errors import ValidationError
-from pipelines.prompts import prompt_schedule, prompts_per_step
+from pipelines.prompts.parser import prompt_schedule, prompts_per_step
 from pipelines.request import GenerationRequest, HiresConfig, validate
 
 # (prompt, steps, expected with A1111's default, expected with the legacy rule); one pass, no hires
@@ -99,8 +99,8 @@ def test_unknown_timeline_and_request_validation() -> None:
 
 
 def test_refine_spec_uses_the_hires_form() -> None:
+    from pipelines.denoise.stages import StageSpec, stage_prompts
     from pipelines.hires import refine_spec
-    from pipelines.stages import StageSpec, stage_prompts
 
     req = GenerationRequest(prompt="a [b:1.5] c", steps=20, hires=HiresConfig(scale=2, steps=10, denoise=0.5))
     stage1 = StageSpec(prompt=req.prompt, negative_prompt="[x:y:1.5]", width=64, height=64, steps=20,
@@ -117,7 +117,7 @@ def test_refine_spec_uses_the_hires_form() -> None:
 ])
 def test_engine_two_stage_run_schedules_each_pass(engine, req_factory, monkeypatch, timeline, stage2) -> None:
     """A real two-stage run on the tiny model: the per-step prompts each pass conditions on (a spy)."""
-    from pipelines import stages
+    from pipelines.denoise import stages
 
     seen: list[tuple[int | None, list[str]]] = []
     real = stages.stage_prompts

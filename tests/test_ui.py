@@ -1,4 +1,4 @@
-"""The Gradio UI against a fake backend that follows pipelines.service's contract (no torch, no engine)."""
+"""The Gradio UI against a fake backend that follows pipelines.serving.service's contract (no torch, no engine)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
 from pipelines.request import GenerationRequest, flatten
-from pipelines.service import Done, Progress  # the contract's event types (torch-free)
+from pipelines.serving.service import Done, Progress  # the contract's event types (torch-free)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +170,7 @@ def test_ui_builds_without_torch(tmp_path):
         "from test_ui import FakeBackend\n"
         f"demo = ui.app.create_demo(FakeBackend({str(tmp_path)!r}))\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers') "
-        "or m in ('pipelines.engine', 'pipelines.models'))\n"
+        "or m in ('pipelines.engine', 'pipelines.models.manager'))\n"
         "print('BAD', bad)\n"
         "assert not bad, bad\n"
     )

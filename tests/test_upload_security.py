@@ -163,7 +163,7 @@ BOMB_CHECK = textwrap.dedent("""
     import gradio as gr
     from gradio.data_classes import ImageData
     import pipelines.control  # noqa: F401 - imported before measuring (torch)
-    from pipelines.service import Backend
+    from pipelines.serving.service import Backend
     from ui.upscale_tab import build_upscale_tab, upscale_updates
 
     def hwm_mb():

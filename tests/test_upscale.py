@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import upscale
 from pipelines.errors import ModelError, ValidationError
+from pipelines.models import upscalers as upscale
 
 NUM_BLOCKS = 1
 

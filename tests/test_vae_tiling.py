@@ -10,9 +10,9 @@ from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile
-from pipelines.vae_stages import decoder_stages, encoder_stages
-from pipelines.vae_stream import choose, margin, splits
-from pipelines.vae_tiling import (
+from pipelines.vae.stages import decoder_stages, encoder_stages
+from pipelines.vae.stream import choose, margin, splits
+from pipelines.vae.tiling import (
     decode_cores,
     decode_splits,
     encode_cores,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.errors import CancelledError, ValidationError
-from pipelines.workers import SharedPromptCache, WorkerPool, build_pool, parse_devices
+from pipelines.serving.workers import SharedPromptCache, WorkerPool, build_pool, parse_devices
 from tests.conftest import tiny_request
 
 
@@ -91,7 +91,7 @@ def test_a_job_waiting_for_a_worker_can_be_cancelled():
 
 
 def test_gradio_runs_as_many_jobs_at_once_as_there_are_workers(pool):
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
     from ui.app import create_demo
 
     pool.default_model = "tiny"
@@ -153,7 +153,7 @@ def test_two_api_callers_run_at_once_on_two_workers(pool, tmp_path):
 
     from gradio_client import Client
 
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
     from tests.conftest import assert_valid_png
     from ui.app import create_demo, launch_kwargs
 

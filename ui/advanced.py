@@ -216,7 +216,7 @@ REGION_HELP = ("One row per region: a rectangle in fractions of the image (all o
 def build_regions(form: Form, values: dict[str, Any]) -> SimpleNamespace:
     """The Regions accordion: a table of rectangles and prompts (`regions`), where the base prompt acts
     (`region_base`), and a preview of the boxes drawn on the canvas; returns the preview widgets."""
-    from pipelines.region_spec import rows_from_regions
+    from pipelines.denoise.region_spec import rows_from_regions
 
     with gr.Accordion("Regions", open=False, elem_id="regions-box"):
         hint("Regional prompts: each rectangle gets its own prompt; the main prompt covers the rest (or everything, "

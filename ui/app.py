@@ -1,9 +1,9 @@
 """Compose the Tessera UI: `create_demo(backend)` builds the Blocks, `launch_kwargs()` holds launch settings.
 
-The backend is an object of plain callables (pipelines.service.Backend); nothing here imports torch or loads
+The backend is an object of plain callables (pipelines.serving.service.Backend); nothing here imports torch or loads
 weights, so the UI builds (and its tests run) without a GPU.
 
-    from pipelines.service import make_backend
+    from pipelines.serving.service import make_backend
     demo = create_demo(make_backend(engine), queue_size=16)
     demo.launch(**launch_kwargs())
 """

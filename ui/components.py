@@ -68,7 +68,7 @@ def widget_value(component: gr.components.Component, value: Any) -> Any:
     """A backend value as the widget shows it: LoRA tuples and numbers in text boxes as text, None as "", regions
     as the table's rows."""
     if isinstance(component, gr.Dataframe):
-        from pipelines.region_spec import rows_from_regions
+        from pipelines.denoise.region_spec import rows_from_regions
 
         return rows_from_regions(value or ()) or None
     if isinstance(value, list | tuple):
@@ -100,7 +100,7 @@ def request_value(name: str, value: Any) -> Any:
         items = tuple(s.strip() for s in (value or "").split(",") if s.strip()) if isinstance(value, str) else value
         return items or None
     if name == "regions" and isinstance(value, list):  # the Regions table's rows (the API sends JSON text)
-        from pipelines.region_spec import regions_from_rows
+        from pipelines.denoise.region_spec import regions_from_rows
 
         return regions_from_rows(value) or None
     if isinstance(value, str) and not value.strip() and name not in ("prompt", "negative_prompt"):

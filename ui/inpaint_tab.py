@@ -2,7 +2,7 @@
 A1111's inpainting options and outpainting, every widget named by its request field.
 
 The editor's value goes to the backend undecoded (files in Gradio's cache); the backend opens the background and
-the painted layers with its checks and takes the strokes' alpha as the mask (`pipelines.inpaint.editor_images`).
+the painted layers with its checks and takes the strokes' alpha as the mask (`pipelines.edit.inpaint.editor_images`).
 """
 
 from __future__ import annotations

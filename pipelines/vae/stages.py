@@ -1,4 +1,4 @@
-"""The building blocks of the tiled VAE (`pipelines.vae_tiling`, `pipelines.vae_stream`).
+"""The building blocks of the tiled VAE (`pipelines.vae.tiling`, `pipelines.vae.stream`).
 
 An ``AutoencoderKL`` decoder's up path (or encoder's down path) is cut into *stages* that each start at a GroupNorm
 (``norm -> act -> conv``, ``norm -> act -> conv + skip [-> resample]``, ``norm_out -> act -> conv_out``), so a

@@ -1,7 +1,7 @@
 """Tiny offline model family: SD 1.x- and SDXL-shaped pipelines with fixed-seed random weights.
 
 They are written with ``save_pretrained`` as ordinary diffusers folders and then loaded back through
-``pipelines.models`` like any real model, so the loader is exercised too. They make noise-like images:
+``pipelines.models.manager`` like any real model, so the loader is exercised too. They make noise-like images:
 good for shapes, determinism, metadata, seams and equivalences, never for beauty. A folder is a few
 hundred KB and builds in about a second.
 """

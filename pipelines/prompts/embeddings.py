@@ -5,7 +5,7 @@ a file holds either one tensor of vectors ([n, d] or [d]: A1111's `emb_params`, 
 diffusers' `{"<token>": ...}` / learned_embeds) or SDXL's pair `clip_l` [n, 768] + `clip_g` [n, 1280]. Only
 safetensors files are read (never pickles). File headers are parsed in pure Python (no torch), so the UI's token
 counter knows each embedding's vector count without loading anything; vectors are loaded when a prompt uses them.
-The prompt side (matching names in the token stream, substituting vectors) is `pipelines.prompt_encoding`.
+The prompt side (matching names in the token stream, substituting vectors) is `pipelines.prompts.encoding`.
 """
 
 from __future__ import annotations
@@ -224,8 +224,8 @@ class Embeddings:
 def ti_hashes(tokenizer: Any, req: Any, embeddings: Embeddings | None) -> dict[str, str]:
     """{"TI hashes": "name: hash, ..."} for the embeddings a `GenerationRequest`'s prompts use (both passes of a
     two-stage run, every scheduled variant), as A1111 writes it into the infotext; {} when none is used."""
-    from pipelines.prompt_encoding import embeddings_in
-    from pipelines.prompts import prompts_per_step
+    from pipelines.prompts.encoding import embeddings_in
+    from pipelines.prompts.parser import prompts_per_step
 
     if embeddings is None or not embeddings.files:
         return {}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.vae_tiling import tiled_decode, tiled_encode
+from pipelines.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Regional prompts as the user writes them: the `Region` dataclass, its validation, its JSON text (API, PNG
 metadata), the CLI form `x,y,w,h:prompt[:weight]`, the UI table's rows, and a preview of the boxes.
 
-Pure Python and PIL (no torch), so the UI and the request module can use it; `pipelines.regions` turns regions
+Pure Python and PIL (no torch), so the UI and the request module can use it; `pipelines.denoise.regions` turns regions
 into latent masks for the loop.
 
 Units: a rectangle whose x, y, w and h are all <= 1 is in fractions of the canvas; otherwise in pixels of the
@@ -19,8 +19,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.composable import check_and_parts
 from pipelines.errors import ValidationError
+from pipelines.prompts.composable import check_and_parts
 
 MAX_REGIONS = 16
 MAX_WEIGHT = 10.0

@@ -26,7 +26,7 @@ would need. The mid-block's attention at latent resolution relies on memory-effi
 on CUDA). Encoding mirrors this: the down-blocks (and ``conv_in``) tiled with whole-image statistics, then the
 mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent resolution.
 
-``mode="stream"`` runs the high-resolution stages with `pipelines.vae_stream` instead (each tile through all of
+``mode="stream"`` runs the high-resolution stages with `pipelines.vae.stream` instead (each tile through all of
 them, exact statistics from one extra sweep per GroupNorm) and only as many low-resolution stages layer by layer
 as ``host_budget`` bytes of canvases allow (`decode_splits`; None streams every stage: no full-resolution canvas at
 all); the planner picks it when the layer-wise canvases would not fit the host (`pipelines.planner`).
@@ -43,7 +43,7 @@ from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile, plan_tiles
-from pipelines.vae_stages import (
+from pipelines.vae.stages import (
     Moments,
     Stage,
     core_stats,
@@ -54,7 +54,7 @@ from pipelines.vae_stages import (
     tile_cores,
     window,
 )
-from pipelines.vae_stream import Split, choose, run_streamed, splits
+from pipelines.vae.stream import Split, choose, run_streamed, splits
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _default_store(device: torch.device, store_device: torch.device | str | None
 
 def decode_splits(vae: nn.Module, latent_h: int, latent_w: int, batch: int = 1) -> list[Split]:
     """The store-device bytes of a tiled decode at this size for each hand-over between the layer-wise and the
-    streamed runner (`pipelines.vae_stream.splits`); the last is the layer-wise run. From the VAE's own stages,
+    streamed runner (`pipelines.vae.stream.splits`); the last is the layer-wise run. From the VAE's own stages,
     so it fits any AutoencoderKL (SD's at 4096² in fp16: ~17 GB layer-wise, ~6 GB streaming from 2048² up)."""
     itemsize = vae.dtype.itemsize
     return splits(decoder_stages(vae.decoder), 1, latent_h, latent_w, itemsize, batch=batch)
@@ -181,7 +181,7 @@ def tiled_decode(
     """`vae.decode(latents).sample` in bounded device memory; tile_size/overlap in latent pixels.
 
     mode: exact (layer by layer, full-size canvases on the store device) | stream (tile by tile, bounded host
-    memory too, several times the compute; `pipelines.vae_stream`): as many low-resolution stages layer by layer
+    memory too, several times the compute; `pipelines.vae.stream`): as many low-resolution stages layer by layer
     as `host_budget` bytes of canvases allow, the rest tile by tile (None: every stage tile by tile). All equal
     the full decode up to rounding.
     """

@@ -2,7 +2,7 @@
 
 Tiles are independent within a step (MultiDiffusion blends their outputs afterwards), so running the batches of one
 step on several devices and accumulating them on the canvas device in the same order gives the same pixels as one
-device; guidance and the scheduler step still run once, on the canvas device (`pipelines.sampling`). DistriFusion
+device; guidance and the scheduler step still run once, on the canvas device (`pipelines.denoise.loop`). DistriFusion
 (Li et al., CVPR 2024) needs stale activations only because it splits a single UNet call; this splits whole calls.
 
 `TileReplicas` is handed to the loop as its UNet: called directly it is the canvas device's UNet, and the loop's

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from pipelines.composable import combine_parts, is_plain, needs_uncond_for
+from pipelines.denoise.guidance import apply_cfg
+from pipelines.denoise.regions import tiles_touching
 from pipelines.errors import CancelledError
-from pipelines.guidance import apply_cfg
-from pipelines.regions import tiles_touching
+from pipelines.prompts.composable import combine_parts, is_plain, needs_uncond_for
 from pipelines.tiling import Tile, accumulate, finish, grid_offset, new_canvas, plan_tiles, tile_weights
 
 
@@ -37,7 +37,7 @@ class Conditioning:
     uncond_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     extra: tuple[torch.Tensor, ...] = ()
-    """AND parts after the first (`pipelines.composable`): embeddings [1, S, D], the same S as `cond`."""
+    """AND parts after the first (`pipelines.prompts.composable`): embeddings [1, S, D], the same S as `cond`."""
     extra_pooled: tuple[torch.Tensor, ...] = ()
     """SDXL: each extra part's pooled embedding [1, P]."""
     weights: tuple[float, ...] = (1.0,)
@@ -115,10 +115,10 @@ class LoopInputs:
     callback: Callable[[StepInfo], None] | None = None
     cancel: Any = None  # anything with is_set()
     vae_scale: int = 8
-    feature_cache: Any = None  # a pipelines.feature_cache.FeatureCache: the UNet calls go through it
-    regions: Sequence[Any] = ()  # `pipelines.regions.RegionView`s: extra views with their own prompt and mask
+    feature_cache: Any = None  # a pipelines.denoise.feature_cache.FeatureCache: the UNet calls go through it
+    regions: Sequence[Any] = ()  # `pipelines.denoise.regions.RegionView`s: extra views with their own prompt and mask
     base_mask: torch.Tensor | None = None  # [h, w] weight of the base prompt when regions are set
-    # inpainting (`pipelines.inpaint`): a hook after each scheduler step (step index, latents) -> latents, channels
+    # inpainting (`pipelines.edit.inpaint`): a hook after each scheduler step (step index, latents) -> latents, channels
     # concatenated to the UNet input under each tile (9-channel inpainting UNets), and a filter dropping tiles
     post_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     extra_channels: torch.Tensor | None = None  # [1 or B, C, h, w]
@@ -304,8 +304,8 @@ def _unet_batch(inp: LoopInputs, unet, x_in, t, cond: Conditioning, group, step,
     rows = len(cond.weights) + (1 if do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
     model_in = torch.cat([crops] * rows) if rows > 1 else crops
     enc, added = _batch_inputs(cond, n, do_cfg)
-    if device is not None and device != x_in.device:  # a replica on another device (`pipelines.multi_device`)
-        from pipelines.multi_device import to_device
+    if device is not None and device != x_in.device:  # a replica on another device (`pipelines.serving.multi_device`)
+        from pipelines.serving.multi_device import to_device
 
         model_in, t, enc, added = to_device((model_in, t, enc, added), device)
     down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)

@@ -1,4 +1,4 @@
-"""A1111 prompt syntax: attention weights, BREAK, scheduling and alternation (`pipelines.prompt_encoding` turns
+"""A1111 prompt syntax: attention weights, BREAK, scheduling and alternation (`pipelines.prompts.encoding` turns
 the result into 77-token chunks and CLIP embeddings).
 
 Pure Python (no torch), so the UI can parse and count tokens without it. Semantics follow AUTOMATIC1111's

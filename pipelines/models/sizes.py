@@ -72,14 +72,14 @@ def activation_scale(folder: Path) -> float:
 
 
 def known_sizes(source: Any, dtype_bytes: int) -> dict[str, Any]:
-    """{"weights": bytes, "activation_scale": x} for a resolved `pipelines.models.Source`, without loading it;
+    """{"weights": bytes, "activation_scale": x} for a resolved `pipelines.models.manager.Source`, without loading it;
     {} when the size cannot be known (the planner then uses its per-family constants)."""
     try:
         if source.kind == "hub":
             counts = CATALOGUE_PARAMS.get(source.ref)
             return {} if counts is None else {"weights": int(sum(counts) * dtype_bytes)}
         if source.kind == "tiny":
-            from pipelines.tiny import ensure_tiny
+            from pipelines.models.tiny import ensure_tiny
 
             folder = ensure_tiny(source.ref)  # built on disk once (a few MB), never moved to the device here
         elif source.kind == "folder":

@@ -7,9 +7,9 @@ from pathlib import Path
 from PIL import Image
 
 from pipelines.control import load_control_image, load_controlnet, prepare_control_image, preprocess
+from pipelines.denoise.loop import ControlInput
+from pipelines.models.tiny import ensure_tiny_controlnet
 from pipelines.request import ControlUnit
-from pipelines.sampling import ControlInput
-from pipelines.tiny import ensure_tiny_controlnet
 
 TINY_CONTROLNET = "tiny-controlnet"
 

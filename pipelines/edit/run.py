@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops
 
-from pipelines import vae_io
-from pipelines.feature_cache import cache_settings
-from pipelines.inpaint import (
+from pipelines.denoise.feature_cache import cache_settings
+from pipelines.denoise.loop import LoopStats
+from pipelines.denoise.stages import StageSpec, run_stage
+from pipelines.edit.inpaint import (
     LatentMask,
     composite,
     crop_region,
@@ -33,9 +34,8 @@ from pipelines.inpaint import (
     processing_size,
 )
 from pipelines.request import GenerationRequest
-from pipelines.sampling import LoopStats
-from pipelines.stages import StageSpec, run_stage
 from pipelines.tiling import plan_tiles
+from pipelines.vae import io as vae_io
 
 
 @dataclass
@@ -174,8 +174,8 @@ def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork)
 
 def _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_memory, stats, report):
     """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
+    from pipelines.models.upscalers import upscale_image
     from pipelines.request import hires_target
-    from pipelines.upscale import upscale_image
 
     size = hires_target(*work.original.size, req.hires.scale)
     out, plan, dec = [], None, {}

@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin
 
 from pipelines import errors
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.service import Backend, Done, Progress, _image, _Timer, safe_preview
+from pipelines.serving.service import Backend, Done, Progress, _image, _Timer, safe_preview
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TesseraWorker:
         import torch
 
         from pipelines.engine import Engine
-        from pipelines.models import ModelManager
+        from pipelines.models.manager import ModelManager
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -340,7 +340,7 @@ def connect(args: Any) -> ClusterBackend:
     except ImportError:
         raise ValidationError("ray", args.ray, 'needs Ray Serve: pip install "ray[serve]==2.60"') from None
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     address = None if args.ray == "local" else args.ray
     if not ray.is_initialized():

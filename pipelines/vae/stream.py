@@ -1,6 +1,6 @@
 """Streamed tiled VAE: every tile runs the whole up (or down) path on its own, so memory stays one tile deep.
 
-The layer-wise runner (`pipelines.vae_tiling.run_stages`) is exact but keeps about three full-resolution
+The layer-wise runner (`pipelines.vae.tiling.run_stages`) is exact but keeps about three full-resolution
 activations of one layer on its store device: for SD's VAE at 4096² that is ~17 GB of host RAM in fp16. This
 runner keeps nothing at full resolution but the output:
 
@@ -24,7 +24,7 @@ amplifies the mismatch.
 
 Cost: one sweep per GroupNorm, each stopping at it: the sum of the stages' prefix costs, on tiles of (tile + 2 *
 margin)² instead of tile². So `splits`/`choose` (below) stream only the high-resolution stages, where the memory
-is, and run the low-resolution ones layer by layer (`pipelines.vae_tiling.run_stages`) as far as a host-memory
+is, and run the low-resolution ones layer by layer (`pipelines.vae.tiling.run_stages`) as far as a host-memory
 budget allows: fewer sweeps, each shorter, and a margin of a few latent px instead of 13. FLOPs of the real runners
 for SD's VAE at 4096² in fp16 with 128² tiles (FlopCounterMode on the meta device, relative to one plain decode,
 whose mid-block attention over 262,144 latent tokens is included): layer by layer 1.02x for 17.2 GB of host
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.tiling import Tile
-from pipelines.vae_stages import Moments, Stage, core_stats, crop_span, group_norm, window
+from pipelines.vae.stages import Moments, Stage, core_stats, crop_span, group_norm, window
 
 Stats = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -129,7 +129,7 @@ def run_streamed(
 class Split:
     """Where a streamed tiled VAE hands over between runners, and the store-device memory that costs.
 
-    Decoding, `stages[:at]` run layer by layer (`pipelines.vae_tiling.run_stages`) and the rest tile by tile;
+    Decoding, `stages[:at]` run layer by layer (`pipelines.vae.tiling.run_stages`) and the rest tile by tile;
     encoding, `stages[:at]` run tile by tile and the rest layer by layer: either way the high-resolution stages
     are the streamed ones. at = 0 (decode) or n (encode) streams every stage; the other end is the layer-wise run.
     """

@@ -234,7 +234,7 @@ class Backend:
     def region_preview(self, regions: Any, width: Any, height: Any) -> Image.Image:
         """The canvas with the regions' boxes drawn and labelled (the UI's Regions preview); bad rows raise the
         request's ValidationError."""
-        from pipelines.region_spec import preview_regions, validate_regions
+        from pipelines.denoise.region_spec import preview_regions, validate_regions
 
         w, h = int(width or 512), int(height or 512)
         return preview_regions(validate_regions(regions, w, h, self.engine.limits.max_prompt_chars), w, h)
@@ -247,7 +247,7 @@ class Backend:
             return ""
 
     def cfg_plot(self, cfg: str, steps: int) -> Image.Image:
-        from pipelines.guidance import parse_cfg, plot_schedule
+        from pipelines.denoise.guidance import parse_cfg, plot_schedule
 
         return plot_schedule(parse_cfg(cfg), max(1, int(steps or 1)))
 
@@ -262,16 +262,16 @@ class Backend:
         return text, {**flatten(request_from_infotext(text)), **_control_values(text)}
 
     def control_preview(self, image, type: str, low: int, high: int) -> Image.Image:
-        from pipelines.control_units import control_map
+        from pipelines.control.units import control_map
 
         unit = ControlUnit(image=_image(image, "control_image"), type=type, low=int(low), high=int(high))
         return control_map(unit, self.engine.manager.models_dir)
 
     def choices(self) -> dict[str, Any]:
         from pipelines.control import PREPROCESSORS, list_controlnets
+        from pipelines.denoise.schedulers import sampler_names
+        from pipelines.models.upscalers import LATENT_MIN_DENOISE, list_upscalers
         from pipelines.presets import load_presets
-        from pipelines.schedulers import sampler_names
-        from pipelines.upscale import LATENT_MIN_DENOISE, list_upscalers
 
         models_dir = self.engine.manager.models_dir
         defaults = flatten(GenerationRequest(model=self.engine.default_model))
@@ -297,7 +297,7 @@ class Backend:
 def safe_preview(engine, denoised) -> Image.Image | None:
     """A TAESD preview of the predicted x0 on the engine's current model; None (logged) if it cannot be made: a
     preview must never break a generation."""
-    from pipelines.vae_io import preview
+    from pipelines.vae.io import preview
 
     model = engine.manager.current
     try:
@@ -322,7 +322,7 @@ def _control_values(text: str) -> dict[str, Any]:
 def _mask_values(values: dict[str, Any]) -> dict[str, Any]:
     """init_image and mask from the Inpaint tab's brush (its background and strokes) and the uploaded mask, which
     wins over the strokes."""
-    from pipelines.inpaint import editor_images, load_mask
+    from pipelines.edit.inpaint import editor_images, load_mask
 
     out: dict[str, Any] = {}
     image, painted = editor_images(values.get("inpaint_editor"))

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from pipelines.composable import split_and
-from pipelines.feature_cache import CacheSettings, make_feature_cache
-from pipelines.guidance import parse_cfg, scales_for_steps
+from pipelines.denoise.feature_cache import CacheSettings, make_feature_cache
+from pipelines.denoise.guidance import parse_cfg, scales_for_steps
+from pipelines.denoise.loop import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
+from pipelines.denoise.regions import RegionView, paste_region_noise, region_masks
+from pipelines.denoise.schedulers import make_scheduler
 from pipelines.lru import LRUCache
-from pipelines.prompt_encoding import EncodedPrompt, PromptEncoder
-from pipelines.prompts import prompts_per_step
-from pipelines.regions import RegionView, paste_region_noise, region_masks
-from pipelines.sampling import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
-from pipelines.schedulers import make_scheduler
+from pipelines.prompts.composable import split_and
+from pipelines.prompts.encoding import EncodedPrompt, PromptEncoder
+from pipelines.prompts.parser import prompts_per_step
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,19 @@ class StageSpec:
     seeds: Sequence[int]
     emphasis: str = "a1111"
     clip_skip: int = 1
-    prompt_timeline: str = "a1111"  # how [a:b:N] maps N to steps (`pipelines.prompts.prompts_per_step`)
+    prompt_timeline: str = "a1111"  # how [a:b:N] maps N to steps (`pipelines.prompts.parser.prompts_per_step`)
     first_pass_steps: int | None = None  # set on a two-stage run's refine: A1111's hires form of the timeline
-    embeddings: Any = None  # `pipelines.embeddings.Embeddings`: textual inversions the prompts may name
+    embeddings: Any = None  # `pipelines.prompts.embeddings.Embeddings`: textual inversions the prompts may name
     init_latents: torch.Tensor | None = None  # img2img when set
     strength: float = 1.0
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
     preview_every: int = 0
     feature_cache: CacheSettings | None = None  # DeepCache settings; None = off
-    regions: Sequence = ()  # `pipelines.region_spec.Region`s: regional prompts
-    region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.regions`)
+    regions: Sequence = ()  # `pipelines.denoise.region_spec.Region`s: regional prompts
+    region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.denoise.regions`)
     region_canvas: tuple[int, int] | None = None  # stage-1 (width, height) the regions refer to; None = this size
-    inpaint: Any = None  # a pipelines.inpaint.LatentMask: the mask's loop hooks (with init_latents)
+    inpaint: Any = None  # a pipelines.edit.inpaint.LatentMask: the mask's loop hooks (with init_latents)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Feature caching in the denoising loop (DeepCache, Ma et al. CVPR 2024).
 
-On a full step the UNet runs whole and the feature entering its shallow path (`pipelines/unet_split.py`) is
+On a full step the UNet runs whole and the feature entering its shallow path (`pipelines/denoise/unet_split.py`) is
 cached per key = (tile position, CFG half); on the other steps only the shallow branch runs, on the cached
 feature. Keys make it compose with the rest of the loop:
 - CFG: both halves are cached; a cond-only step (guidance interval, scale 1) reuses the cond half;
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from pipelines.denoise.unet_split import branch_count, split_for, unsupported_reason
 from pipelines.errors import ValidationError
-from pipelines.unet_split import branch_count, split_for, unsupported_reason
 
 SCHEDULES = ("uniform", "nonuniform")
 NONUNIFORM_POWER = 1.4  # DeepCache's quadratic-ish spacing exponent (their README uses pow 1.4)

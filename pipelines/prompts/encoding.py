@@ -1,6 +1,6 @@
 """Prompts -> tokens -> embeddings: A1111's 75-token chunks (BREAK, comma backtracking), token counts, and the
 weighted chunked CLIP encoding for SD 1.x/2.x and SDXL (`modules/sd_hijack_clip.py`: "Original" emphasis), with
-textual-inversion embeddings (`pipelines.embeddings`) matched in the token stream and substituted for token
+textual-inversion embeddings (`pipelines.prompts.embeddings`) matched in the token stream and substituted for token
 embeddings (A1111 `sd_hijack_clip.tokenize_line`, `sd_hijack.EmbeddingsWithFixes`).
 
 Tokenizing and counting are pure Python; torch is imported lazily inside the encoder.
@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.prompts import BREAK, parse_weighted, prompt_schedule, prompts_per_step
+from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule, prompts_per_step
 
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.embeddings import Embeddings
+    from pipelines.prompts.embeddings import Embeddings
 
 CHUNK_TOKENS = 75  # prompt tokens per chunk; BOS and EOS make 77
 COMMA_BACKTRACK = 20  # A1111 `comma_padding_backtrack`: move words after a comma this close to a chunk's end
@@ -255,7 +255,7 @@ class PromptEncoder:
     concatenated on features; pooled from text_encoder_2. Nothing is cached here: the engine's PromptCache
     (keyed by model, LoRAs, text, options and the identity of the embeddings a text uses) is the one cache.
 
-    `embeddings` (`pipelines.embeddings.Embeddings`): a name in the prompt takes as many token positions as
+    `embeddings` (`pipelines.prompts.embeddings.Embeddings`): a name in the prompt takes as many token positions as
     its file has vectors, which replace the token embeddings there (a forward hook on the text encoder's token
     embedding layer, held for that call only; neither the tokenizer nor the weights change). Their weight is
     that of the text around them, like any token's.

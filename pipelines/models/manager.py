@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.errors import ModelError, OfflineError, ValidationError
 from pipelines.optional import require
 from pipelines.request import DEFAULT_MODEL, parse_lora
-from pipelines.tiny import TINY_MODELS, ensure_tiny
+from pipelines.models.tiny import TINY_MODELS, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ TAESD_CATALOGUE = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl
 SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
                        "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-# One load at a time per process: managers of several workers (`pipelines.workers`) loading at once crashed in
+# One load at a time per process: managers of several workers (`pipelines.serving.workers`) loading at once crashed in
 # from_pretrained ("Cannot copy out of meta tensor"): its empty-weights initialisation is process-wide state.
 LOAD_LOCK = threading.RLock()
 

@@ -1,7 +1,7 @@
 """A worker per device on one machine: `--devices` -> one Engine per device behind a dispatcher.
 
 Each worker owns its weights (its own ModelManager on its device) and its lock; the dispatcher gives each job to
-the next idle worker, so N devices serve N jobs at once. The pool looks like one Engine to `pipelines.service`
+the next idle worker, so N devices serve N jobs at once. The pool looks like one Engine to `pipelines.serving.service`
 (check, plan, generate, upscale, manager, default_model), so the UI, the API and the CLI need no other code.
 Progress, previews, Stop and cancel stay per job: they travel with the job's callback and cancel token.
 The worker that ran a job is in `result.stats["worker"]`, never in the PNG metadata.
@@ -59,7 +59,7 @@ class SharedPromptCache(LRUCache):
     and its LoRAs). Dict updates are locked; encoding runs outside the lock (two workers may both encode once)."""
 
     def __init__(self, size: int = 64):
-        super().__init__(size)  # the same size as `pipelines.stages.PromptCache`
+        super().__init__(size)  # the same size as `pipelines.denoise.stages.PromptCache`
         self._lock = threading.Lock()
 
     def get(self, key, make: Callable[[], Any]) -> Any:
@@ -180,7 +180,7 @@ class WorkerPool:
         return plan.tiled and plan.unet_evals_per_step >= len(self.workers)
 
     def _generate_split(self, req, callback, cancel, **kw):
-        from pipelines.multi_device import TileReplicas
+        from pipelines.serving.multi_device import TileReplicas
 
         with self._every_worker(cancel) as workers:
             main = workers[0].engine
@@ -247,7 +247,7 @@ def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_di
     """One ModelManager + Engine per device (nothing is loaded until a job needs it). Workers on devices of one
     type share the prompt cache."""
     from pipelines.engine import Engine
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
 
     engines = []
     for device in devices:

@@ -1,0 +1,19 @@
+"""Models: the manager that owns every loaded weight (`manager`), tiny test models (`tiny`), upscalers
+(`upscalers`) and size estimates (`sizes`).
+
+The package re-exports what the old flat module ``pipelines.models`` (now `manager`) offered.
+"""
+
+from pipelines.models.manager import (  # noqa: F401 - the old module's names
+    CATALOGUE,
+    LORA_CATALOGUE,
+    TAESD_CATALOGUE,
+    SINGLE_FILE_CONFIGS,
+    DTYPES,
+    LOAD_LOCK,
+    Source,
+    LoadedModel,
+    pick_device,
+    ModelManager,
+    warm_up,
+)
