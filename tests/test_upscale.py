@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.images import from_pil
+from pipelines.lru import LRUCache
 from pipelines.models import upscalers as upscale
 
 NUM_BLOCKS = 1
@@ -110,10 +112,12 @@ def test_resolve_rejects_unknown_and_paths(models_dir, name):
 
 @pytest.mark.parametrize("file", ["tiny_x4.safetensors", "tiny_x4.pth"])
 def test_load_detects_esrgan_x4(models_dir, file):
-    model = upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32)
+    cache = LRUCache(2)
+    model = upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32, cache)
     assert model.architecture.name == "ESRGAN"
     assert model.scale == 4
-    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32) is model  # cached
+    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32, cache) is model  # cached
+    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32) is not model  # no cache
 
 
 def test_upscale_exact_size_and_modes(models_dir):
@@ -127,7 +131,7 @@ def test_tiled_equals_untiled(models_dir):
     model = upscale.load_upscaler(models_dir / "upscalers" / "tiny_x4.safetensors")
     radius = receptive_radius(NUM_BLOCKS)
     overlap = 2 * math.ceil(radius) + 2  # the blend reaches overlap / 2 into the context
-    x = upscale._to_tensor(noise_image(96, 80, seed=1), "cpu", torch.float32)
+    x = from_pil(noise_image(96, 80, seed=1), device="cpu", dtype=torch.float32, value_range="unit")
     whole = upscale.upscale_tensor(model, x, tile=1024)
     calls = []
     tiled = upscale.upscale_tensor(model, x, tile=32, overlap=overlap, progress=lambda d, t: calls.append((d, t)))
