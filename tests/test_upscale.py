@@ -144,6 +144,31 @@ def test_tiled_equals_untiled(models_dir):
     assert (seamy - whole).abs().max() > 1e-3
 
 
+def _old_blend(model, x: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """The upscaler's own blend before it used pipelines.tiling's kernel: [1, 1, H, W] weight canvas, plain divide."""
+    _, _, h, w = x.shape
+    s = model.scale
+    canvas, weight = torch.zeros(1, 3, h * s, w * s), torch.zeros(1, 1, h * s, w * s)
+    with torch.inference_mode():
+        for top, bottom in upscale.plan_cores(h, tile):
+            y0, y1 = max(0, top - overlap), min(h, bottom + overlap)
+            wy = upscale.ramp_weights(top, bottom, y0, y1, overlap, s)
+            for left, right in upscale.plan_cores(w, tile):
+                x0, x1 = max(0, left - overlap), min(w, right + overlap)
+                wt = wy[:, None] * upscale.ramp_weights(left, right, x0, x1, overlap, s)[None, :]
+                canvas[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += model(x[:, :, y0:y1, x0:x1]).float().cpu() * wt
+                weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += wt
+    return canvas / weight
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 6), (24, 0), (40, 17)])
+def test_shared_blend_kernel_is_bit_identical_to_the_old_blend(models_dir, tile, overlap):
+    model = upscale.load_upscaler(models_dir / "upscalers" / "tiny_x4.safetensors")
+    x = from_pil(noise_image(72, 56, seed=2), device="cpu", dtype=torch.float32, value_range="unit")
+    new = upscale.upscale_tensor(model, x, tile=tile, overlap=overlap)
+    assert torch.equal(new, _old_blend(model, x, tile, overlap))
+
+
 def test_receptive_radius_matches_model():
     """The analytic radius bounds how far a one-pixel change spreads (in float64, before clamping)."""
     from spandrel.architectures.ESRGAN import ESRGAN
