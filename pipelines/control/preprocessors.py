@@ -86,7 +86,10 @@ def _annotator(kind: str, annotators_dir: Path, device: torch.device | str, cach
     if cache is None:
         return _load_annotator(kind, folder, device)
     key = (ANNOTATORS[kind].cls, str(folder.resolve()), str(device))
-    return cache.get(key, lambda: _load_annotator(kind, folder, device))
+    from pipelines.models.manager import LOAD_LOCK
+
+    with LOAD_LOCK:  # a UI preview and a job may ask at once: one load, one cache update at a time
+        return cache.get(key, lambda: _load_annotator(kind, folder, device))
 
 
 def _load_annotator(kind: str, folder: Path, device: torch.device | str):

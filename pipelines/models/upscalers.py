@@ -163,7 +163,10 @@ def load_upscaler(path: Path, device: torch.device | str = "cpu", dtype: torch.d
     if cache is None:
         return _load_checked(path, device, dtype)
     key = (str(path.resolve()), mtime, str(device), dtype)
-    return cache.get(key, lambda: _load_checked(path, device, dtype))
+    from pipelines.models.manager import LOAD_LOCK
+
+    with LOAD_LOCK:  # the Upscale tab and a hires job may ask at once: one load, one cache update at a time
+        return cache.get(key, lambda: _load_checked(path, device, dtype))
 
 
 def _load_checked(path: Path, device: torch.device | str, dtype: torch.dtype):
