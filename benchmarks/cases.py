@@ -217,7 +217,7 @@ def _tile_controlnet(ctx: Context):
     try:
         spec, allow = tile_model_name(ctx.model, ctx.manager.models_dir)
         return load_controlnet(spec, device=ctx.device, dtype=ctx.model.dtype, models_dir=ctx.manager.models_dir,
-                               allow_paths=allow)
+                               allow_paths=allow, cache=ctx.manager.caches.controlnets)
     except (ModelError, ValidationError):
         return None
 

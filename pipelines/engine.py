@@ -193,6 +193,7 @@ class Engine:
         if model is not None:
             dtype_bytes = 4 if model.dtype == torch.float32 else 2
             sizes = _model_sizes(model)
+            sizes["weights"] += self.manager.auxiliary_bytes()  # the cached ControlNets, upscalers, annotators
         else:  # before loading: the chosen model's own size in the dtype it will be loaded in
             dtype_bytes = 4 if self.manager.device_dtype[1] == torch.float32 else 2
             sizes = known_sizes(source, dtype_bytes)
@@ -303,7 +304,7 @@ class Engine:
             final_plan = self.plan(req, model, width=tw, height=th)
             dec, enc = self._codec_opts(final_plan, low_memory, model.device)
             init, big = upscale_latents_or_pixels(model, latents, req, models_dir=self.manager.models_dir,
-                                                  decode_opts=dec, encode_opts=enc)
+                                                  decode_opts=dec, encode_opts=enc, cache=self.manager.caches.upscalers)
             if big is not None and init is latents:
                 pixels_done = big
             else:
@@ -348,7 +349,7 @@ class Engine:
         try:
             spec, allow = tile_model_name(model, self.manager.models_dir)
             cn = load_controlnet(spec, device=model.device, dtype=model.dtype, models_dir=self.manager.models_dir,
-                                 allow_paths=allow)
+                                 allow_paths=allow, cache=self.manager.caches.controlnets)
         except (ModelError, ValidationError) as exc:
             return (), f"no tile ControlNet available ({exc}); the refine ran without it"
         if big is None:  # latent upscaler: the draft's pixels, resized
@@ -362,7 +363,7 @@ class Engine:
             return ()
         from pipelines.control.units import prepare_units
 
-        return prepare_units(model, req.control, width, height, self.manager.models_dir)
+        return prepare_units(model, req.control, width, height, self.manager.models_dir, self.manager.caches)
 
     def _finish(self, model, req, seeds, latents, pixels_done, plan, dec, report, stats, save) -> GenerationResult:
         images: list[Image.Image] = []
@@ -443,7 +444,7 @@ class Engine:
             loop_finished(cancel)  # no denoising loop: the upscale is not interrupted, so it is delivered
         with self.gpu_lock:
             big = upscale_image(image.convert("RGB"), upscaler, size=(tw, th), models_dir=self.manager.models_dir,
-                                device=device, dtype=dtype)
+                                device=device, dtype=dtype, cache=self.manager.caches.upscalers)
         if hires.denoise:
             req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, model=model or self.default_model,
                                     width=tw, height=th, steps=steps, cfg=cfg, sampler=sampler, seed=seed,

@@ -34,15 +34,16 @@ def hires_warning(req: GenerationRequest) -> str | None:
 
 
 def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationRequest, *, models_dir, decode_opts: dict,
-                              encode_opts: dict) -> tuple[torch.Tensor, list[Image.Image] | None]:
-    """Stage-2 input: (init latents at the target size, upscaled pixel images or None for latent upscalers)."""
+                              encode_opts: dict, cache=None) -> tuple[torch.Tensor, list[Image.Image] | None]:
+    """Stage-2 input: (init latents at the target size, upscaled pixel images or None for latent upscalers);
+    `cache` (the manager's `caches.upscalers`) keeps the upscaler model."""
     tw, th = hires_target(req.width, req.height, req.hires.scale)
     if is_latent(req.hires.upscaler):
         size = (th // model.vae_scale, tw // model.vae_scale)
         return upscale_latents(latents.float(), size, req.hires.upscaler).to(latents.dtype), None
     drafts = vae_io.to_pil(vae_io.decode(model, latents, **decode_opts))
     big = [upscale_image(im, req.hires.upscaler, size=(tw, th), models_dir=models_dir, device=model.device,
-                         dtype=model.dtype) for im in drafts]
+                         dtype=model.dtype, cache=cache) for im in drafts]
     if hires_denoise(req) == 0:
         return latents, big  # nothing to refine: the pixels are the result (no VAE round trip)
     pixels = torch.cat([vae_io.from_pil(im, tw, th, model.device, model.dtype) for im in big])

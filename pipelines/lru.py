@@ -30,6 +30,10 @@ class LRUCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._data
 
+    def values(self) -> list[Any]:
+        """The cached values, oldest first."""
+        return list(self._data.values())
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -11,6 +11,7 @@ All sizes here are in latent pixels unless a name says otherwise.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -95,6 +96,27 @@ def tile_weights(h: int, w: int, mode: BlendMode = "average", device: torch.devi
         grid = torch.outer(_gaussian_1d(h, GAUSSIAN_VARIANCE), _gaussian_1d(w, GAUSSIAN_VARIANCE))
         return grid.to(dtype=torch.float32, device=device)
     raise ValidationError("mode", mode, f"must be one of {BLEND_MODES}")
+
+
+def plan_cores(length: int, tile: int) -> list[tuple[int, int]]:
+    """Split [0, length) into ceil(length / tile) near-equal consecutive cores (start, end): the pixel upscaler's
+    tiles, each run with context around it (`pipelines.models.upscalers.upscale_tensor`)."""
+    n = max(1, math.ceil(length / tile))
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def ramp_weights(start: int, end: int, lo: int, hi: int, overlap: int, scale: int) -> torch.Tensor:
+    """1-D output weights of the window [lo, hi) whose core is [start, end), at `scale` output pixels per input
+    pixel: 1 inside, linear ramps `overlap` wide centred on each seam, so neighbours' weights sum to 1 (feathering)."""
+    x = torch.arange(lo * scale, hi * scale, dtype=torch.float32) + 0.5
+    width = max(overlap * scale, 1)
+    w = torch.ones_like(x)
+    if start > lo:  # a seam on the left: ramp from 0 to 1 centred on it
+        w = torch.minimum(w, (0.5 + (x - start * scale) / width).clamp(0, 1))
+    if end < hi:
+        w = torch.minimum(w, (0.5 - (x - end * scale) / width).clamp(0, 1))
+    return w
 
 
 def grid_offset(seed: int, step: int, tile_size: int, overlap: int) -> tuple[int, int]:

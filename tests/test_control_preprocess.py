@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines import control
 from pipelines.errors import ModelError, OfflineError, ValidationError
+from pipelines.lru import LRUCache
 
 
 def photo(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
@@ -114,10 +115,8 @@ def test_annotator_uses_local_folder(monkeypatch, tmp_path):
     fake.HEDdetector = FakeHED
     monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
     (tmp_path / "ControlNetHED.pth").write_bytes(b"x")
-    control.clear_cache()
     out = control.preprocess("scribble", photo(), annotators_dir=tmp_path)
     assert out.size == photo().size and seen["path"] == str(tmp_path) and seen["scribble"] is True
-    control.clear_cache()
 
 
 # ----- control images -------------------------------------------------------------------------------
@@ -230,14 +229,15 @@ def test_list_controlnets(cn_models):
 def test_load_tiny_controlnet_folder(cn_models):
     from diffusers import ControlNetModel
 
-    by_name = control.load_controlnet("cn", models_dir=cn_models)
+    cache = LRUCache(2)
+    by_name = control.load_controlnet("cn", models_dir=cn_models, cache=cache)
     assert isinstance(by_name, ControlNetModel)
-    by_path = control.load_controlnet(str(cn_models / "controlnet" / "cn"), models_dir=cn_models)
+    by_path = control.load_controlnet(str(cn_models / "controlnet" / "cn"), models_dir=cn_models, cache=cache)
     assert by_path is by_name  # same resolved folder: cached
+    assert control.load_controlnet("cn", models_dir=cn_models) is not by_name  # no cache: loaded afresh
     single = control.load_controlnet("single.safetensors", models_dir=cn_models)
     for a, b in zip(single.state_dict().values(), by_name.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    control.clear_cache()
 
 
 def test_single_file_without_config(cn_models):
@@ -269,4 +269,3 @@ def test_allow_paths_for_trusted_callers(cn_models, tmp_path):
     with pytest.raises(ValidationError, match="outside"):
         control.load_controlnet(outside, models_dir=tmp_path)
     assert control.load_controlnet(outside, models_dir=tmp_path, allow_paths=True) is not None
-    control.clear_cache()

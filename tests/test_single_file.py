@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from pipelines.engine import Engine
 from pipelines.errors import OfflineError
-from pipelines.models.manager import SINGLE_FILE_CONFIGS, ModelManager, Source, _family_of_file
+from pipelines.models.loading import family_of_file
+from pipelines.models.manager import SINGLE_FILE_CONFIGS, ModelManager, Source
 from tests.ldm_export import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, export_ldm_checkpoint, ldm_state_dict
 
 FILE = "tiny-ldm.safetensors"
@@ -66,7 +67,7 @@ def test_export_is_an_sd1_ldm_checkpoint_that_diffusers_converts_back_exactly(ti
     # SD1 VAE attention is stored as 1x1 convs in the original format
     assert state["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
     assert state["first_stage_model.encoder.mid.attn_1.proj_out.weight"].ndim == 4
-    assert infer_diffusers_model_type(state) == "v1" and _family_of_file(ldm_models / FILE) == "sd1"
+    assert infer_diffusers_model_type(state) == "v1" and family_of_file(ldm_models / FILE) == "sd1"
 
     for component, convert in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
         config = json.loads((tiny_dir / component / "config.json").read_text())

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.images import from_pil
+from pipelines.lru import LRUCache
 from pipelines.models import upscalers as upscale
 
 NUM_BLOCKS = 1
@@ -110,10 +112,12 @@ def test_resolve_rejects_unknown_and_paths(models_dir, name):
 
 @pytest.mark.parametrize("file", ["tiny_x4.safetensors", "tiny_x4.pth"])
 def test_load_detects_esrgan_x4(models_dir, file):
-    model = upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32)
+    cache = LRUCache(2)
+    model = upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32, cache)
     assert model.architecture.name == "ESRGAN"
     assert model.scale == 4
-    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32) is model  # cached
+    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32, cache) is model  # cached
+    assert upscale.load_upscaler(models_dir / "upscalers" / file, "cpu", torch.float32) is not model  # no cache
 
 
 def test_upscale_exact_size_and_modes(models_dir):
@@ -127,7 +131,7 @@ def test_tiled_equals_untiled(models_dir):
     model = upscale.load_upscaler(models_dir / "upscalers" / "tiny_x4.safetensors")
     radius = receptive_radius(NUM_BLOCKS)
     overlap = 2 * math.ceil(radius) + 2  # the blend reaches overlap / 2 into the context
-    x = upscale._to_tensor(noise_image(96, 80, seed=1), "cpu", torch.float32)
+    x = from_pil(noise_image(96, 80, seed=1), device="cpu", dtype=torch.float32, value_range="unit")
     whole = upscale.upscale_tensor(model, x, tile=1024)
     calls = []
     tiled = upscale.upscale_tensor(model, x, tile=32, overlap=overlap, progress=lambda d, t: calls.append((d, t)))
@@ -138,6 +142,31 @@ def test_tiled_equals_untiled(models_dir):
     # a small overlap is not exact: the test above can fail
     seamy = upscale.upscale_tensor(model, x, tile=32, overlap=4)
     assert (seamy - whole).abs().max() > 1e-3
+
+
+def _old_blend(model, x: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """The upscaler's own blend before it used pipelines.tiling's kernel: [1, 1, H, W] weight canvas, plain divide."""
+    _, _, h, w = x.shape
+    s = model.scale
+    canvas, weight = torch.zeros(1, 3, h * s, w * s), torch.zeros(1, 1, h * s, w * s)
+    with torch.inference_mode():
+        for top, bottom in upscale.plan_cores(h, tile):
+            y0, y1 = max(0, top - overlap), min(h, bottom + overlap)
+            wy = upscale.ramp_weights(top, bottom, y0, y1, overlap, s)
+            for left, right in upscale.plan_cores(w, tile):
+                x0, x1 = max(0, left - overlap), min(w, right + overlap)
+                wt = wy[:, None] * upscale.ramp_weights(left, right, x0, x1, overlap, s)[None, :]
+                canvas[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += model(x[:, :, y0:y1, x0:x1]).float().cpu() * wt
+                weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += wt
+    return canvas / weight
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 6), (24, 0), (40, 17)])
+def test_shared_blend_kernel_is_bit_identical_to_the_old_blend(models_dir, tile, overlap):
+    model = upscale.load_upscaler(models_dir / "upscalers" / "tiny_x4.safetensors")
+    x = from_pil(noise_image(72, 56, seed=2), device="cpu", dtype=torch.float32, value_range="unit")
+    new = upscale.upscale_tensor(model, x, tile=tile, overlap=overlap)
+    assert torch.equal(new, _old_blend(model, x, tile, overlap))
 
 
 def test_receptive_radius_matches_model():

@@ -14,7 +14,6 @@ from pipelines.control.images import (  # noqa: F401 - the old module's names
 )
 from pipelines.control.models import (  # noqa: F401 - the old module's names
     CONTROLNET_CATALOGUE,
-    clear_cache,
     list_controlnets,
     load_controlnet,
     resolve_controlnet,

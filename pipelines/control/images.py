@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import ValidationError
+from pipelines.images import from_pil
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,4 @@ def prepare_control_image(image: Image.Image, width: int, height: int) -> torch.
             raise ValidationError(field, value, "must be a positive integer")
     image = image.convert("RGB")
     box = crop_box(image.width, image.height, width, height)
-    resized = image.resize((width, height), Image.Resampling.LANCZOS, box=box)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+    return from_pil(image.resize((width, height), Image.Resampling.LANCZOS, box=box), value_range="unit")

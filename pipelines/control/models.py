@@ -36,11 +36,6 @@ CONTROLNET_CATALOGUE: dict[str, str] = {
 """Short name -> Hugging Face hub id: the only hub ControlNets a user may ask for."""
 
 
-_CACHE_SIZE = 2
-_controlnets = LRUCache(_CACHE_SIZE)
-
-
-
 def _controlnet_root(models_dir: Path) -> Path:
     """The folder holding local ControlNets."""
     return Path(models_dir) / "controlnet"
@@ -138,15 +133,21 @@ def _load_hub(repo: str, dtype: torch.dtype):
 
 
 def load_controlnet(spec: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    models_dir: Path, allow_paths: bool = False):
-    """Load a ControlNet (catalogue name, hub id, local folder or .safetensors); cached by spec, device, dtype."""
+                    models_dir: Path, allow_paths: bool = False, cache: LRUCache | None = None):
+    """Load a ControlNet (catalogue name, hub id, local folder or .safetensors).
+
+    `cache` (a manager's `caches.controlnets`) keeps it by resolved spec, mtime, device and dtype; without one it
+    is loaded afresh and nothing keeps it.
+    """
     resolved = resolve_controlnet(spec, models_dir, allow_paths=allow_paths)
     stamp = resolved.stat().st_mtime_ns if isinstance(resolved, Path) else 0
     key = (str(resolved), stamp, str(device), dtype)
     from pipelines.models.manager import LOAD_LOCK
 
     with LOAD_LOCK:  # workers on several devices load at once; from_pretrained is not thread-safe
-        return _controlnets.get(key, lambda: _load_controlnet(resolved, spec, device, dtype))
+        if cache is None:
+            return _load_controlnet(resolved, spec, device, dtype)
+        return cache.get(key, lambda: _load_controlnet(resolved, spec, device, dtype))
 
 
 def _load_controlnet(resolved: str | Path, spec: str, device: torch.device | str, dtype: torch.dtype):
@@ -165,10 +166,3 @@ def _load_controlnet(resolved: str | Path, spec: str, device: torch.device | str
     log.info("loaded ControlNet %s", spec)
     return model
 
-
-def clear_cache() -> None:
-    """Forget cached ControlNets and annotators."""
-    from pipelines.control import preprocessors
-
-    _controlnets.clear()
-    preprocessors.clear_cache()

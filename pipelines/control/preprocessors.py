@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.lru import LRUCache
 from pipelines.optional import MissingDependencyError, require
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ ANNOTATORS: dict[str, Annotator] = {
     "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",)),
 }
 PREPROCESSORS: tuple[str, ...] = ("none", "canny", *ANNOTATORS)
-
-_annotators: dict[tuple, Any] = {}
-
 
 
 def _threshold(field: str, value: object) -> int:
@@ -82,13 +80,21 @@ def _missing_message(kind: str, package: bool, files: list[str], folder: Path) -
     return f"{kind} needs {' and '.join(needs)}; {fix}, or pick canny or none"
 
 
-def _load_annotator(kind: str, annotators_dir: Path, device: torch.device | str):
-    """The controlnet-aux detector for `kind`, loaded from local weights once and cached."""
-    spec = ANNOTATORS[kind]
+def _annotator(kind: str, annotators_dir: Path, device: torch.device | str, cache: LRUCache | None):
+    """The controlnet-aux detector for `kind`: from `cache` (by class, folder and device) or loaded afresh."""
     folder = Path(annotators_dir)
-    key = (spec.cls, str(folder.resolve()), str(device))
-    if key in _annotators:
-        return _annotators[key]
+    if cache is None:
+        return _load_annotator(kind, folder, device)
+    key = (ANNOTATORS[kind].cls, str(folder.resolve()), str(device))
+    from pipelines.models.manager import LOAD_LOCK
+
+    with LOAD_LOCK:  # a UI preview and a job may ask at once: one load, one cache update at a time
+        return cache.get(key, lambda: _load_annotator(kind, folder, device))
+
+
+def _load_annotator(kind: str, folder: Path, device: torch.device | str):
+    """The controlnet-aux detector for `kind`, loaded from the local weights in `folder`."""
+    spec = ANNOTATORS[kind]
     missing = [f for f in spec.files if not (folder / f).is_file()]
     try:
         controlnet_aux = require("controlnet_aux", kind)
@@ -107,16 +113,17 @@ def _load_annotator(kind: str, annotators_dir: Path, device: torch.device | str)
         raise ModelError(f"{kind}: could not load {spec.files} from {folder} ({err})") from err
     if hasattr(detector, "to"):
         detector = detector.to(device)
-    _annotators[key] = detector
     return detector
 
 
 def preprocess(kind: str, image: Image.Image, *, low: int = 100, high: int = 200,
                annotators_dir: Path = Path("models/annotators"),
-               device: torch.device | str = "cpu", resolution: int = 512) -> Image.Image:
+               device: torch.device | str = "cpu", resolution: int = 512,
+               cache: LRUCache | None = None) -> Image.Image:
     """Turn `image` into a control map with preprocessor `kind` (one of PREPROCESSORS); RGB, same size out.
 
-    `low`/`high` are the canny thresholds; `resolution` is the short side annotators detect at.
+    `low`/`high` are the canny thresholds; `resolution` is the short side annotators detect at; `cache` (a
+    manager's `caches.annotators`) keeps the detector, which is otherwise loaded for this call only.
     """
     if kind not in PREPROCESSORS:
         raise ValidationError("control preprocessor", kind, f"must be one of {', '.join(PREPROCESSORS)}")
@@ -124,14 +131,10 @@ def preprocess(kind: str, image: Image.Image, *, low: int = 100, high: int = 200
         return image.convert("RGB")
     if kind == "canny":
         return canny(image, low, high)
-    detector = _load_annotator(kind, annotators_dir, device)
+    detector = _annotator(kind, annotators_dir, device, cache)
     image = image.convert("RGB")
     side = min(image.size)
     out = detector(image, detect_resolution=min(side, resolution), image_resolution=side,
                    **dict(ANNOTATORS[kind].kwargs))
     return out.convert("RGB").resize(image.size, Image.Resampling.BILINEAR)
 
-
-def clear_cache() -> None:
-    """Forget cached annotators."""
-    _annotators.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -10,6 +11,9 @@ from pipelines.control import load_control_image, load_controlnet, prepare_contr
 from pipelines.denoise.loop import ControlInput
 from pipelines.models.tiny import ensure_tiny_controlnet
 from pipelines.request import ControlUnit
+
+if TYPE_CHECKING:
+    from pipelines.models.caches import WeightCaches
 
 TINY_CONTROLNET = "tiny-controlnet"
 
@@ -27,14 +31,18 @@ def _tiny_controlnet_dir(model) -> Path:
     return ensure_tiny_controlnet(model.source.ref)  # per tiny model (SD- or SDXL-shaped), rebuilt on TINY_VERSION
 
 
-def control_map(unit: ControlUnit, models_dir: Path) -> Image.Image:
-    """The preprocessed control map the user sees (canny edges, depth, ... or the image itself for 'none')."""
+def control_map(unit: ControlUnit, models_dir: Path, caches: WeightCaches | None = None) -> Image.Image:
+    """The preprocessed control map the user sees (canny edges, depth, ... or the image itself for 'none');
+    an annotator is kept in `caches` (the manager's) when given."""
     image = load_control_image(unit.image)
-    return preprocess(unit.type, image, low=unit.low, high=unit.high, annotators_dir=Path(models_dir) / "annotators")
+    return preprocess(unit.type, image, low=unit.low, high=unit.high, annotators_dir=Path(models_dir) / "annotators",
+                      cache=None if caches is None else caches.annotators)
 
 
-def prepare_units(model, units, width: int, height: int, models_dir: Path) -> tuple[ControlInput, ...]:
-    """Each unit's model and control map at (width, height) pixels, ready for the denoising loop."""
+def prepare_units(model, units, width: int, height: int, models_dir: Path,
+                  caches: WeightCaches | None = None) -> tuple[ControlInput, ...]:
+    """Each unit's model and control map at (width, height) pixels, ready for the denoising loop; ControlNets and
+    annotators are kept in `caches` (the manager's) when given, else loaded for this call only."""
     out = []
     for unit in units:
         name = unit.model or default_model(unit, model)
@@ -43,8 +51,9 @@ def prepare_units(model, units, width: int, height: int, models_dir: Path) -> tu
         else:
             spec = name
         cn = load_controlnet(spec, device=model.device, dtype=model.dtype, models_dir=Path(models_dir),
-                             allow_paths=spec != name)
-        image = prepare_control_image(control_map(unit, models_dir), width, height).to(model.device, model.dtype)
+                             allow_paths=spec != name, cache=None if caches is None else caches.controlnets)
+        image = prepare_control_image(control_map(unit, models_dir, caches), width, height)
+        image = image.to(model.device, model.dtype)
         out.append(ControlInput(cn, image, unit.scale, unit.start, unit.end, unit.guess_mode))
     return tuple(out)
 

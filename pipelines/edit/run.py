@@ -181,7 +181,7 @@ def _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_
     out, plan, dec = [], None, {}
     for image, seed in zip(images, seeds, strict=True):
         big = upscale_image(image, req.hires.upscaler, size=size, models_dir=engine.manager.models_dir,
-                            device=model.device, dtype=model.dtype)
+                            device=model.device, dtype=model.dtype, cache=engine.manager.caches.upscalers)
         sub = replace(hires_request(req, big, work), seed=seed, batch_size=1)
         done, plan, dec, _ = _inpaint_pass(engine, model, sub, [seed], callback, cancel, unet, low_memory, stats,
                                            report)

@@ -6,14 +6,14 @@ The package re-exports what the old flat module ``pipelines.models`` (now `manag
 
 from pipelines.models.manager import (  # noqa: F401 - the old module's names
     CATALOGUE,
-    LORA_CATALOGUE,
-    TAESD_CATALOGUE,
-    SINGLE_FILE_CONFIGS,
     DTYPES,
     LOAD_LOCK,
-    Source,
+    LORA_CATALOGUE,
+    SINGLE_FILE_CONFIGS,
+    TAESD_CATALOGUE,
     LoadedModel,
-    pick_device,
     ModelManager,
+    Source,
+    pick_device,
     warm_up,
 )

@@ -9,19 +9,33 @@ Nothing here runs at import time: no device probing, no downloads.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ModelError, OfflineError, ValidationError
+from pipelines.errors import ModelError, ValidationError
+from pipelines.models.caches import WeightCaches
+from pipelines.models.loading import (  # noqa: F401 - DTYPES, TAESD_CATALOGUE, SINGLE_FILE_CONFIGS, pick_device and
+    DTYPES,  # warm_up lived here before the loaders got their own module; they stay importable from here
+    SINGLE_FILE_CONFIGS,
+    TAESD_CATALOGUE,
+    Source,
+    family_of_pipe,
+    file_hash,
+    hub_error,
+    load_pipeline,
+    load_taesd,
+    load_tokenizer,
+    offline,
+    pick_device,
+    warm_up,
+)
+from pipelines.models.tiny import TINY_MODELS
 from pipelines.optional import require
 from pipelines.request import DEFAULT_MODEL, parse_lora
-from pipelines.models.tiny import TINY_MODELS, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +51,9 @@ LORA_CATALOGUE = {
     "lcm-lora-sdv1-5": "latent-consistency/lcm-lora-sdv1-5",
     "lcm-lora-sdxl": "latent-consistency/lcm-lora-sdxl",
 }
-TAESD_CATALOGUE = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
-# Single-file checkpoints need component configs; these hub ids provide them (from the local HF cache offline).
-SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
-                       "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # One load at a time per process: managers of several workers (`pipelines.serving.workers`) loading at once crashed in
 # from_pretrained ("Cannot copy out of meta tensor"): its empty-weights initialisation is process-wide state.
 LOAD_LOCK = threading.RLock()
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a model comes from: kind is tiny | hub | folder | file."""
-
-    kind: str
-    ref: str
-    family: str | None = None
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LoadedModel:
     def short_hash(self) -> str:
         """A1111-style model hash: first 10 hex digits of the sha256 of the weights file."""
         if self._hash is None:
-            self._hash = _file_hash(_weights_file(self))
+            self._hash = file_hash(_weights_file(self))
         return self._hash
 
 
@@ -119,82 +119,6 @@ def _weights_file(model: LoadedModel) -> Path | None:
         files = sorted((Path(folder) / "unet").glob("*.safetensors"))
         return files[0] if files else None
     return None
-
-
-def _file_hash(path: Path | None) -> str:
-    if path is None or not path.exists():
-        return "unknown"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
-
-
-def pick_device(device: str | None = None, dtype: str | None = None):
-    """Choose (torch.device, torch.dtype): CUDA fp16, MPS fp16, else CPU fp32; either can be overridden."""
-    import torch
-
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    dev = torch.device(device)
-    if dtype in (None, "auto"):
-        dtype = "fp32" if dev.type == "cpu" else "fp16"
-    if dtype not in DTYPES:
-        raise ValidationError("dtype", dtype, f"must be one of {', '.join(DTYPES)} or auto")
-    return dev, getattr(torch, DTYPES[dtype])
-
-
-def _family_of_file(path: Path) -> str:
-    """Guess the architecture of an original-format checkpoint from its tensor names."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # safetensors raises several types for a broken file
-        raise ModelError(f"could not read model file {path.name}: not a valid .safetensors checkpoint ({exc})") from exc
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "sd1"
-    raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no UNet weights found)")
-
-
-def _family_of_pipe(pipe) -> str:
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    hidden = getattr(getattr(pipe, "text_encoder", None), "config", None)
-    return "sd2" if hidden is not None and getattr(hidden, "hidden_size", 768) == 1024 else "sd1"
-
-
-def _is_download_error(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it came from) is a failed or refused hub download."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    kinds = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
-    seen: BaseException | None = exc
-    for _ in range(8):  # walk __cause__/__context__, bounded
-        if seen is None:
-            return False
-        if isinstance(seen, kinds) or type(seen).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _hub_error(name: str, exc: Exception) -> OfflineError:
-    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return OfflineError(
-        f"could not download {name} (offline?): {reason}. Put the model in models/ or choose 'tiny' to try the app."
-    )
 
 
 class ModelManager:
@@ -219,6 +143,7 @@ class ModelManager:
         self.warmup = warmup
         self._current: LoadedModel | None = None
         self._tokenizers: dict[str, Any] = {}
+        self.caches = WeightCaches()  # ControlNets, annotators, upscalers: bounded, freed by unload()
         self._lock = threading.RLock()
         self._device = None
 
@@ -286,66 +211,27 @@ class ModelManager:
             return cur
 
     def unload(self) -> None:
-        """Drop the current model and free its device memory."""
+        """Drop the current model and the cached ControlNets, annotators and upscalers; free their device memory."""
         import torch
 
         with self._lock:
             self._current = None
+            self.caches.clear()
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
     def _load(self, name: str, src: Source) -> LoadedModel:
-        from diffusers import DiffusionPipeline
-
         device, dtype = self.device_dtype
         log.info("loading model %s (%s) on %s %s", name, src.kind, device, dtype)
-        try:
-            if src.kind == "tiny":
-                folder = ensure_tiny(src.ref)
-                pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
-            elif src.kind == "folder":
-                pipe = DiffusionPipeline.from_pretrained(src.ref, dtype=dtype, local_files_only=True)
-            elif src.kind == "file":
-                pipe = self._load_single_file(Path(src.ref), dtype)
-            else:
-                pipe = self._from_hub(src.ref, dtype)
-        except (ModelError, ValidationError):
-            raise
-        except Exception as exc:
-            raise ModelError(f"could not load model {name}: {str(exc).splitlines()[0][:300]}") from exc
-        family = src.family or _family_of_pipe(pipe)
+        pipe = load_pipeline(name, src, self.models_dir, dtype)
+        family = src.family or family_of_pipe(pipe)
         self._configure(pipe, device)
-        taesd = self._load_taesd(src, family, device, dtype)
+        taesd = load_taesd(src, family, self.models_dir, device, dtype)
         model = LoadedModel(name=name, source=src, family=family, pipe=pipe, device=device, dtype=dtype, taesd=taesd)
         if self.warmup:
             warm_up(model)
         return model
-
-    def _from_hub(self, hub_id: str, dtype):
-        from diffusers import DiffusionPipeline
-
-        try:
-            return DiffusionPipeline.from_pretrained(hub_id, dtype=dtype, local_files_only=_offline())
-        except Exception as exc:
-            raise _hub_error(hub_id, exc) from exc
-
-    def _load_single_file(self, path: Path, dtype):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        family = _family_of_file(path)
-        cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-        local_cfg = self.models_dir / "configs" / family
-        config = str(local_cfg) if local_cfg.is_dir() else SINGLE_FILE_CONFIGS[family]
-        try:
-            return cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=_offline())
-        except Exception as exc:
-            if not local_cfg.is_dir() and _is_download_error(exc):
-                raise OfflineError(
-                    f"could not load {path.name}: its {family} component configs come from {config} "
-                    f"(could not download, offline?). Put a diffusers config folder at {local_cfg}."
-                ) from exc
-            raise ModelError(f"could not load {path.name}: {str(exc).splitlines()[0][:300]}") from exc
 
     def _configure(self, pipe, device) -> None:
         import torch
@@ -364,25 +250,6 @@ class ModelManager:
         if self.compile_unet:
             pipe.unet = torch.compile(pipe.unet, dynamic=False)
 
-    def _load_taesd(self, src: Source, family: str, device, dtype):
-        """TAESD for previews and draft decodes: tiny models ship one; real ones look in models/ then the hub."""
-        from diffusers import AutoencoderTiny
-
-        candidates: list[tuple[str, dict]] = []
-        if src.kind == "tiny":
-            candidates.append((str(ensure_tiny(src.ref) / "taesd"), {"local_files_only": True}))
-        else:
-            local = self.models_dir / ("taesdxl" if family == "sdxl" else "taesd")
-            if local.is_dir():
-                candidates.append((str(local), {"local_files_only": True}))
-            candidates.append((TAESD_CATALOGUE[family], {"local_files_only": _offline()}))
-        for ref, kwargs in candidates:
-            try:
-                return AutoencoderTiny.from_pretrained(ref, dtype=dtype, **kwargs).to(device)
-            except Exception as exc:
-                log.warning("TAESD not available from %s (%s); previews and taesd decode are off", ref, exc)
-        return None
-
     def availability(self, name: str) -> str | None:
         """None when `name` can load without the network; otherwise a sentence saying what must be fetched."""
         try:
@@ -395,10 +262,15 @@ class ModelManager:
 
         if isinstance(try_to_load_from_cache(src.ref, "model_index.json"), str):
             return None
-        where = "the hub is switched off (HF_HUB_OFFLINE)" if _offline() else "it needs network access"
+        where = "the hub is switched off (HF_HUB_OFFLINE)" if offline() else "it needs network access"
         return (f"{src.ref} is not downloaded yet and {where}: the first generation will fail with 'could not "
                 f"download' unless it can be fetched. Use --model tiny to try the app, or put a model in "
                 f"{self.models_dir}/.")
+
+    def auxiliary_bytes(self) -> int:
+        """Bytes of the cached ControlNets, annotators and upscalers on this manager's device (parameters and
+        buffers), which the planner adds to the pipeline's own weights."""
+        return self.caches.resident_bytes(self.device_dtype[0])
 
     @property
     def current(self) -> LoadedModel | None:
@@ -411,25 +283,9 @@ class ModelManager:
             return self._current.tokenizers[0]
         if name in self._tokenizers:
             return self._tokenizers[name]
-        from transformers import CLIPTokenizer
-
         tok = None
         try:
-            src = self.resolve(name)
-            if src.kind == "tiny":
-                tok = CLIPTokenizer.from_pretrained(ensure_tiny(src.ref) / "tokenizer")
-            elif src.kind == "folder":
-                tok = CLIPTokenizer.from_pretrained(Path(src.ref) / "tokenizer")
-            elif src.kind == "hub":
-                tok = CLIPTokenizer.from_pretrained(src.ref, subfolder="tokenizer", local_files_only=_offline())
-            elif src.kind == "file":  # the tokenizer of the configs the file will be loaded with
-                family = _family_of_file(Path(src.ref))
-                local_cfg = self.models_dir / "configs" / family
-                if local_cfg.is_dir():
-                    tok = CLIPTokenizer.from_pretrained(local_cfg / "tokenizer")
-                else:
-                    tok = CLIPTokenizer.from_pretrained(SINGLE_FILE_CONFIGS[family], subfolder="tokenizer",
-                                                        local_files_only=_offline())
+            tok = load_tokenizer(self.resolve(name), self.models_dir)
         except Exception as exc:  # the counter is advisory; say why once in the log
             log.info("no tokenizer for %s yet (%s)", name, str(exc).splitlines()[0][:120] if str(exc) else exc)
         self._tokenizers[name] = tok
@@ -462,47 +318,14 @@ class ModelManager:
                 if os.path.isfile(ref):
                     pipe.load_lora_weights(os.path.dirname(ref), weight_name=os.path.basename(ref), adapter_name=adapter)
                 else:
-                    pipe.load_lora_weights(ref, adapter_name=adapter, local_files_only=_offline())
+                    pipe.load_lora_weights(ref, adapter_name=adapter, local_files_only=offline())
             except Exception as exc:
                 if os.path.isfile(ref):
                     raise ModelError(f"could not load LoRA {name}: {str(exc).splitlines()[0][:200]}") from exc
-                raise _hub_error(ref, exc) from exc
+                raise hub_error(ref, exc) from exc
             names.append(adapter)
             weights.append(weight)
         if names:
             pipe.set_adapters(names, adapter_weights=weights)
         model.loras = loras
 
-
-def warm_up(model: LoadedModel) -> None:
-    """One tiny UNet + VAE call after loading: CUDA kernels, cuDNN plans and allocator pools get set up before the
-    user's first request (and a torch.compile'd UNet compiles its smallest graph)."""
-    import torch
-
-    with torch.no_grad():
-        _warm_up(model)
-
-
-def _warm_up(model: LoadedModel) -> None:
-    import torch
-
-    unet, vae = model.unet, model.vae
-    h = w = 8
-    x = torch.zeros(2, unet.config.in_channels, h, w, device=model.device, dtype=model.dtype)
-    enc = torch.zeros(2, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
-    added = None
-    if model.is_sdxl:
-        pooled = model.pipe.text_encoder_2.config.projection_dim
-        added = {"text_embeds": torch.zeros(2, pooled, device=model.device, dtype=model.dtype),
-                 "time_ids": torch.zeros(2, 6, device=model.device, dtype=model.dtype)}
-    t0 = time.perf_counter()
-    t = torch.tensor(999.0, device=model.device)  # a tensor, like the loop passes: a compiled UNet compiles once
-    unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
-    vae.decode(x[:1, :vae.config.latent_channels].to(vae.dtype))  # an inpainting UNet takes 9 channels
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    log.info("warm-up of %s took %.2fs", model.name, time.perf_counter() - t0)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

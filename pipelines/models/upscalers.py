@@ -6,29 +6,30 @@ suffix, e.g. ``RealESRGAN_x4plus.safetensors``) of ``*.safetensors`` / ``*.pth``
 A name is never a path: anything else is rejected, so API users cannot point at arbitrary files.
 
 Model tiling (pixel space): the image is cut into a grid of cores of at most ``tile`` x ``tile`` input
-pixels; each core is run with ``overlap`` pixels of context on every side (clipped at the image border),
-so the model never sees more than ``(tile + 2 * overlap)`` pixels a side. Outputs are blended with
-linear ramps ``overlap`` pixels wide centred on each seam (they reach ``overlap / 2`` into the context).
+pixels (`pipelines.tiling.plan_cores`); each core is run with ``overlap`` pixels of context on every side
+(clipped at the image border), so the model never sees more than ``(tile + 2 * overlap)`` pixels a side.
+Outputs are blended with linear ramps ``overlap`` pixels wide centred on each seam (`pipelines.tiling.ramp_weights`;
+they reach ``overlap / 2`` into the context), accumulated and divided by the summed weights with the latent
+tiling's kernel (`pipelines.tiling.new_canvas`, `accumulate`, `finish`).
 An output pixel is therefore exact when ``overlap / 2`` is at least the model's receptive-field radius;
 for real models the ramp hides the small remaining difference.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.images import from_pil, to_pil
 from pipelines.lru import LRUCache
+from pipelines.tiling import Tile, accumulate, finish, new_canvas, plan_cores, ramp_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ BUILTIN_UPSCALERS: tuple[str, ...] = (AUTO, "lanczos", *LATENT_MODES)
 MODEL_SUFFIXES = (".safetensors", ".pth")
 LATENT_MIN_DENOISE = 0.5
 """Below this hires denoising strength a latent upscale stays blurry; the UI warns."""
-
-_CACHE_SIZE = 2
-_cache = LRUCache(_CACHE_SIZE)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -153,15 +151,22 @@ def _pick_dtype(model, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def load_upscaler(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load an upscaler file as a spandrel ImageModelDescriptor, cached by path, mtime, device and dtype."""
+def load_upscaler(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  cache: LRUCache | None = None):
+    """Load an upscaler file as a spandrel ImageModelDescriptor; `cache` (a manager's `caches.upscalers`) keeps it
+    by path, mtime, device and dtype, else it is loaded afresh and nothing keeps it."""
     path = Path(path)
     try:
         mtime = path.stat().st_mtime_ns
     except OSError as err:
         raise ModelError(f"upscaler {path} does not exist or cannot be read ({err})") from err
+    if cache is None:
+        return _load_checked(path, device, dtype)
     key = (str(path.resolve()), mtime, str(device), dtype)
-    return _cache.get(key, lambda: _load_checked(path, device, dtype))
+    from pipelines.models.manager import LOAD_LOCK
+
+    with LOAD_LOCK:  # the Upscale tab and a hires job may ask at once: one load, one cache update at a time
+        return cache.get(key, lambda: _load_checked(path, device, dtype))
 
 
 def _load_checked(path: Path, device: torch.device | str, dtype: torch.dtype):
@@ -170,42 +175,6 @@ def _load_checked(path: Path, device: torch.device | str, dtype: torch.dtype):
     model = model.to(device=torch.device(device), dtype=_pick_dtype(model, dtype)).eval()
     log.info("loaded upscaler %s (%s, %dx)", path.name, model.architecture.name, model.scale)
     return model
-
-
-def clear_cache() -> None:
-    """Forget every cached upscaler model (frees their memory once nothing else holds them)."""
-    _cache.clear()
-
-
-def plan_cores(length: int, tile: int) -> list[tuple[int, int]]:
-    """Split [0, length) into ceil(length / tile) near-equal consecutive cores (start, end)."""
-    n = max(1, math.ceil(length / tile))
-    bounds = [round(i * length / n) for i in range(n + 1)]
-    return list(itertools.pairwise(bounds))
-
-
-def ramp_weights(start: int, end: int, lo: int, hi: int, overlap: int, scale: int) -> torch.Tensor:
-    """1-D output weights of the window [lo, hi) whose core is [start, end): 1 inside, linear across seams."""
-    x = torch.arange(lo * scale, hi * scale, dtype=torch.float32) + 0.5
-    width = max(overlap * scale, 1)
-    w = torch.ones_like(x)
-    if start > lo:  # a seam on the left: ramp from 0 to 1 centred on it
-        w = torch.minimum(w, (0.5 + (x - start * scale) / width).clamp(0, 1))
-    if end < hi:
-        w = torch.minimum(w, (0.5 - (x - end * scale) / width).clamp(0, 1))
-    return w
-
-
-def _to_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
-    """PIL image -> [1, 3, H, W] tensor in [0, 1] (alpha dropped, greyscale expanded)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
-
-
-def _to_image(tensor: torch.Tensor) -> Image.Image:
-    """[1, 3, H, W] tensor in [0, 1] -> RGB PIL image (rounded, not truncated)."""
-    array = tensor[0].float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB")
 
 
 def upscale_tensor(model, x: torch.Tensor, *, tile: int = 512, overlap: int = 32,
@@ -225,8 +194,7 @@ def upscale_tensor(model, x: torch.Tensor, *, tile: int = 512, overlap: int = 32
         if progress:
             progress(1, 1)
         return out
-    canvas = torch.zeros(1, 3, h * s, w * s)
-    weight = torch.zeros(1, 1, h * s, w * s)
+    canvas, wsum = new_canvas(1, 3, h * s, w * s)  # the latent tiling's kernel: accumulate, then finish
     with torch.inference_mode():
         for top, bottom in rows:
             y0, y1 = max(0, top - overlap), min(h, bottom + overlap)
@@ -235,13 +203,12 @@ def upscale_tensor(model, x: torch.Tensor, *, tile: int = 512, overlap: int = 32
                 x0, x1 = max(0, left - overlap), min(w, right + overlap)
                 wx = ramp_weights(left, right, x0, x1, overlap, s)
                 out = model(x[:, :, y0:y1, x0:x1]).float().cpu()
-                wt = wy[:, None] * wx[None, :]
-                canvas[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += out * wt
-                weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += wt
+                window = Tile(y0 * s, x0 * s, (y1 - y0) * s, (x1 - x0) * s)
+                accumulate(canvas, wsum, window, out, wy[:, None] * wx[None, :])
                 done += 1
                 if progress:
                     progress(done, total)
-    return canvas / weight
+    return finish(canvas, wsum)
 
 
 def upscale_with_model(model, image: Image.Image, *, tile: int = 512, overlap: int = 32,
@@ -249,8 +216,8 @@ def upscale_with_model(model, image: Image.Image, *, tile: int = 512, overlap: i
     """Upscale `image` by `model.scale` with tiling (see module docstring); RGB out, exact size in x scale."""
     if tile < 8 or overlap < 0:
         raise ValidationError("upscale_tile", (tile, overlap), "needs tile >= 8 and overlap >= 0")
-    x = _to_tensor(image, model.device, model.dtype)
-    return _to_image(upscale_tensor(model, x, tile=tile, overlap=overlap, progress=progress))
+    x = from_pil(image, device=model.device, dtype=model.dtype, value_range="unit")
+    return to_pil(upscale_tensor(model, x, tile=tile, overlap=overlap, progress=progress), value_range="unit")[0]
 
 
 def _target_size(image: Image.Image, scale: float | None, size: tuple[int, int] | None) -> tuple[int, int]:
@@ -271,12 +238,13 @@ def _target_size(image: Image.Image, scale: float | None, size: tuple[int, int] 
 def upscale_image(image: Image.Image, name: str, *, scale: float | None = None,
                   size: tuple[int, int] | None = None, models_dir: Path,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  tile: int = 512, overlap: int = 32, progress: ProgressFn | None = None) -> Image.Image:
+                  tile: int = 512, overlap: int = 32, progress: ProgressFn | None = None,
+                  cache: LRUCache | None = None) -> Image.Image:
     """Upscale `image` with pixel upscaler `name` to `size` (width, height) or by `scale`; exact size out.
 
     A model runs up to three times until the image covers the target (A1111 behaviour, e.g. 8x with a
     4x model), then Lanczos resizes to the exact target. Latent upscalers are rejected: use
-    `upscale_latents`.
+    `upscale_latents`. `cache` (a manager's `caches.upscalers`) keeps the model between calls.
     """
     target = _target_size(image, scale, size)
     resolved = resolve_upscaler(name, models_dir)
@@ -284,7 +252,7 @@ def upscale_image(image: Image.Image, name: str, *, scale: float | None = None,
         raise ValidationError("hires_upscaler", name, "is a latent upscaler; use upscale_latents on latents")
     image = image.convert("RGB")
     if isinstance(resolved, Path):
-        model = load_upscaler(resolved, device, dtype)
+        model = load_upscaler(resolved, device, dtype, cache)
         for _ in range(3):
             if image.width >= target[0] and image.height >= target[1]:
                 break

@@ -265,7 +265,7 @@ class Backend:
         from pipelines.control.units import control_map
 
         unit = ControlUnit(image=_image(image, "control_image"), type=type, low=int(low), high=int(high))
-        return control_map(unit, self.engine.manager.models_dir)
+        return control_map(unit, self.engine.manager.models_dir, self.engine.manager.caches)
 
     def choices(self) -> dict[str, Any]:
         from pipelines.control import PREPROCESSORS, list_controlnets

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.images import from_pil, to_pil  # noqa: F401 - callers' vae_io.from_pil / vae_io.to_pil
 from pipelines.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
@@ -23,22 +23,6 @@ class DecodeReport:
     """How a decode went: which path ran and any fallback taken."""
 
     notes: list[str] = field(default_factory=list)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] images [B,3,H,W] -> list of RGB PIL images (round to nearest, like diffusers); in place on one
-    float copy, so a 4096² image needs one extra 200 MB buffer, not four."""
-    arr = images.float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
-
-
-def from_pil(image: Image.Image, width: int, height: int, device, dtype) -> torch.Tensor:
-    """A PIL image -> [1,3,H,W] in [-1,1], resized (Lanczos) to (width, height) if needed."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return arr.permute(2, 0, 1)[None].to(device=device, dtype=dtype)
 
 
 def _vae_factor(vae) -> tuple[float, float]:

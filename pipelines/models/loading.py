@@ -1,0 +1,230 @@
+"""Loading what `ModelManager.resolve` names: pipelines (tiny, folder, single file, hub), TAESD, tokenizers;
+the architecture family of a checkpoint; hub errors; the device/dtype choice; the post-load warm-up.
+
+Pure loaders: no caches and no state here (the manager keeps what is loaded). Nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ModelError, OfflineError, ValidationError
+from pipelines.models.tiny import ensure_tiny
+from pipelines.request import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+TAESD_CATALOGUE = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+# Single-file checkpoints need component configs; these hub ids provide them (from the local HF cache offline).
+SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
+                       "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: kind is tiny | hub | folder | file."""
+
+    kind: str
+    ref: str
+    family: str | None = None
+
+
+def pick_device(device: str | None = None, dtype: str | None = None):
+    """Choose (torch.device, torch.dtype): CUDA fp16, MPS fp16, else CPU fp32; either can be overridden."""
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dtype in (None, "auto"):
+        dtype = "fp32" if dev.type == "cpu" else "fp16"
+    if dtype not in DTYPES:
+        raise ValidationError("dtype", dtype, f"must be one of {', '.join(DTYPES)} or auto")
+    return dev, getattr(torch, DTYPES[dtype])
+
+
+def file_hash(path: Path | None) -> str:
+    """A1111-style model hash: the first 10 hex digits of the file's sha256 ("unknown" without a file)."""
+    if path is None or not path.exists():
+        return "unknown"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def family_of_file(path: Path) -> str:
+    """Guess the architecture of an original-format checkpoint from its tensor names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises several types for a broken file
+        raise ModelError(f"could not read model file {path.name}: not a valid .safetensors checkpoint ({exc})") from exc
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd1"
+    raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no UNet weights found)")
+
+
+def family_of_pipe(pipe) -> str:
+    """sd1 | sd2 | sdxl of a loaded pipeline (a second text encoder: SDXL; a 1024-wide one: SD2)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    hidden = getattr(getattr(pipe, "text_encoder", None), "config", None)
+    return "sd2" if hidden is not None and getattr(hidden, "hidden_size", 768) == 1024 else "sd1"
+
+
+def is_download_error(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it came from) is a failed or refused hub download."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kinds = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    seen: BaseException | None = exc
+    for _ in range(8):  # walk __cause__/__context__, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, kinds) or type(seen).__module__.split(".")[0] in ("httpx", "requests", "urllib3"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def hub_error(name: str, exc: Exception) -> OfflineError:
+    """The one-line error for a hub model that could not be fetched."""
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return OfflineError(
+        f"could not download {name} (offline?): {reason}. Put the model in models/ or choose 'tiny' to try the app."
+    )
+
+
+def offline() -> bool:
+    """True when HF_HUB_OFFLINE switches the hub off."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_pipeline(name: str, src: Source, models_dir: Path, dtype) -> Any:
+    """The diffusers pipeline of `src` in `dtype` on the CPU; every failure is a ModelError or OfflineError."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        if src.kind == "tiny":
+            return DiffusionPipeline.from_pretrained(ensure_tiny(src.ref), dtype=dtype, local_files_only=True)
+        if src.kind == "folder":
+            return DiffusionPipeline.from_pretrained(src.ref, dtype=dtype, local_files_only=True)
+        if src.kind == "file":
+            return load_single_file(Path(src.ref), models_dir, dtype)
+        try:
+            return DiffusionPipeline.from_pretrained(src.ref, dtype=dtype, local_files_only=offline())
+        except Exception as exc:
+            raise hub_error(src.ref, exc) from exc
+    except (ModelError, ValidationError):
+        raise
+    except Exception as exc:
+        raise ModelError(f"could not load model {name}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def load_single_file(path: Path, models_dir: Path, dtype) -> Any:
+    """An original-format checkpoint, with component configs from models/configs/<family> or the hub."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = family_of_file(path)
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    local_cfg = models_dir / "configs" / family
+    config = str(local_cfg) if local_cfg.is_dir() else SINGLE_FILE_CONFIGS[family]
+    try:
+        return cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=offline())
+    except Exception as exc:
+        if not local_cfg.is_dir() and is_download_error(exc):
+            raise OfflineError(
+                f"could not load {path.name}: its {family} component configs come from {config} "
+                f"(could not download, offline?). Put a diffusers config folder at {local_cfg}."
+            ) from exc
+        raise ModelError(f"could not load {path.name}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def load_taesd(src: Source, family: str, models_dir: Path, device, dtype) -> Any:
+    """TAESD for previews and draft decodes: tiny models ship one; real ones look in models/ then the hub."""
+    from diffusers import AutoencoderTiny
+
+    candidates: list[tuple[str, dict]] = []
+    if src.kind == "tiny":
+        candidates.append((str(ensure_tiny(src.ref) / "taesd"), {"local_files_only": True}))
+    else:
+        local = models_dir / ("taesdxl" if family == "sdxl" else "taesd")
+        if local.is_dir():
+            candidates.append((str(local), {"local_files_only": True}))
+        candidates.append((TAESD_CATALOGUE[family], {"local_files_only": offline()}))
+    for ref, kwargs in candidates:
+        try:
+            return AutoencoderTiny.from_pretrained(ref, dtype=dtype, **kwargs).to(device)
+        except Exception as exc:
+            log.warning("TAESD not available from %s (%s); previews and taesd decode are off", ref, exc)
+    return None
+
+
+def load_tokenizer(src: Source, models_dir: Path) -> Any:
+    """The first CLIP tokenizer of `src` without its weights (a file model: that of the configs it loads with)."""
+    from transformers import CLIPTokenizer
+
+    if src.kind == "tiny":
+        return CLIPTokenizer.from_pretrained(ensure_tiny(src.ref) / "tokenizer")
+    if src.kind == "folder":
+        return CLIPTokenizer.from_pretrained(Path(src.ref) / "tokenizer")
+    if src.kind == "hub":
+        return CLIPTokenizer.from_pretrained(src.ref, subfolder="tokenizer", local_files_only=offline())
+    if src.kind == "file":
+        family = family_of_file(Path(src.ref))
+        local_cfg = models_dir / "configs" / family
+        if local_cfg.is_dir():
+            return CLIPTokenizer.from_pretrained(local_cfg / "tokenizer")
+        return CLIPTokenizer.from_pretrained(SINGLE_FILE_CONFIGS[family], subfolder="tokenizer",
+                                             local_files_only=offline())
+    return None
+
+
+def warm_up(model) -> None:
+    """One tiny UNet + VAE call after loading: CUDA kernels, cuDNN plans and allocator pools get set up before the
+    user's first request (and a torch.compile'd UNet compiles its smallest graph)."""
+    import torch
+
+    with torch.no_grad():
+        _warm_up(model)
+
+
+def _warm_up(model) -> None:
+    import torch
+
+    unet, vae = model.unet, model.vae
+    h = w = 8
+    x = torch.zeros(2, unet.config.in_channels, h, w, device=model.device, dtype=model.dtype)
+    enc = torch.zeros(2, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
+    added = None
+    if model.is_sdxl:
+        pooled = model.pipe.text_encoder_2.config.projection_dim
+        added = {"text_embeds": torch.zeros(2, pooled, device=model.device, dtype=model.dtype),
+                 "time_ids": torch.zeros(2, 6, device=model.device, dtype=model.dtype)}
+    t0 = time.perf_counter()
+    t = torch.tensor(999.0, device=model.device)  # a tensor, like the loop passes: a compiled UNet compiles once
+    unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
+    vae.decode(x[:1, :vae.config.latent_channels].to(vae.dtype))  # an inpainting UNet takes 9 channels
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    log.info("warm-up of %s took %.2fs", model.name, time.perf_counter() - t0)
