@@ -193,10 +193,10 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
                                            control):
                 yield v.outputs(update)
 
-    def on_stop(stops: int, request: gr.Request):
+    def on_stop(stops: Any, request: gr.Request):
         if runs.stop(request.session_hash):
             return gr.skip()
-        return stops + 1  # not started: `queued_stop` changes, which takes the run off the queue
+        return int(stops or 0) + 1  # not started: `queued_stop` changes, which takes the run off the queue
 
     def on_stopped():
         return v.outputs({"progress": STOPPED, "preview": gr.update(visible=False)})
@@ -208,7 +208,8 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
     # run then says "Stopped." or shows its images itself. A run still waiting in the queue is cancelled, and
     # "Stopped." is said in a follow-up event: said in the cancelling event, an update in flight could land after it.
     quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    queued_stop = gr.State(0)
+    # a hidden counter whose change cancels (a State's change fires only after queued events, and Stop must not queue)
+    queued_stop = gr.Number(0, precision=0, visible="hidden", interactive=False, elem_id="queued-stop")
     b["stop"].click(on_stop, inputs=[queued_stop], outputs=[queued_stop], **quick)
     queued_stop.change(None, cancels=[run], **quick).then(
         on_stopped, outputs=v.components(["progress", "preview"]), **quick)
