@@ -187,8 +187,8 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
 
     runs = Runs()
 
-    def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - Gradio's idiom
-        with runs.running(request.session_hash) as control:
+    def on_generate(data: dict, request: gr.Request | None = None, progress=gr.Progress()):  # noqa: B008 - Gradio's
+        with runs.running(getattr(request, "session_hash", None)) as control:  # idiom; no request: a direct call
             for update in generate_updates(backend, gpu.generate, f.values(data), data[v["history"]], progress,
                                            control):
                 yield v.outputs(update)

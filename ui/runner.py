@@ -43,16 +43,22 @@ def user_errors(action: str):
                        print_exception=False) from exc
 
 
-def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
-    """On a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable) run `fn` with a GPU attached; else `fn`."""
+def _spaces() -> Any:
+    """The `spaces` module on a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable), else None."""
     if not os.environ.get("SPACES_ZERO_GPU"):
-        return fn
+        return None
     try:
         import spaces
     except ImportError:
         log.warning("SPACES_ZERO_GPU is set but the `spaces` package is missing; running without spaces.GPU")
-        return fn
-    return spaces.GPU(duration=duration)(fn)
+        return None
+    return spaces
+
+
+def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
+    """On a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable) run `fn` with a GPU attached; else `fn`."""
+    spaces = _spaces()
+    return fn if spaces is None else spaces.GPU(duration=duration)(fn)
 
 
 class GpuCalls:
@@ -69,9 +75,8 @@ class GpuCalls:
         def upscale(values: dict[str, Any]) -> Iterator[Any]:
             yield from backend.upscale(values)
 
-        wrapped = zero_gpu(generate)
-        on_zero_gpu = wrapped is not generate
-        self.generate: Stream = wrapped if on_zero_gpu else backend.generate
+        on_zero_gpu = _spaces() is not None
+        self.generate: Stream = zero_gpu(generate) if on_zero_gpu else backend.generate
         self.upscale: Stream = zero_gpu(upscale) if on_zero_gpu else backend.upscale
 
 
