@@ -287,3 +287,22 @@ def test_ui_stop_of_a_stream_without_stop_closes_it_unless_its_steps_are_done(fi
         assert updates[-1]["infotext"] == "a fox"
     else:  # closed at the next event: Step 2/3 is never shown
         assert [u["progress"] for u in updates][1:] == ["Step 1/3 · about 1 s left", "Stopped."]
+
+
+def test_runs_find_a_pages_run_and_a_stop_before_the_stream_exists_reaches_it():
+    from ui.runner import Runs
+
+    class Stoppable:
+        stopped = 0
+
+        def stop(self):
+            self.stopped += 1
+
+    runs, stream = Runs(), Stoppable()
+    assert runs.stop("page") is False  # nothing running: the UI cancels the queued event instead
+    with runs.running("page") as control:
+        assert runs.stop("other page") is False and runs.stop("page") is True
+        assert control.requested.is_set() and stream.stopped == 0
+        control.attach(stream)  # the stream is created after the click: the stop reaches it now
+        assert stream.stopped == 1 and control.cooperative and not control.should_close(finishing=False)
+    assert runs.stop("page") is False  # unregistered when the run ends

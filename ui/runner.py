@@ -161,7 +161,7 @@ def _iterate(stream: Stream, values: dict[str, Any], control: RunControl | None 
     finally:
         close = getattr(events, "close", None)
         if close is not None:
-            close()  # Stop button / client gone: the backend cancels within one step
+            close()  # client gone, or a stream that cannot stop itself: the backend cancels within one step
 
 
 def stream_events(stream: Stream, values: dict[str, Any], action: str,
@@ -180,7 +180,7 @@ _END = object()
 async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
     """`events` (a blocking stream such as `stream_events`) as an async generator, each item computed in a thread.
 
-    Gradio cancels a job (the Stop button, gradio_client's `job.cancel()`) by cancelling the task that awaits the
+    Gradio cancels a job (gradio_client's `job.cancel()`) by cancelling the task that awaits the
     next item, and drops that item. Until the backend says its last denoising step is done (a Progress of stage
     "finishing"), a cancel stops the run: the item being computed is awaited (at most one step) and the stream is
     closed, which stops the backend before its next step and saves nothing. After that the images are finished
