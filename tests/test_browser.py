@@ -52,10 +52,14 @@ class StepCounter:
         self.after_cancel = 0  # steps that ran after the run's cancel token was set
         self.delay = 0.0
         self.finished = 0
+        self.started = 0
+        self.cancel = None  # the last run's cancel token
         self.lock = threading.Lock()
         engine.generate = self.generate
 
     def generate(self, req, *, callback=None, cancel=None, **kw):
+        self.started += 1
+        self.cancel = cancel
         def counting(info):
             with self.lock:
                 self.steps += 1
@@ -167,7 +171,7 @@ def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     set_number(page, "width", 64)
     set_number(page, "height", 64)
     page.locator("#prompt textarea").fill("a long run to stop")
-    before_src = gallery_sources(page)
+    before_src, saved_before = gallery_sources(page), saved_pngs(engine)
     counter.delay, start_steps, start_finished = STEP_DELAY_S, counter.steps, counter.finished
     page.click("#generate")
     wait_for(lambda: counter.steps - start_steps >= 5, 30, "the long run to start")
@@ -185,7 +189,10 @@ def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     # click -> server -> GPU lock free, end to end; generous because CI shares 2 cores with other tests
     # (the step counts above are the precise check)
     assert stopped_after_s < 10.0
-    page.wait_for_function("document.querySelector('#progress').innerText.includes('Stopped')")
+    page.wait_for_function("document.querySelector('#progress').innerText.includes('Stopped.')")
+    assert "images are kept" not in page.locator("#progress").inner_text()
+    assert gallery_sources(page) == before_src, "a run stopped before its last step shows no image"
+    assert saved_pngs(engine) == saved_before
 
     counter.delay = 0.0
     set_number(page, "steps", 3)
@@ -195,6 +202,74 @@ def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     assert counter.finished == start_finished + 1
     # the infotext is text; the gallery's image still has to load in the browser
     wait_for(lambda: gallery_sources(page) not in ([], before_src), 30, "the new image in the gallery")
+
+
+def saved_pngs(engine) -> list[Path]:
+    return sorted(Path(engine.outputs_dir).rglob("*.png"))
+
+
+def test_stop_after_the_last_step_shows_the_saved_images(page, app, monkeypatch):
+    """The run's decode waits until Stop is clicked (it sees the run's token set); the gallery and the infotext
+    then show the images that were saved, and the progress box says the stop kept them."""
+    _, engine, counter = app
+    real_finish, released = engine._finish, []
+
+    def finish_after_stop(*a, **kw):
+        released.append(counter.cancel.wait(60))  # in the finishing phase until the Stop click reaches the token
+        return real_finish(*a, **kw)
+
+    monkeypatch.setattr(engine, "_finish", finish_after_stop)
+    counter.delay = 0.0
+    open_advanced(page)
+    set_number(page, "steps", 3)
+    set_number(page, "width", 64)
+    set_number(page, "height", 64)
+    page.locator("#prompt textarea").fill("kept after the stop")
+    before_src, saved_before = gallery_sources(page), saved_pngs(engine)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#progress').innerText.includes('Decoding and saving')")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.startsWith('kept after the stop')")
+    wait_for(lambda: gallery_sources(page) not in ([], before_src), 30, "the kept image in the gallery")
+    page.wait_for_function("document.querySelector('#progress').innerText.includes('images are kept')")
+    assert released == [True], "the decode did not see the Stop"
+    (new,) = sorted(set(saved_pngs(engine)) - set(saved_before))
+    src = next(s for s in gallery_sources(page) if "/gradio_api/file=" in s)
+    with Image.open(io.BytesIO(page.request.get(src).body())) as served, Image.open(new) as saved:
+        assert served.info["parameters"] == saved.info["parameters"] == page.locator("#infotext textarea").input_value()
+        assert served.tobytes() == saved.tobytes()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-stop-kept.png"), full_page=True)
+
+
+def test_stop_takes_a_queued_run_off_the_queue(page, app):
+    """Another page's run holds the GPU queue; this page's run waits behind it and Stop cancels it unrun."""
+    url, engine, counter = app
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        for tab, prompt, steps in ((other, "holds the queue", 150), (page, "never runs", 3)):
+            tab.goto(url)
+            tab.wait_for_selector("#generate")
+            open_advanced(tab)
+            set_number(tab, "steps", steps)
+            set_number(tab, "width", 64)
+            set_number(tab, "height", 64)
+            tab.locator("#prompt textarea").fill(prompt)
+        counter.delay, started = STEP_DELAY_S, counter.started
+        other.click("#generate")
+        wait_for(lambda: counter.started == started + 1, 30, "the other page's run to start")
+        page.click("#generate")
+        time.sleep(0.5)  # this page's job is in the queue behind the other one
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#progress').innerText.includes('Stopped.')")
+        other.click("#stop")
+        other.wait_for_function("document.querySelector('#progress').innerText.includes('Stopped.')")
+        wait_for(lambda: not engine.gpu_lock.locked(), 30, "the GPU lock to be released")
+        time.sleep(1.0)  # a job left in the queue would start now
+        assert counter.started == started + 1, "the queued run ran after its Stop"
+    finally:
+        counter.delay = 0.0
+        other.close()
 
 
 def test_live_hints_latent_warning_and_cfg_errors(page, app):

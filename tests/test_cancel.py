@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -201,3 +202,107 @@ def test_api_cancel_after_the_last_step_returns_the_saved_files(engine, monkeypa
             time.sleep(0.02)
         files, texts = job.outputs()[-1]  # gradio_client calls any cancelled job CANCELLED; its outputs have them
         assert len(files) == len(texts) == 2 and len(_pngs(engine.outputs_dir)) == 2
+
+
+# ---------------------------------------------------------------- the browser UI's Stop (ui.generate_events)
+
+def _stop_ui_run_at(engine, values: dict, when) -> tuple[list[dict], object]:
+    """Run the Generate tab's handler over the real backend; `when(update)` says at which update to press Stop
+    (`RunControl.stop()` from another thread, as the Stop button's handler does). (updates, the run's control)"""
+    from ui.generate_events import generate_updates
+    from ui.runner import GpuCalls, Runs
+
+    backend, runs = Backend(engine), Runs()
+    gpu = GpuCalls(backend)
+    updates = []
+    with runs.running("page") as control:
+        for update in generate_updates(backend, gpu.generate, values, [], None, control):
+            updates.append(update)
+            if when(update):
+                threading.Thread(target=runs.stop, args=("page",)).start()
+    return updates, control
+
+
+def test_ui_stop_after_the_last_step_shows_the_saved_images(engine, monkeypatch):
+    """A Stop during the decode: the run is not cancelled; it ends by itself and the gallery gets both images."""
+    slow = _SlowFinish(engine, step_s=0.0, finish_s=0.5)
+    monkeypatch.setattr(engine, "_finish", slow.finish)
+    updates, control = _stop_ui_run_at(engine, TINY, lambda u: "Decoding and saving" in str(u.get("progress")))
+    last = updates[-1]
+    assert control.requested.is_set() and control.cooperative
+    assert last["progress"] == "Stopped after the last step: the images are kept."
+    assert [Path(p) for p in last["results"]["paths"]] == _pngs(engine.outputs_dir) and len(last["gallery"]) == 2
+    assert last["infotext"].startswith("a fox") and "Steps: 3" in last["infotext"]
+
+
+def test_ui_stop_before_the_last_step_says_stopped_and_saves_nothing(engine, req_factory):
+    steps = []
+    real = engine.generate
+
+    def counting(req, *, callback=None, cancel=None, **kw):
+        def cb(info):
+            steps.append(cancel.is_set())
+            time.sleep(0.02)
+            if callback is not None:
+                callback(info)
+        return real(req, callback=cb, cancel=cancel, **kw)
+
+    engine.generate = counting
+    updates, control = _stop_ui_run_at(engine, {**TINY, "steps": 30},
+                                       lambda u: str(u.get("progress")).startswith("Step 2/30"))
+    assert updates[-1]["progress"] == "Stopped." and "gallery" not in updates[-1]
+    assert _pngs(engine.outputs_dir) == [] and not engine.gpu_lock.locked()
+    assert len(steps) < 30 and sum(steps) <= 1  # the token is set by the click: at most the step under way ends
+
+
+def _uncooperative(items, closed: threading.Event):
+    """A stream without stop() (ZeroGPU's wrapper, the Ray cluster): the handler closes it itself."""
+    try:
+        yield from items
+    finally:
+        closed.set()
+
+
+@pytest.mark.parametrize("finishing", [False, True])
+def test_ui_stop_of_a_stream_without_stop_closes_it_unless_its_steps_are_done(finishing):
+    from ui.generate_events import generate_updates
+    from ui.runner import RunControl
+
+    class Check:
+        def check(self, values):
+            pass
+
+    done = Done([], [], ["a fox"], [1], {}, [])
+    items = [Progress(1, 3, 1.0, None), *([Progress(3, 3, 0.0, None, "finishing")] if finishing else
+                                        [Progress(2, 3, 1.0, None)]), done]
+    closed, control = threading.Event(), RunControl()
+    updates = []
+    for update in generate_updates(Check(), lambda values: _uncooperative(items, closed), {}, [], None, control):
+        updates.append(update)
+        if str(update["progress"]).startswith(("Step 1/3", "Decoding")):
+            control.stop()
+    assert closed.is_set() and control.requested.is_set() and not control.cooperative
+    if finishing:  # the images are being saved anyway: keep reading to the Done
+        assert updates[-1]["progress"] == "Stopped after the last step: the images are kept."
+        assert updates[-1]["infotext"] == "a fox"
+    else:  # closed at the next event: Step 2/3 is never shown
+        assert [u["progress"] for u in updates][1:] == ["Step 1/3 · about 1 s left", "Stopped."]
+
+
+def test_runs_find_a_pages_run_and_a_stop_before_the_stream_exists_reaches_it():
+    from ui.runner import Runs
+
+    class Stoppable:
+        stopped = 0
+
+        def stop(self):
+            self.stopped += 1
+
+    runs, stream = Runs(), Stoppable()
+    assert runs.stop("page") is False  # nothing running: the UI cancels the queued event instead
+    with runs.running("page") as control:
+        assert runs.stop("other page") is False and runs.stop("page") is True
+        assert control.requested.is_set() and stream.stopped == 0
+        control.attach(stream)  # the stream is created after the click: the stop reaches it now
+        assert stream.stopped == 1 and control.cooperative and not control.should_close(finishing=False)
+    assert runs.stop("page") is False  # unregistered when the run ends

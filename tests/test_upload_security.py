@@ -204,3 +204,74 @@ def test_upscale_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
     assert tab["type"] == "str" and "12000x12000 = 144 MP" in tab["message"], tab  # the header check said no
     assert tab["grown_mb"] < 100, tab  # peak RSS growth (VmHWM), in a fresh process
     assert old["type"] == "Image" and old["grown_mb"] > 100, old  # the measurement does see a decode
+
+
+INPAINT_BOMB_CHECK = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import gradio as gr
+    from gradio.components.image_editor import EditorData, EditorDataBlobs
+    from gradio.data_classes import FileData
+    import pipelines.control  # noqa: F401 - imported before measuring (torch)
+    from pipelines.serving.service import Backend
+    from tests.test_ui import FakeBackend
+    from ui.app import create_demo
+    from ui.generate_events import generate_updates
+
+    def hwm_mb():
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
+
+    class NoEngine:  # the run must stop at the header check, before any engine work
+        default_model = "tiny"
+
+        def generate(self, *a, **k):
+            raise AssertionError("decoded and sent to the engine")
+
+    bomb = sys.argv[2]
+    uploaded = lambda: FileData(path=bomb, orig_name="bomb.png")
+    payloads = {  # what the browser sends: a FileData of the upload, or the canvas exports through accept_blobs
+        "files": lambda editor: EditorData(background=uploaded(), layers=[uploaded()], composite=uploaded()),
+        "blobs": lambda editor: (editor.blob_storage.__setitem__("run-1", EditorDataBlobs(
+            background=Path(bomb).read_bytes(), layers=[Path(bomb).read_bytes()],
+            composite=Path(bomb).read_bytes())), EditorData(id="run-1"))[1],
+    }
+
+    def inpaint_tab(editor, payload):  # Generate with the editor's value: its preprocess, then the handler
+        before = hwm_mb()
+        value = editor.preprocess(payload(editor))
+        backend = Backend(NoEngine())
+        try:
+            next(generate_updates(backend, backend.generate, {"prompt": "x", "inpaint_editor": value}, []))
+            message = "accepted"
+        except gr.Error as exc:
+            message = exc.message
+        kinds = sorted({type(value[k]).__name__ for k in ("background", "composite")} |
+                       {type(x).__name__ for x in value["layers"]})
+        return {"grown_mb": hwm_mb() - before, "message": message, "types": kinds}
+
+    demo = create_demo(FakeBackend(Path(tempfile.mkdtemp())), queue_size=4)
+    editor = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "inpaint-editor")
+    out = {name: inpaint_tab(editor, payload) for name, payload in payloads.items()}  # the HWM only rises: first
+    with gr.Blocks():
+        stock = gr.ImageEditor(type="filepath", format="png")  # the widget it replaced
+    out["stock"] = inpaint_tab(stock, payloads["files"])
+    print(json.dumps(out))
+""")
+
+
+def test_inpaint_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
+    """The brush editor hands over its upload and canvas exports undecoded; the header check refuses the bomb."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("P", (12000, 12000)).save(bomb, optimize=True)  # 144 MP in ~20 KB
+    out = subprocess.run([sys.executable, "-c", INPAINT_BOMB_CHECK, str(ROOT), str(bomb)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("files", "blobs"):
+        tab = result[name]
+        assert tab["types"] == ["str"] and "12000x12000 = 144 MP" in tab["message"], (name, tab)
+        assert "`inpaint_editor`" in tab["message"], tab
+        assert tab["grown_mb"] < 100, (name, tab)  # peak RSS growth (VmHWM), in a fresh process
+    assert result["stock"]["grown_mb"] > 100, result["stock"]  # the measurement does see Gradio's own decode

@@ -18,9 +18,12 @@ from ui.components import knob_values, request_value
 from ui.generate_tab import GenerateTab
 from ui.runner import (
     GpuCalls,
+    RunControl,
+    Runs,
     Stream,
     done_text,
     is_done,
+    is_finishing,
     progress_text,
     result_files,
     stream_events,
@@ -51,25 +54,37 @@ def request_values(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+STOPPED = "Stopped."
+STOPPED_KEPT = "Stopped after the last step: the images are kept."
+
+
 def generate_updates(backend: Any, stream: Stream, values: dict[str, Any], history: list,
-                     progress: Callable | None = None) -> Iterator[dict[str, Any]]:
-    """Validate, then stream: progress text and previews while running, the gallery and infotext at the end."""
+                     progress: Callable | None = None, control: RunControl | None = None) -> Iterator[dict[str, Any]]:
+    """Validate, then stream: progress text and previews while running, the gallery and infotext at the end.
+
+    `control`: the run's Stop (`ui.runner.RunControl`). A stop before the last denoising step ended ends in
+    "Stopped." with nothing saved; after it the saved images are shown as usual, with STOPPED_KEPT."""
     request = request_values(values)
     with user_errors("Generation"):
         backend.check(request)
     yield {"progress": "Starting…", "preview": gr.update(value=None, visible=True), "notes": ""}
-    with closing(stream_events(stream, request, "Generation")) as events:
+    finishing = False
+    with closing(stream_events(stream, request, "Generation", control)) as events:
         for event in events:
             if is_done(event):
-                yield done_updates(event, history)
+                stopped = control is not None and control.requested.is_set()
+                yield {**done_updates(event, history), **({"progress": STOPPED_KEPT} if stopped else {})}
                 return
+            finishing = finishing or is_finishing(event)
+            if control is not None and control.should_close(finishing):
+                break  # a stream that cannot stop itself: closed before its last step, so nothing is saved
             if progress is not None:
                 progress((event.step, event.total), desc=progress_text(event))
             update: dict[str, Any] = {"progress": progress_text(event)}
             if getattr(event, "preview", None) is not None:
                 update["preview"] = event.preview
             yield update
-    yield {"progress": "Stopped.", "preview": gr.update(visible=False)}
+    yield {"progress": STOPPED, "preview": gr.update(visible=False)}
 
 
 def done_updates(done: Any, history: list) -> dict[str, Any]:
@@ -170,19 +185,34 @@ def wire_generate(demo: gr.Blocks, tab: GenerateTab, backend: Any, gpu: GpuCalls
 def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
     f, v, b = tab.form, tab.view, tab.buttons
 
-    def on_generate(data: dict, progress=gr.Progress()):  # noqa: B008 - Gradio's progress-tracker idiom
-        for update in generate_updates(backend, gpu.generate, f.values(data), data[v["history"]], progress):
-            yield v.outputs(update)
+    runs = Runs()
 
-    def on_stop():
-        return v.outputs({"progress": "Stopped.", "preview": gr.update(visible=False)})
+    def on_generate(data: dict, request: gr.Request | None = None, progress=gr.Progress()):  # noqa: B008 - Gradio's
+        with runs.running(getattr(request, "session_hash", None)) as control:  # idiom; no request: a direct call
+            for update in generate_updates(backend, gpu.generate, f.values(data), data[v["history"]], progress,
+                                           control):
+                yield v.outputs(update)
+
+    def on_stop(stops: Any, request: gr.Request):
+        if runs.stop(request.session_hash):
+            return gr.skip()
+        return int(stops or 0) + 1  # not started: `queued_stop` changes, which takes the run off the queue
+
+    def on_stopped():
+        return v.outputs({"progress": STOPPED, "preview": gr.update(visible=False)})
 
     run = b["generate"].click(on_generate, inputs=f.inputs() | {v["history"]}, outputs=v.components(RESULT_OUTPUTS),
                               show_progress_on=[v["gallery"]], api_visibility="private", **GPU)
-    # Cancel first, then say "Stopped." in a follow-up event: said in the cancelling event itself, a progress update
-    # already in flight from the run could land after it and leave a stale "Step 7/150" in the box.
-    b["stop"].click(None, cancels=[run], queue=False, api_visibility="private").then(
-        on_stop, outputs=v.components(["progress", "preview"]), queue=False, api_visibility="private")
+    # A run that has started is stopped through its own stream, not by cancelling the Gradio event (the browser
+    # drops a cancelled event's later outputs, so the images a stop after the last step saves would not show); the
+    # run then says "Stopped." or shows its images itself. A run still waiting in the queue is cancelled, and
+    # "Stopped." is said in a follow-up event: said in the cancelling event, an update in flight could land after it.
+    quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    # a hidden counter whose change cancels (a State's change fires only after queued events, and Stop must not queue)
+    queued_stop = gr.Number(0, precision=0, visible="hidden", interactive=False, elem_id="queued-stop")
+    b["stop"].click(on_stop, inputs=[queued_stop], outputs=[queued_stop], **quick)
+    queued_stop.change(None, cancels=[run], **quick).then(
+        on_stopped, outputs=v.components(["progress", "preview"]), **quick)
 
     for unit in range(UI_CONTROL_UNITS):
         names = [control_name(unit, field) for field in ("image", "type", "low", "high")]

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -42,20 +43,30 @@ def user_errors(action: str):
                        print_exception=False) from exc
 
 
-def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
-    """On a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable) run `fn` with a GPU attached; else `fn`."""
+def _spaces() -> Any:
+    """The `spaces` module on a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable), else None."""
     if not os.environ.get("SPACES_ZERO_GPU"):
-        return fn
+        return None
     try:
         import spaces
     except ImportError:
         log.warning("SPACES_ZERO_GPU is set but the `spaces` package is missing; running without spaces.GPU")
-        return fn
-    return spaces.GPU(duration=duration)(fn)
+        return None
+    return spaces
+
+
+def zero_gpu(fn: Callable, duration: int = 120) -> Callable:
+    """On a ZeroGPU Space (SPACES_ZERO_GPU set, `spaces` importable) run `fn` with a GPU attached; else `fn`."""
+    spaces = _spaces()
+    return fn if spaces is None else spaces.GPU(duration=duration)(fn)
 
 
 class GpuCalls:
-    """The backend's long-running callables, each a generator of Progress ... Done (wrapped for ZeroGPU)."""
+    """The backend's long-running callables, each a stream of Progress ... Done (wrapped for ZeroGPU).
+
+    Off ZeroGPU the backend's own stream is handed over, so its `stop()` (a stop that keeps the stream, see
+    `RunControl`) stays reachable; spaces.GPU needs a generator function and runs it elsewhere, so there the
+    UI stops a run by closing it."""
 
     def __init__(self, backend: Any):
         def generate(values: dict[str, Any]) -> Iterator[Any]:
@@ -64,24 +75,99 @@ class GpuCalls:
         def upscale(values: dict[str, Any]) -> Iterator[Any]:
             yield from backend.upscale(values)
 
-        self.generate: Stream = zero_gpu(generate)
-        self.upscale: Stream = zero_gpu(upscale)
+        on_zero_gpu = _spaces() is not None
+        self.generate: Stream = zero_gpu(generate) if on_zero_gpu else backend.generate
+        self.upscale: Stream = zero_gpu(upscale) if on_zero_gpu else backend.upscale
 
 
-def _iterate(stream: Stream, values: dict[str, Any]) -> Iterator[Any]:
-    """`stream(values)` as a generator that closes the backend's generator when it is closed itself."""
+class RunControl:
+    """One UI run's Stop: `stop()` asks the run to stop, from the Stop button's thread.
+
+    A stream with `stop()` (the backend's `RunStream`) is stopped at once and keeps streaming, so the run ends by
+    itself: before its last denoising step ended the engine stops within a step and saves nothing, after it the
+    images are saved and shown (A1111's Interrupt). A stream without one (ZeroGPU, the Ray cluster) is closed by
+    the handler at its next event unless its steps are done (`should_close`)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    def attach(self, stream: Any) -> None:
+        """The run's stream, once it exists; a stop asked for earlier reaches it now."""
+        with self._lock:
+            self._stream = stream
+        if self.requested.is_set():
+            self._stop_stream()
+
+    def stop(self) -> None:
+        self.requested.set()
+        self._stop_stream()
+
+    def _stop_stream(self) -> None:
+        with self._lock:
+            stop = getattr(self._stream, "stop", None)
+        if stop is not None:
+            stop()
+
+    @property
+    def cooperative(self) -> bool:
+        """Whether the stream stops itself (else the handler closes it)."""
+        return callable(getattr(self._stream, "stop", None))
+
+    def should_close(self, finishing: bool) -> bool:
+        """At an event: close the stream now (a stop was asked, the stream cannot stop itself, steps not done)."""
+        return self.requested.is_set() and not self.cooperative and not finishing
+
+
+class Runs:
+    """The UI runs in flight, one per browser session (`gr.Request.session_hash`), for the Stop button."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunControl] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, session: str | None) -> Iterator[RunControl]:
+        """Register a run of `session` while the block runs."""
+        control = RunControl()
+        key = session or ""
+        with self._lock:
+            self._runs[key] = control
+        try:
+            yield control
+        finally:
+            with self._lock:
+                if self._runs.get(key) is control:
+                    del self._runs[key]
+
+    def stop(self, session: str | None) -> bool:
+        """Stop `session`'s run; False when it has none running (it may still wait in the queue)."""
+        with self._lock:
+            control = self._runs.get(session or "")
+        if control is None:
+            return False
+        control.stop()
+        return True
+
+
+def _iterate(stream: Stream, values: dict[str, Any], control: RunControl | None = None) -> Iterator[Any]:
+    """`stream(values)` as a generator that closes the backend's stream when it is closed itself."""
     events = stream(values)
+    if control is not None:
+        control.attach(events)
     try:
         yield from events
     finally:
         close = getattr(events, "close", None)
         if close is not None:
-            close()  # Stop button / client gone: the backend cancels within one step
+            close()  # client gone, or a stream that cannot stop itself: the backend cancels within one step
 
 
-def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
+def stream_events(stream: Stream, values: dict[str, Any], action: str,
+                  control: RunControl | None = None) -> Iterator[Any]:
     """Progress ... Done from the backend, with errors as gr.Error; a backend-side cancel ends quietly."""
-    with user_errors(action), closing(_iterate(stream, values)) as events:
+    with user_errors(action), closing(_iterate(stream, values, control)) as events:
         try:
             yield from events
         except CancelledError:
@@ -94,7 +180,7 @@ _END = object()
 async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
     """`events` (a blocking stream such as `stream_events`) as an async generator, each item computed in a thread.
 
-    Gradio cancels a job (the Stop button, gradio_client's `job.cancel()`) by cancelling the task that awaits the
+    Gradio cancels a job (gradio_client's `job.cancel()`) by cancelling the task that awaits the
     next item, and drops that item. Until the backend says its last denoising step is done (a Progress of stage
     "finishing"), a cancel stops the run: the item being computed is awaited (at most one step) and the stream is
     closed, which stops the backend before its next step and saves nothing. After that the images are finished
@@ -110,12 +196,12 @@ async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
                 item = await asyncio.shield(pending)
             except asyncio.CancelledError:
                 item = await pending  # the backend's next event: within one step (or the Done, when finishing)
-                if not (finishing or _finishing(item)):
+                if not (finishing or is_finishing(item)):
                     raise
                 log.info("cancel after the last denoising step: delivering the finished images")
             if item is _END:
                 return
-            finishing = finishing or _finishing(item)
+            finishing = finishing or is_finishing(item)
             yield item
     finally:
         close = getattr(events, "close", None)
@@ -123,7 +209,7 @@ async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
             await loop.run_in_executor(None, close)  # stops the backend within a step (off the event loop)
 
 
-def _finishing(event: Any) -> bool:
+def is_finishing(event: Any) -> bool:
     """The backend's "last denoising step done, decoding and saving" Progress."""
     return getattr(event, "stage", None) == "finishing"
 

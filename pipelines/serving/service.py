@@ -79,6 +79,28 @@ class RunToken(threading.Event):
                 self._on_finished()
 
 
+class RunStream:
+    """A run's events (Progress ..., Done) with `stop()`, callable from any thread (the UI's Stop button): it sets
+    the run's token and leaves the stream running, so the caller still reads what the engine made of the stop,
+    a CancelledError before the last denoising step ended (nothing saved), else the "finishing" Progress and the
+    Done (A1111's Interrupt). `close()` stops the run and drops the rest, as closing the generator did."""
+
+    def __init__(self, events: Iterator[Progress | Done], cancel: threading.Event):
+        self._events, self._cancel = events, cancel
+
+    def __iter__(self) -> RunStream:
+        return self
+
+    def __next__(self) -> Progress | Done:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def stop(self) -> None:
+        self._cancel.set()
+
+
 class _Timer:
     """Steps/second over the run so far -> ETA; stage changes restart the step count."""
 
@@ -176,7 +198,7 @@ class Backend:
                 events.put(exc)
 
         worker = threading.Thread(target=work, name="tessera-generate", daemon=True)
-        return self._consume(events, cancel, worker)
+        return RunStream(self._consume(events, cancel, worker), cancel)
 
     @staticmethod
     def _consume(events: queue.Queue, cancel: threading.Event, worker: threading.Thread):
@@ -359,4 +381,4 @@ def make_backend(engine) -> Backend:
     return Backend(engine)
 
 
-__all__ = ["Backend", "Done", "Progress", "RunToken", "make_backend"]
+__all__ = ["Backend", "Done", "Progress", "RunStream", "RunToken", "make_backend"]
