@@ -10,8 +10,8 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import Form, hint, optional_number
+from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.inpaint_tab import build_inpaint
 
 CFG_HELP = ("7 · linear(4,9) · cosine(9,4) · step(9,5,0.5) · interval(7.5,0.2,0.8), optionally `, rescale=0.7`. "

@@ -20,8 +20,8 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
+from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
+from ui.control_units import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
 USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
