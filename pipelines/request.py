@@ -134,7 +134,7 @@ class InpaintConfig:
     inpaint_area: InpaintArea = spec("whole picture", "only masked: inpaint the mask's box plus padding at "
                                      "inpaint_size, then paste it back.", infotext="Inpaint area")
     inpaint_padding: int = spec(32, "Only masked: pixels of context around the mask's box.", range=(0, 1024),
-                                step=1, unit="px", infotext="Masked area padding")
+                                ui_range=(0, 256), step=4, unit="px", infotext="Masked area padding")
     inpaint_size: int | None = spec(None, "Only masked: long side of the crop while it is inpainted; empty = the "
                                     "model's native size.", range=(64, 2048), step=8, multiple_of=8, unit="px")
     mask_mode: MaskMode = spec("inpaint masked", "inpaint masked: white = repaint; inpaint not masked: black = "
@@ -223,7 +223,7 @@ class GenerationRequest:
 class UpscaleRequest:
     """An existing image upscaled by a pixel upscaler, then (denoise > 0) refined with img2img."""
 
-    image: Any = spec(None, "The image to upscale.", kind="image")
+    image: Any = spec(None, "The image to upscale.", kind="image", cli="")  # the CLI's --image is required
     upscaler: str = spec("lanczos", "lanczos is built in; Real-ESRGAN-class files go in models/upscalers.",
                          kind="name", what=UPSCALER, infotext="Hires upscaler")
     scale: float = spec(2.0, "Upscale factor.", range=(1, "max_hires_scale"), ui_range=(1.25, 8), step=0.25,
@@ -275,7 +275,7 @@ def schema_fields(cls: type = GenerationRequest, *, images: bool = False) -> dic
     out: dict[str, FlatField] = {}
     types = hints(cls)
     for f in fields(cls):
-        if f.name in _NESTED_TYPES and cls is GenerationRequest:
+        if f.name in _NESTED_TYPES and issubclass(cls, GenerationRequest):
             sub_types = hints(_NESTED_TYPES[f.name])
             for sub in fields(_NESTED_TYPES[f.name]):
                 name = _flat_name(f.name, sub.name)
@@ -309,7 +309,7 @@ def flatten(req: GenerationRequest) -> dict[str, Any]:
 
 def from_flat(values: dict[str, Any], base: GenerationRequest | None = None, *, source: str = "request") -> GenerationRequest:
     """Build a request from flat names over `base`; unknown keys raise, naming `source` and the key."""
-    known = schema_fields()
+    known = schema_fields(type(base) if base is not None else GenerationRequest)
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {g: {} for g in _NESTED_TYPES}
     for key, value in values.items():

@@ -27,18 +27,20 @@ __all__ = ["Limits", "check_name", "check_text", "hires_target", "parse_lora", "
            "upscale_target", "validate_upscale"]
 
 
-def _group(obj: Any, group: str | None, limits: Limits, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The flat fields of `group` (None = the top level) of a request, checked by their schema: {field: value}."""
-    from pipelines.request import schema_fields
+def _group(obj: Any, group: str | None, limits: Limits, skip: tuple[str, ...] = (), cls: type | None = None
+           ) -> dict[str, Any]:
+    """The flat fields of `group` (None = the top level of `cls`, by default GenerationRequest) of a request,
+    checked by their schema: {field: value}."""
+    from pipelines.request import GenerationRequest, schema_fields
 
     return {ff.field.name: check_field(ff.name, getattr(obj, ff.field.name), ff.type, ff.spec, limits)
-            for ff in schema_fields().values() if ff.group == group and ff.name not in skip}
+            for ff in schema_fields(cls or GenerationRequest).values() if ff.group == group and ff.name not in skip}
 
 
 def validate(req: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
     """Check every field once, at the boundary; return the request with values normalised to their types."""
     limits = limits or Limits()
-    top = _group(req, None, limits, skip=("loras",))
+    top = _group(req, None, limits, skip=("loras",), cls=type(req))
     width, height = top["width"], top["height"]
     if width * height > limits.max_pixels:
         raise ValidationError("width", width, f"x height {height} exceeds {limits.max_pixels} pixels")
