@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.control.units import TINY_CONTROLNET
 from pipelines.errors import TesseraError, ValidationError
 from pipelines.fields import bounds, choices, kind_of, python_type
 from pipelines.request import ControlUnit, FlatField, GenerationRequest, UpscaleRequest, schema_fields
@@ -22,7 +21,9 @@ log = logging.getLogger("tessera.cli")
 
 # Request options are derived from the schema (`pipelines.request`): flag = the field's `cli=` name, else the flat
 # name with "-"; type, choices and help come from the field. `_FIELDS` maps each option's dest to its field.
-_GROUPS = {"hires": "two-stage (hires)", "tiling": "tiling", "inpaint": "inpainting / outpainting (with --init-image)"}
+_GROUPS = {"hires": "two-stage (hires)", "tiling": "tiling", "inpaint": "inpainting / outpainting (with --init-image)",
+           "feature_cache": "feature caching (DeepCache)", "region": "regional prompts"}
+_PREFIX_GROUPS = ("feature_cache", "region")  # top-level fields grouped by their name's start
 
 
 def _dest(ff: FlatField) -> str:
@@ -71,15 +72,15 @@ def add_schema_option(g: Any, ff: FlatField) -> None:
                        help=option_help(ff))
 
 
-def _schema_args(p: argparse.ArgumentParser, cls: type) -> None:
-    """Every generic request option of `cls`, in argument groups by the field's group."""
+def _schema_args(p: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
+    """Every generic request option of `cls`, in argument groups by the field's group; returns the groups."""
     groups: dict[str, Any] = {}
     for ff in _schema_fields(cls):
-        title = "feature caching (DeepCache)" if ff.name.startswith("feature_cache") else _GROUPS.get(ff.group or "",
-                                                                                                    "generation")
+        title = _GROUPS.get(ff.group or next((p for p in _PREFIX_GROUPS if ff.name.startswith(p)), ""), "generation")
         if title not in groups:
             groups[title] = p.add_argument_group(title)
         add_schema_option(groups[title], ff)
+    return groups
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -105,24 +106,21 @@ def _device_args(g) -> None:
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a preset from presets/ (draft, fast, balanced, quality, ultra, or your own)")
-    _schema_args(p, GenerationRequest)
-    g = p.add_argument_group("generation")
-    g.add_argument("--lora", action="append", default=None, help="LoRA as name:weight (repeatable)")
-    r = p.add_argument_group("regional prompts")
-    r.add_argument("--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
-                   help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when "
-                        "x, y, w, h are all <= 1, else in pixels of the stage-1 image; a trailing :number is the "
-                        "region's weight (default 1). Negative prompt, feather and seed per region: the API's "
-                        "JSON form (see README)")
-    i = p.add_argument_group("inpainting / outpainting (with --init-image)")
-    i.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM", help="extend the canvas by these px "
-                                                                       "(multiples of 8), e.g. 128,128,0,0")
+    groups = _schema_args(p, GenerationRequest)
+    groups["generation"].add_argument("--lora", action="append", default=None, help="LoRA as name:weight (repeatable)")
+    groups[_GROUPS["region"]].add_argument(
+        "--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
+        help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when x, y, w, h are "
+             "all <= 1, else in pixels of the stage-1 image; a trailing :number is the region's weight (default 1). "
+             "Negative prompt, feather and seed per region: the API's JSON form (see README)")
+    groups[_GROUPS["inpaint"]].add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM",
+                                            help="extend the canvas by these px (multiples of 8), e.g. 128,128,0,0")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",
                    help="a ControlNet unit (repeatable); TYPE = canny | none | depth | openpose | ...")
     c.add_argument("--control-model", action="append", default=[],
                    help="ControlNet model for the unit at the same position (default: matches TYPE); "
-                        f"{TINY_CONTROLNET} is the built-in test model")
+                        "tiny-controlnet is the built-in test model")
 
 
 def _outpaint_values(text: str) -> dict[str, int]:
@@ -236,6 +234,7 @@ def _request(args: argparse.Namespace):
 def _check_control_model(model: str, i: int, models_dir: Path) -> None:
     """A --control-model name, refused naming the option and listing every choice (the built-in tiny one too)."""
     from pipelines.control import list_controlnets, resolve_controlnet
+    from pipelines.control.units import TINY_CONTROLNET
 
     if model == TINY_CONTROLNET:
         return
