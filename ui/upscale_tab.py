@@ -41,10 +41,6 @@ def upscale_updates(stream: Stream, values: dict[str, Any], progress=None) -> It
     yield {"progress": "Stopped."}
 
 
-def _first(options: list[str], preferred: str) -> str | None:
-    return preferred if preferred in options else (options[0] if options else None)
-
-
 def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
     """Lay out the tab (inside an open gr.Tab): (fields, outputs, run button)."""
     f, v, d = Form(), Form(), UpscaleRequest()
@@ -54,7 +50,8 @@ def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
             f.add("image", gr.Image(type="filepath", image_mode=None, label="Image to upscale",
                                     sources=["upload", "clipboard"], height=340, elem_id="upscale-image"))
             with gr.Row():
-                f.add("upscaler", gr.Dropdown(upscalers, value=_first(upscalers, d.upscaler), label="Upscaler",
+                # the list's first, `auto` (the best model file, else lanczos), as the tab always offered
+                f.add("upscaler", gr.Dropdown(upscalers, value=upscalers[0] if upscalers else None, label="Upscaler",
                                               info=field_info("upscaler", UpscaleRequest)))
                 f.add("scale", slider("scale", d.scale, "Scale", cls=UpscaleRequest))
             f.add("denoise", slider("denoise", d.denoise, "Refine denoise", cls=UpscaleRequest))
