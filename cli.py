@@ -7,36 +7,80 @@ and a one-line message naming the option, the value and the fix.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.request import DEFAULT_MODEL, ControlUnit
+from pipelines.fields import bounds, choices, kind_of, python_type
+from pipelines.request import ControlUnit, FlatField, GenerationRequest, UpscaleRequest, schema_fields
 
 log = logging.getLogger("tessera.cli")
 
-# CLI option -> flat request field (see pipelines/request.py); None values are left to presets/defaults.
-_FIELDS = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "width": "width",
-    "height": "height", "steps": "steps", "cfg": "cfg", "sampler": "sampler", "seed": "seed",
-    "batch": "batch_size", "strength": "strength", "vae_decode": "vae_decode", "emphasis": "emphasis",
-    "clip_skip": "clip_skip", "prompt_timeline": "prompt_timeline", "hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler",
-    "hires_denoise": "hires_denoise", "hires_steps": "hires_steps", "hires_sampler": "hires_sampler",
-    "hires_prompt": "hires_prompt", "hires_cfg": "hires_cfg", "hires_control_tile": "hires_control_tile",
-    "tiling": "tile_mode", "tile_size": "tile_size",
-    "tile_overlap": "tile_overlap", "tile_blend": "tile_blend", "tile_batch": "tile_batch",
-    "tile_shift": "tile_shift", "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size",
-    "vae_tile_mode": "vae_tile_mode",
-    "memory_budget_gb": "memory_budget_gb",
-    "feature_cache": "feature_cache", "feature_cache_interval": "feature_cache_interval",
-    "feature_cache_branch": "feature_cache_branch", "feature_cache_schedule": "feature_cache_schedule",
-    "region_base": "region_base",
-    "mask_blur": "mask_blur", "masked_content": "masked_content", "inpaint_area": "inpaint_area",
-    "inpaint_padding": "inpaint_padding", "inpaint_size": "inpaint_size", "mask_mode": "mask_mode",
-    "soft_inpainting": "soft_inpainting",
-}
+# Request options are derived from the schema (`pipelines.request`): flag = the field's `cli=` name, else the flat
+# name with "-"; type, choices and help come from the field. `_FIELDS` maps each option's dest to its field.
+_GROUPS = {"hires": "two-stage (hires)", "tiling": "tiling", "inpaint": "inpainting / outpainting (with --init-image)",
+           "feature_cache": "feature caching (DeepCache)", "region": "regional prompts"}
+_PREFIX_GROUPS = ("feature_cache", "region")  # top-level fields grouped by their name's start
+
+
+def _dest(ff: FlatField) -> str:
+    return (ff.spec.cli or ff.name).replace("-", "_")
+
+
+def _schema_fields(cls: type) -> list[FlatField]:
+    """The fields of `cls` that get a generic option (`cli=""` fields have options of their own)."""
+    return [ff for ff in schema_fields(cls, images=True).values() if ff.spec.cli != ""]
+
+
+def _option_fields(cls: type) -> dict[str, str]:
+    """{option dest: flat field} of the options whose values are flat request values (images are loaded apart)."""
+    return {_dest(ff): ff.name for ff in _schema_fields(cls) if kind_of(ff.type, ff.spec) != "image"}
+
+
+_FIELDS = _option_fields(GenerationRequest)
+
+
+def option_help(ff: FlatField) -> str:
+    """An option's help: the field's sentence, its range and unit, and its default."""
+    text = ff.spec.help
+    rng = bounds(ff.spec)
+    if rng is not None and kind_of(ff.type, ff.spec) in ("int", "float"):
+        text += f" From {_num(rng[0])} to {_num(rng[1])}{' ' + ff.spec.unit if ff.spec.unit else ''}."
+    default = ff.field.default
+    if default not in (None, "", (), dataclasses.MISSING) and not isinstance(default, bool):
+        text += f" Default: {default}."
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def add_schema_option(g: Any, ff: FlatField) -> None:
+    """One request field as an option of group `g`, all derived from its schema."""
+    flag = "--" + (ff.spec.cli or ff.name).replace("_", "-")
+    kind = kind_of(ff.type, ff.spec)
+    if kind == "bool":
+        g.add_argument(flag, dest=_dest(ff), action="store_true", default=None, help=option_help(ff))
+    elif kind == "image":
+        g.add_argument(flag, dest=_dest(ff), metavar="FILE", help=option_help(ff))
+    else:
+        g.add_argument(flag, dest=_dest(ff), type=python_type(ff.type, ff.spec), choices=choices(ff.type),
+                       help=option_help(ff))
+
+
+def _schema_args(p: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
+    """Every generic request option of `cls`, in argument groups by the field's group; returns the groups."""
+    groups: dict[str, Any] = {}
+    for ff in _schema_fields(cls):
+        title = _GROUPS.get(ff.group or next((p for p in _PREFIX_GROUPS if ff.name.startswith(p)), ""), "generation")
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        add_schema_option(groups[title], ff)
+    return groups
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,96 +105,22 @@ def _device_args(g) -> None:
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--preset", help="a preset from presets/ (draft, fast, balanced, quality, ultra, or your own)")
-    g.add_argument("--prompt", help="prompt; A1111 syntax: (word:1.3), ((word)), [word], BREAK, [a:b:0.5], [a|b]")
-    g.add_argument("--negative-prompt", help="negative prompt")
-    g.add_argument("--model", help=f"model name, local folder/.safetensors path, or tiny (default: {DEFAULT_MODEL})")
-    g.add_argument("--lora", action="append", default=None, help="LoRA as name:weight (repeatable)")
-    g.add_argument("--width", type=int, help="width in pixels, multiple of 8 (default 512)")
-    g.add_argument("--height", type=int, help="height in pixels, multiple of 8 (default 512)")
-    g.add_argument("--steps", type=int, help="sampling steps (default 25)")
-    g.add_argument("--cfg", help="guidance: 7 | linear(4,9) | cosine(9,4) | step(9,5,0.5) | interval(7.5,0.2,0.8) "
-                                 "[, rescale=0.7]")
-    g.add_argument("--sampler", help="DPM++ 2M Karras (default), DPM++ 2M, DPM++ 2M SDE Karras, UniPC, Euler, "
-                                     "Euler a, DDIM, PNDM, LCM, ...")
-    g.add_argument("--seed", type=int, help="seed; -1 = random; image i of a batch uses seed+i")
-    g.add_argument("--batch", type=int, help="images per run (default 1)")
-    g.add_argument("--init-image", help="img2img: start from this image")
-    g.add_argument("--strength", type=float, help="img2img denoise strength in [0,1] (default 1)")
-    g.add_argument("--vae-decode", choices=["full", "taesd"], help="full VAE or Tiny AutoEncoder (fast drafts)")
-    g.add_argument("--emphasis", choices=["a1111", "none"], help="prompt weight normalisation (default a1111)")
-    g.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
-    g.add_argument("--prompt-timeline", choices=["a1111", "legacy"],
-                   help="[a:b:N]: a1111 (default) = N with a '.' is a fraction (1..2 = the hires pass), else a step; "
-                        "legacy = N < 1 is a fraction, else a step (A1111's old prompt editing timelines)")
-    f = p.add_argument_group("feature caching (DeepCache)")
-    f.add_argument("--feature-cache", choices=["off", "on"], help="between full UNet passes run only the shallow "
-                                                                  "branch on cached deep features (default off)")
-    f.add_argument("--feature-cache-interval", type=int, help="a full UNet pass every N steps, 1-20 (default 3)")
-    f.add_argument("--feature-cache-branch", type=int, help="cached skip branch, 0 = shallowest/fastest (default 0)")
-    f.add_argument("--feature-cache-schedule", choices=["uniform", "nonuniform"],
-                   help="full passes every N steps, or as many denser early (default uniform)")
-    h = p.add_argument_group("two-stage (hires)")
-    h.add_argument("--hires-scale", type=float, help="upscale factor of stage 2 in (1, 8]; 1 = off")
-    h.add_argument("--hires-upscaler", help="lanczos | latent | latent-bicubic | latent-nearest-exact | "
-                                            "latent-antialiased | a file in models/upscalers")
-    h.add_argument("--hires-denoise", type=float, help="refine strength in [0,1] (default 0.35; 0.55 for latent)")
-    h.add_argument("--hires-steps", type=int, help="refine steps (default: --steps)")
-    h.add_argument("--hires-sampler", help="refine sampler (default: --sampler)")
-    h.add_argument("--hires-prompt", help="refine prompt (default: --prompt)")
-    h.add_argument("--hires-cfg", help="refine guidance schedule (default: --cfg)")
-    h.add_argument("--hires-control-tile", type=float, help="tile ControlNet scale in the refine (0 = off); keeps "
-                                                            "the draft's structure at higher denoise")
-    t = p.add_argument_group("tiling")
-    t.add_argument("--tiling", choices=["auto", "on", "off"], help="tiled diffusion (default auto: when needed)")
-    t.add_argument("--tile-size", type=int, help="tile size in latent pixels (x8 = image pixels)")
-    t.add_argument("--tile-overlap", type=int, help="tile overlap in latent pixels")
-    t.add_argument("--tile-blend", choices=["average", "gaussian"], help="MultiDiffusion average or Gaussian")
-    t.add_argument("--tile-batch", type=int, help="tiles per UNet call")
-    t.add_argument("--tile-shift", action="store_true", default=None, help="shift the tile grid randomly each step")
-    t.add_argument("--vae-tiling", choices=["auto", "on", "off"], help="tiled VAE decode/encode (default auto)")
-    t.add_argument("--vae-tile-size", type=int, help="VAE tile size in latent pixels")
-    t.add_argument("--vae-tile-mode", choices=["auto", "exact", "stream"],
-                   help="tiled VAE: exact = layer by layer (fast, ~3 full-size layers in RAM), stream = tile by tile "
-                        "(bounded memory, slower); default auto: exact when it fits, else only the high-resolution "
-                        "stages tile by tile")
-    t.add_argument("--memory-budget-gb", type=float, help="memory budget for the tiling planner")
-    r = p.add_argument_group("regional prompts")
-    r.add_argument("--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
-                   help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when "
-                        "x, y, w, h are all <= 1, else in pixels of the stage-1 image; a trailing :number is the "
-                        "region's weight (default 1). Negative prompt, feather and seed per region: the API's "
-                        "JSON form (see README)")
-    r.add_argument("--region-base", choices=["rest", "background"],
-                   help="where the base prompt acts: rest (only outside the regions; default) or background "
-                        "(everywhere, regions blended over it)")
-    _inpaint_args(p)
+    p.add_argument("--preset", help="a preset from presets/ (draft, fast, balanced, quality, ultra, or your own)")
+    groups = _schema_args(p, GenerationRequest)
+    groups["generation"].add_argument("--lora", action="append", default=None, help="LoRA as name:weight (repeatable)")
+    groups[_GROUPS["region"]].add_argument(
+        "--region", action="append", default=None, metavar="X,Y,W,H:PROMPT[:WEIGHT]",
+        help="a regional prompt (repeatable, at most 16): a rectangle in fractions of the image when x, y, w, h are "
+             "all <= 1, else in pixels of the stage-1 image; a trailing :number is the region's weight (default 1). "
+             "Negative prompt, feather and seed per region: the API's JSON form (see README)")
+    groups[_GROUPS["inpaint"]].add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM",
+                                            help="extend the canvas by these px (multiples of 8), e.g. 128,128,0,0")
     c = p.add_argument_group("ControlNet")
     c.add_argument("--control", action="append", default=[], metavar="TYPE:IMAGE[:scale[:start[:end]]]",
                    help="a ControlNet unit (repeatable); TYPE = canny | none | depth | openpose | ...")
     c.add_argument("--control-model", action="append", default=[],
-                   help="ControlNet model for the unit at the same position (default: matches TYPE)")
-
-
-def _inpaint_args(p: argparse.ArgumentParser) -> None:
-    from pipelines.request import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
-
-    g = p.add_argument_group("inpainting / outpainting (with --init-image)")
-    g.add_argument("--mask", help="inpainting mask, the image's size: white = repaint (grey = partial with "
-                                  "--soft-inpainting)")
-    g.add_argument("--mask-blur", type=int, help="mask blur in px, the paste-back's feather (default 4)")
-    g.add_argument("--masked-content", choices=MASKED_CONTENT, help="what the masked area starts from")
-    g.add_argument("--inpaint-area", choices=INPAINT_AREAS, help="only masked: inpaint the mask's box at "
-                                                                  "--inpaint-size, then paste it back")
-    g.add_argument("--inpaint-padding", type=int, help="only masked: context px around the mask (default 32)")
-    g.add_argument("--inpaint-size", type=int, help="only masked: long side of the crop while inpainted "
-                                                    "(default: the model's native size)")
-    g.add_argument("--mask-mode", choices=MASK_MODES, help="repaint the white (default) or the black part")
-    g.add_argument("--soft-inpainting", action="store_true", default=None,
-                   help="grey mask levels are per-pixel change strengths (Differential Diffusion)")
-    g.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM", help="extend the canvas by these px "
-                                                                       "(multiples of 8), e.g. 128,128,0,0")
+                   help="ControlNet model for the unit at the same position (default: matches TYPE); "
+                        "tiny-controlnet is the built-in test model")
 
 
 def _outpaint_values(text: str) -> dict[str, int]:
@@ -174,14 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale an image (optionally refine it) and print the path",
                         description="Upscale an existing image: an upscaler, then an optional img2img refine.")
     up.add_argument("--image", required=True, help="the image to upscale")
-    up.add_argument("--scale", type=float, default=2.0, help="factor in (1, 8] (default 2)")
-    up.add_argument("--upscaler", default="lanczos", help="lanczos or a file in models/upscalers")
-    up.add_argument("--denoise", type=float, default=0.0, help="refine strength; 0 = upscale only (default)")
-    up.add_argument("--prompt", default="", help="prompt for the refine pass")
-    up.add_argument("--negative-prompt", default="", help="negative prompt for the refine pass")
-    up.add_argument("--model", default=DEFAULT_MODEL, help="model for the refine pass")
-    up.add_argument("--steps", type=int, default=20, help="refine steps (default 20)")
-    up.add_argument("--seed", type=int, default=-1, help="seed of the refine pass")
+    _schema_args(up, UpscaleRequest)
     _common(up)
     return parser
 
@@ -213,7 +176,8 @@ def _load_image(path: str, name: str):
 
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:
-    values = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt, None) is not None}
+    fields = _option_fields(GenerationRequest)
+    values = {field: getattr(args, opt) for opt, field in fields.items() if getattr(args, opt, None) is not None}
     if args.lora:
         values["loras"] = tuple(args.lora)
     if args.region:
@@ -241,7 +205,7 @@ def _engine(args: argparse.Namespace):
 
 def _request(args: argparse.Namespace):
     from pipelines.presets import PRESETS_DIR, load_preset
-    from pipelines.request import GenerationRequest, check_name, from_flat
+    from pipelines.request import check_name, from_flat
 
     base = GenerationRequest()
     if args.preset:
@@ -260,9 +224,29 @@ def _request(args: argparse.Namespace):
 
         extra["mask"] = load_mask(Path(args.mask), "mask")
     if args.control:
+        for i, model in enumerate(args.control_model):
+            _check_control_model(model, i, Path(args.models_dir))
         models = args.control_model + [None] * len(args.control)
         extra["control"] = tuple(_parse_control(s, models[i], i) for i, s in enumerate(args.control))
     return from_flat(extra, req)
+
+
+def _check_control_model(model: str, i: int, models_dir: Path) -> None:
+    """A --control-model name, refused naming the option and listing every choice (the built-in tiny one too)."""
+    from pipelines.control import list_controlnets, resolve_controlnet
+    from pipelines.control.units import TINY_CONTROLNET
+
+    if model == TINY_CONTROLNET:
+        return
+    try:
+        resolve_controlnet(model, models_dir)
+    except ValidationError as exc:
+        fix = exc.fix
+        if fix.startswith("must be one of"):
+            names = ", ".join([TINY_CONTROLNET, *list_controlnets(models_dir)])
+            fix = f"must be one of {names}, or a diffusers folder / .safetensors file in {models_dir / 'controlnet'}"
+        option = "--control-model" if i == 0 else f"--control-model #{i + 1}"
+        raise ValidationError(option, exc.value, fix) from None
 
 
 def _report(result) -> None:
@@ -290,10 +274,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_upscale(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    image = _load_image(args.image, "image")
-    result = engine.upscale(image, upscaler=args.upscaler, scale=args.scale, denoise=args.denoise,
-                            prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
-                            steps=args.steps, seed=args.seed)
+    values = {field: getattr(args, opt) for opt, field in _option_fields(UpscaleRequest).items()
+              if getattr(args, opt, None) is not None}
+    result = engine.upscale(UpscaleRequest(image=_load_image(args.image, "image"), **values))
     _report(result)
     return 0
 

@@ -31,8 +31,8 @@ from pipelines.prompts.embeddings import EmbeddingLibrary, ti_hashes
 from pipelines.request import (
     DEFAULT_MODEL,
     GenerationRequest,
-    HiresConfig,
     Limits,
+    UpscaleRequest,
     hires_target,
     resolve_seed,
     validate,
@@ -117,10 +117,6 @@ def max_and_parts(req: GenerationRequest) -> int:
 
     texts = [req.prompt, req.hires.prompt or "", *(r.prompt for r in req.regions)]
     return max(len(split_and(t)) if isinstance(t, str) else 1 for t in texts)
-
-
-def _round8(v: int) -> int:
-    return max(8, v - v % 8)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -415,47 +411,15 @@ class Engine:
             extra["VAE"] = "; ".join(report.notes)
         return extra
 
-    def upscale(self, image: Image.Image, *, upscaler: str = "lanczos", scale: float = 2.0, denoise: float = 0.0,
-                prompt: str = "", negative_prompt: str = "", model: str | None = None, steps: int = 20,
-                seed: int = -1, cfg: str = "7", sampler: str = "DPM++ 2M Karras", callback: Callback | None = None,
-                cancel=None, save: bool = True) -> GenerationResult:
-        """Upscale an existing image with a pixel upscaler, then (denoise > 0) refine it with img2img."""
-        from pipelines.models.upscalers import is_latent, upscale_image
-        from pipelines.request import check_name, check_text, validate_hires
+    def upscale(self, image: Image.Image | UpscaleRequest, *, callback: Callback | None = None, cancel=None,
+                save: bool = True, **fields: Any) -> GenerationResult:
+        """Upscale an image with a pixel upscaler, then (denoise > 0) refine it with img2img (`pipelines.upscale_job`).
 
-        if not isinstance(image, Image.Image):
-            raise ValidationError("image", type(image).__name__, "must be an image (PNG, JPEG or WebP)")
-        prompt, negative_prompt = check_text("prompt", prompt, self.limits), check_text("negative_prompt",
-                                                                                         negative_prompt, self.limits)
-        check_name("upscaler", upscaler, "an upscaler name from the list")
-        if model is not None:
-            check_name("model", model, "a model name (see the model list)")
-        hires = validate_hires(HiresConfig(scale=scale, upscaler=upscaler, denoise=denoise),
-                               _round8(image.width), _round8(image.height), self.limits)
-        if not hires.enabled:
-            raise ValidationError("scale", scale, f"must be in (1, {self.limits.max_hires_scale:g}]")
-        if is_latent(upscaler):
-            raise ValidationError("upscaler", upscaler, "must be a pixel upscaler (lanczos or a model file) for images")
-        resolve_upscaler(upscaler, self.manager.models_dir)
-        upscaler = concrete_upscaler(upscaler, self.manager.models_dir, hires.scale)
-        tw, th = hires_target(_round8(image.width), _round8(image.height), hires.scale)
-        device, dtype = self.manager.device_dtype
-        if not hires.denoise:
-            loop_finished(cancel)  # no denoising loop: the upscale is not interrupted, so it is delivered
-        with self.gpu_lock:
-            big = upscale_image(image.convert("RGB"), upscaler, size=(tw, th), models_dir=self.manager.models_dir,
-                                device=device, dtype=dtype, cache=self.manager.caches.upscalers)
-        if hires.denoise:
-            req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, model=model or self.default_model,
-                                    width=tw, height=th, steps=steps, cfg=cfg, sampler=sampler, seed=seed,
-                                    init_image=big, strength=hires.denoise)
-            return self.generate(req, callback=callback, cancel=cancel, save=save)
-        text = (f"{prompt}\nSteps: 0, Size: {tw}x{th}, Hires upscale: {hires.scale:g}, "
-                f"Hires upscaler: {upscaler}, Source size: {image.width}x{image.height}")
-        result = GenerationResult(GenerationRequest(width=tw, height=th, prompt=prompt), [big], [0], [text])
-        if save and self.outputs_dir is not None:
-            result.paths.append(save_png(big, text, self.outputs_dir, 0))
-        return result
+        `image` is an `UpscaleRequest`, or an image with the request's fields as keywords (upscaler=, scale=, ...)."""
+        from pipelines.upscale_job import run_upscale
+
+        req = image if isinstance(image, UpscaleRequest) else UpscaleRequest(image=image, **fields)
+        return run_upscale(self, req, callback=callback, cancel=cancel, save=save)
 
     # ---------------------------------------------------------------- small services for the UI
     def count_tokens(self, model_name: str, text: str) -> str:

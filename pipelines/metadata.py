@@ -15,160 +15,53 @@ gives back `replace(req, seed=s)` exactly.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import replace
 from typing import Any
 
-from PIL import ExifTags, Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
-
+from pipelines.a1111 import (
+    CONTROL_KEYS,
+    CORE_KEYS,
+    EXTRA_KEY_RE,
+    INFOTEXT_KEYS,
+    INPAINT_KEYS,
+    KNOWN_KEYS,
+    MODULE_ALIASES,
+    OLD_TIMELINES_KEY,
+    PARAM_RE,
+    SIZE_RE,
+    TESSERA_KEY,
+    UPSCALE_KEYS,
+    UPSCALER_FROM_A1111,
+    UPSCALER_NAMES,
+    base_sampler,
+    number,
+    param_pairs,
+    parse_infotext,
+    quote,
+    sampler_of,
+)
 from pipelines.denoise.guidance import GuidanceSchedule, format_cfg, parse_cfg
 from pipelines.denoise.region_spec import regions_to_json, validate_regions
-from pipelines.denoise.schedulers import SAMPLERS, schedule_type
+from pipelines.denoise.schedulers import schedule_type
 from pipelines.errors import ValidationError
-from pipelines.request import ControlUnit, GenerationRequest, flatten, from_flat
+from pipelines.image_info import PNG_KEY, exif_info, png_info, read_parameters
+from pipelines.request import ControlUnit, GenerationRequest, UpscaleRequest, flatten, from_flat
 
 log = logging.getLogger(__name__)
 
 VERSION = "tessera-0.1"
-TESSERA_KEY = "Tessera"
-PNG_KEY = "parameters"
-OLD_TIMELINES_KEY = "Old prompt editing timelines"  # A1111's infotext name of its `use_old_scheduling` option
+K = INFOTEXT_KEYS
 
-# A1111's key-value regex (infotext_utils.re_param_code); values with , : " are json.dumps-quoted.
-PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_WS_RUN = re.compile(r"\s*")
-_KEY_RUN = re.compile(r"[\w \-/]*")
-_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-_EXTRA_KEY_RE = re.compile(r"\w[\w \-/]*[\w\-/]")
-
-# Our upscaler names -> A1111's display names; unknown names (upscaler files) are written and read as they are.
-UPSCALER_NAMES = {
-    "lanczos": "Lanczos",
-    "latent": "Latent",
-    "latent-bicubic": "Latent (bicubic)",
-    "latent-nearest-exact": "Latent (nearest-exact)",
-    "latent-antialiased": "Latent (antialiased)",
-}
-_UPSCALER_FROM_A1111 = {v.lower(): k for k, v in UPSCALER_NAMES.items()}
-
-# Keys this module reads; `extra` may not use them. At least one of _CORE_KEYS marks a text as infotext.
-_CORE_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size", TESSERA_KEY)
-_KNOWN_KEYS = frozenset({
-    "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "CFG schedule", "Seed", "Size",
-    "Model hash", "Model", "Denoising strength", "Clip skip", "Hires upscale", "Hires resize", "Hires steps",
-    "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-    "Hires CFG Scale", "Loras", "Version", "Regions", TESSERA_KEY, OLD_TIMELINES_KEY,
-    "Mask blur", "Inpaint area", "Masked area padding", "Masked content", "Mask mode", "Soft inpainting enabled",
-})
-# A1111's inpainting keys and values (modules/processing.py, img2img.py); values are ours lower-cased
-_INPAINT_KEYS = {"Mask blur": "mask_blur", "Inpaint area": "inpaint_area", "Masked area padding": "inpaint_padding",
-                 "Masked content": "masked_content", "Mask mode": "mask_mode",
-                 "Soft inpainting enabled": "soft_inpainting"}
-
-
-# ---------------------------------------------------------------- text helpers
-
-def _number(x: Any) -> str:
-    """Shortest text reading back to the same number (`7`, `0.35`); non-numbers via str()."""
-    if isinstance(x, float):
-        short = f"{x:g}"
-        return short if float(short) == x else repr(x)
-    return str(x)
-
-
-def _quote(value: str) -> str:
-    """A1111's `quote`: json.dumps the value when it would break the key-value line, else leave it."""
-    risky = any(c in value for c in ',:"') or value != value.strip() or not value.isprintable()
-    return json.dumps(value, ensure_ascii=False) if risky else value
-
-
-def _unquote(value: str) -> str:
-    """A1111's `unquote`: json.loads a "quoted" value; anything that does not decode stays as it is."""
-    try:
-        out = json.loads(value)
-    except ValueError:
-        return value
-    return out if isinstance(out, str) else value
-
-
-def param_pairs(line: str) -> list[tuple[str, str]]:
-    """`PARAM_RE.findall(line)` in linear time: skips start positions that must fail the same way.
-
-    A plain findall rescans a long run of key characters (or whitespace) from every position in it, which is
-    quadratic on hostile text; a failed start inside such a run fails for every later start in the run.
-    """
-    out: list[tuple[str, str]] = []
-    pos, n = 0, len(line)
-    while pos < n:
-        m = PARAM_RE.match(line, pos)
-        if m:
-            out.append((m[1], m[2]))
-            pos = m.end()
-            continue
-        ws_end = _WS_RUN.match(line, pos).end()
-        if ws_end > pos:  # every start in the whitespace lands on ws_end, like a start at ws_end itself
-            pos = ws_end + 1
-            continue
-        run_end = _KEY_RUN.match(line, pos).end()
-        pos = run_end if run_end > pos and line[run_end:run_end + 1] != ":" else pos + 1
-    return out
-
-
-def _split_prompt(lines: list[str]) -> tuple[str, str]:
-    """A1111's prompt / negative prompt split: stripped lines, `Negative prompt:` starts the negative."""
-    prompt, negative, in_negative = "", "", False
-    for raw in lines:
-        line = raw.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[16:].strip()
-        if in_negative:
-            negative += ("\n" if negative else "") + line
-        else:
-            prompt += ("\n" if prompt else "") + line
-    return prompt, negative
-
-
-def parse_infotext(text: str) -> dict[str, str]:
-    """Infotext -> {"Prompt", "Negative prompt", "Steps": "25", ...} with quoted values unquoted; never raises.
-
-    The last line is the key-value line when A1111's regex finds at least 3 pairs in it; otherwise the whole
-    text is prompt. Later duplicates of a key win, as in A1111.
-    """
-    *lines, last = str(text).strip().split("\n")
-    pairs = param_pairs(last)
-    if len(pairs) < 3:
-        lines.append(last)
-        pairs = []
-    prompt, negative = _split_prompt(lines)
-    out = {"Prompt": prompt, "Negative prompt": negative}
-    for key, value in pairs:
-        if key in out and key in ("Prompt", "Negative prompt"):
-            continue
-        out[key] = _unquote(value) if len(value) >= 2 and value[0] == value[-1] == '"' else value
-    return out
+__all__ = ["OLD_TIMELINES_KEY", "PARAM_RE", "PNG_KEY", "TESSERA_KEY", "UPSCALER_NAMES", "VERSION", "control_settings",
+           "exif_info", "infotext", "param_pairs", "parse_infotext", "png_info", "read_parameters",
+           "request_from_infotext", "upscale_infotext"]
 
 
 # ---------------------------------------------------------------- writing
-
-# sd-webui-controlnet's unit keys -> ControlUnit fields (Threshold A/B are canny's thresholds only for canny)
-_CONTROL_KEYS = {"Module": "type", "Model": "model", "Weight": "scale", "Guidance Start": "start",
-                 "Guidance End": "end", "Threshold A": "low", "Threshold B": "high", "Control Mode": "guess_mode"}
-# sd-webui-controlnet's preprocessor names for the ones this app has under another name
-_MODULE_ALIASES = {"depth_midas": "depth", "openpose_full": "openpose", "lineart_realistic": "lineart",
-                   "lineart_anime": "lineart-anime", "softedge_hed": "softedge", "softedge_pidinet": "softedge-pidinet",
-                   "scribble_hed": "scribble", "normal_bae": "normal"}
-
-
-def _base_sampler(name: str) -> str:
-    """Our "DPM++ 2M Karras" -> A1111 ≥1.9's Sampler "DPM++ 2M" (the Karras part goes to Schedule type)."""
-    return name[: -len(" Karras")] if isinstance(name, str) and name.endswith(" Karras") else name
-
 
 def _max_scale(schedule: GuidanceSchedule) -> float:
     """The plain `CFG scale` number of a schedule: its value when constant, else its largest scale."""
@@ -179,47 +72,47 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
     """The A1111 keys for `req` (seed already the image's), unquoted, in A1111's order."""
     cfg = parse_cfg(req.cfg)
     out = {
-        "Steps": _number(req.steps),
-        "Sampler": _base_sampler(req.sampler),
+        K["steps"]: number(req.steps),
+        K["sampler"]: base_sampler(req.sampler),
         "Schedule type": schedule_type(req.sampler),
-        "CFG scale": _number(_max_scale(cfg)),
-        "Seed": _number(req.seed),
+        K["cfg"]: number(_max_scale(cfg)),
+        K["seed"]: number(req.seed),
         "Size": f"{req.width}x{req.height}",
     }
     if model_hash:
         out["Model hash"] = model_hash
     if req.model:
-        out["Model"] = req.model
+        out[K["model"]] = req.model
     h = req.hires
     if h.enabled:
         if h.denoise is not None:
-            out["Denoising strength"] = _number(h.denoise)
+            out[K["hires_denoise"]] = number(h.denoise)
     elif req.strength != 1.0:
-        out["Denoising strength"] = _number(req.strength)
+        out[K["strength"]] = number(req.strength)
     if req.clip_skip != 1:
-        out["Clip skip"] = _number(req.clip_skip)
+        out[K["clip_skip"]] = number(req.clip_skip)
     if h.enabled:
-        out["Hires upscale"] = _number(h.scale)
+        out[K["hires_scale"]] = number(h.scale)
         if h.steps:
-            out["Hires steps"] = _number(h.steps)
-        out["Hires upscaler"] = UPSCALER_NAMES.get(h.upscaler, h.upscaler)
+            out[K["hires_steps"]] = number(h.steps)
+        out[K["hires_upscaler"]] = UPSCALER_NAMES.get(h.upscaler, h.upscaler)
         if h.sampler:
-            out["Hires sampler"] = _base_sampler(h.sampler)
+            out[K["hires_sampler"]] = base_sampler(h.sampler)
             out["Hires schedule type"] = schedule_type(h.sampler)
         if h.prompt is not None:
-            out["Hires prompt"] = h.prompt
+            out[K["hires_prompt"]] = h.prompt
         if h.negative_prompt is not None:
-            out["Hires negative prompt"] = h.negative_prompt
+            out[K["hires_negative_prompt"]] = h.negative_prompt
         if h.cfg is not None:
-            out["Hires CFG Scale"] = _number(_max_scale(parse_cfg(h.cfg)))
+            out[K["hires_cfg"]] = number(_max_scale(parse_cfg(h.cfg)))
     if cfg.kind != "constant" or cfg.rescale:
         out["CFG schedule"] = format_cfg(cfg)
     if req.loras:
-        out["Loras"] = ", ".join(req.loras)
+        out[K["loras"]] = ", ".join(req.loras)
     if req.prompt_timeline == "legacy":
         out[OLD_TIMELINES_KEY] = "True"
     if req.regions:
-        out["Regions"] = regions_to_json(req.regions)
+        out[K["regions"]] = regions_to_json(req.regions)
     out.update(_inpaint_fields(req))
     for i, unit in enumerate(req.control):
         out[f"ControlNet {i}"] = _control_text(unit)
@@ -232,19 +125,19 @@ def _inpaint_fields(req: GenerationRequest) -> dict[str, str]:
     if not req.inpainting:
         return {}
     c = req.inpaint
-    out = {"Mask blur": _number(c.mask_blur), "Inpaint area": c.inpaint_area.capitalize(),
-           "Masked content": c.masked_content, "Mask mode": c.mask_mode.capitalize()}
+    out = {K["mask_blur"]: number(c.mask_blur), K["inpaint_area"]: c.inpaint_area.capitalize(),
+           K["masked_content"]: c.masked_content, K["mask_mode"]: c.mask_mode.capitalize()}
     if c.inpaint_area == "only masked":
-        out["Masked area padding"] = _number(c.inpaint_padding)
+        out[K["inpaint_padding"]] = number(c.inpaint_padding)
     if c.soft_inpainting:
-        out["Soft inpainting enabled"] = "True"
+        out[K["soft_inpainting"]] = "True"
     return out
 
 
 def _inpaint_values(params: dict[str, str]) -> dict[str, Any]:
     """The flat inpainting fields of A1111's keys (values compared case-insensitively)."""
     out: dict[str, Any] = {}
-    for key, name in _INPAINT_KEYS.items():
+    for key, name in INPAINT_KEYS.items():
         if key not in params:
             continue
         if name in ("mask_blur", "inpaint_padding"):
@@ -257,30 +150,30 @@ def _inpaint_values(params: dict[str, str]) -> dict[str, Any]:
 
 
 def _control_text(u: ControlUnit) -> str:
-    """One unit as sd-webui-controlnet writes it (its keys, `_CONTROL_KEYS`, for what a unit here has); the image
+    """One unit as sd-webui-controlnet writes it (its keys, `CONTROL_KEYS`, for what a unit here has); the image
     is not stored."""
-    values = {"type": u.type, "model": u.model or "default", "scale": _number(u.scale), "start": _number(u.start),
-              "end": _number(u.end), "guess_mode": "ControlNet is more important" if u.guess_mode else "Balanced"}
+    values = {"type": u.type, "model": u.model or "default", "scale": number(u.scale), "start": number(u.start),
+              "end": number(u.end), "guess_mode": "ControlNet is more important" if u.guess_mode else "Balanced"}
     if u.type == "canny":  # Threshold A/B are the canny thresholds only for canny
-        values |= {"low": _number(u.low), "high": _number(u.high)}
-    return ", ".join(f"{key}: {values[field]}" for key, field in _CONTROL_KEYS.items() if field in values)
+        values |= {"low": number(u.low), "high": number(u.high)}
+    return ", ".join(f"{key}: {values[field]}" for key, field in CONTROL_KEYS.items() if field in values)
 
 
 def _extra_fields(extra: dict[str, Any] | None) -> dict[str, str]:
     """`extra` as key-value pairs after checking each key survives A1111's parser and is not one of ours."""
     out: dict[str, str] = {}
     for key, value in (extra or {}).items():
-        if not isinstance(key, str) or not _EXTRA_KEY_RE.fullmatch(key):
+        if not isinstance(key, str) or not EXTRA_KEY_RE.fullmatch(key):
             raise ValidationError("extra", key, "keys must be words, spaces, - or / (at least 2 characters), like 'Seam score'")
-        if key in _KNOWN_KEYS or re.fullmatch(r"ControlNet \d+", key):
+        if key in KNOWN_KEYS or re.fullmatch(r"ControlNet \d+", key):
             raise ValidationError("extra", key, "collides with a key the infotext writes itself; rename it")
         if value is not None:
-            out[key] = _number(value)
+            out[key] = number(value)
     return out
 
 
 def _line(fields: dict[str, str]) -> str:
-    return ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
+    return ", ".join(f"{k}: {quote(v)}" for k, v in fields.items())
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -331,85 +224,69 @@ def _cfg(params: dict[str, str], key: str) -> str:
         raise ValidationError(key, params[key], err.fix) from None
 
 
-def _sampler(name: str, schedule: str | None) -> str:
-    """A1111 Sampler + Schedule type -> our sampler name; older "DPM++ 2M Karras" alone works too.
+def _text(params: dict[str, str], key: str) -> str:
+    return params[key]
 
-    Names we do not have are kept (the engine's `check_sampler` reports them); a schedule type we cannot do
-    for that sampler is dropped with a warning.
-    """
-    lower = {k.lower(): k for k in SAMPLERS}
-    name = name.strip()
-    schedule = (schedule or "Automatic").strip()
-    wanted = f"{name} Karras" if schedule.lower() == "karras" and not name.endswith(" Karras") else name
-    if wanted.lower() in lower:
-        return lower[wanted.lower()]
-    if name.lower() in lower and schedule.lower() not in ("automatic", "default"):
-        log.warning("schedule type %r is not available for sampler %r; using %r", schedule, name, lower[name.lower()])
-        return lower[name.lower()]
-    return wanted
+
+def _upscaler(params: dict[str, str], key: str) -> str:
+    name = params[key].strip()
+    return UPSCALER_FROM_A1111.get(name.lower(), name)
+
+
+# flat field -> how its A1111 value reads (the key is the schema's `infotext=`, `INFOTEXT_KEYS`)
+_HIRES_READERS = {
+    "hires_upscaler": _upscaler, "hires_steps": lambda p, k: _int(p, k) or None, "hires_denoise": _float,
+    "hires_sampler": lambda p, k: sampler_of(p[k], p.get("Hires schedule type")), "hires_prompt": _text,
+    "hires_negative_prompt": _text, "hires_cfg": _cfg,
+}
+_READERS = {"steps": _int, "sampler": lambda p, k: sampler_of(p[k], p.get("Schedule type")), "seed": _int,
+            "model": lambda p, k: p[k].strip()}
+
+
+def _read(params: dict[str, str], readers: dict[str, Any]) -> dict[str, Any]:
+    """{flat field: value} for each field of `readers` whose A1111 key is in `params`."""
+    return {name: read(params, K[name]) for name, read in readers.items() if K[name] in params}
 
 
 def _hires_values(params: dict[str, str], width: int | None, height: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if "Hires upscale" in params:
-        out["hires_scale"] = _float(params, "Hires upscale")
+    if K["hires_scale"] in params:
+        out["hires_scale"] = _float(params, K["hires_scale"])
     else:  # A1111's "resize to WxH" instead of a factor
-        m = _SIZE_RE.match(params["Hires resize"].strip())
+        m = SIZE_RE.match(params["Hires resize"].strip())
         if m is None or not width or not height:
             raise ValidationError("Hires resize", params["Hires resize"], "must be WIDTHxHEIGHT, e.g. 1024x1024")
         out["hires_scale"] = max(int(m[1]) / width, int(m[2]) / height)
-    if "Hires upscaler" in params:
-        name = params["Hires upscaler"].strip()
-        out["hires_upscaler"] = _UPSCALER_FROM_A1111.get(name.lower(), name)
-    if "Hires steps" in params:
-        out["hires_steps"] = _int(params, "Hires steps") or None
-    if "Denoising strength" in params:
-        out["hires_denoise"] = _float(params, "Denoising strength")
-    if "Hires sampler" in params:
-        out["hires_sampler"] = _sampler(params["Hires sampler"], params.get("Hires schedule type"))
-    if "Hires prompt" in params:
-        out["hires_prompt"] = params["Hires prompt"]
-    if "Hires negative prompt" in params:
-        out["hires_negative_prompt"] = params["Hires negative prompt"]
-    if "Hires CFG Scale" in params:
-        out["hires_cfg"] = _cfg(params, "Hires CFG Scale")
-    return out
+    return out | _read(params, _HIRES_READERS)
 
 
 def _request_from_params(params: dict[str, str], base: GenerationRequest | None) -> GenerationRequest:
     """Map the A1111 keys of `parse_infotext` over `base`; the `Tessera` key is not applied here."""
     base = base or GenerationRequest()
-    values: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
-    if "Steps" in params:
-        values["steps"] = _int(params, "Steps")
-    if "Sampler" in params:
-        values["sampler"] = _sampler(params["Sampler"], params.get("Schedule type"))
-    if "Seed" in params:
-        values["seed"] = _int(params, "Seed")
+    values: dict[str, Any] = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", ""),
+                              **_read(params, _READERS)}
     if "Size" in params:
-        m = _SIZE_RE.match(params["Size"].strip())
+        m = SIZE_RE.match(params["Size"].strip())
         if m is None:
             raise ValidationError("Size", params["Size"], "must be WIDTHxHEIGHT, e.g. 512x768")
         values["width"], values["height"] = int(m[1]), int(m[2])
-    if "Model" in params:
-        values["model"] = params["Model"].strip()
     if "CFG schedule" in params:
         values["cfg"] = _cfg(params, "CFG schedule")
-    elif "CFG scale" in params:
-        values["cfg"] = _cfg(params, "CFG scale")
-    values["clip_skip"] = _int(params, "Clip skip") if "Clip skip" in params else 1
-    if "Hires upscale" in params or "Hires resize" in params:
+    elif K["cfg"] in params:
+        values["cfg"] = _cfg(params, K["cfg"])
+    values["clip_skip"] = _int(params, K["clip_skip"]) if K["clip_skip"] in params else 1
+    if K["hires_scale"] in params or "Hires resize" in params:
         values.update(_hires_values(params, values.get("width", base.width), values.get("height", base.height)))
     else:
         if base.hires.enabled:
             values["hires_scale"] = 1.0  # the image was made without stage 2
-        if "Denoising strength" in params:
-            values["strength"] = _float(params, "Denoising strength")
-    if "Loras" in params:
-        values["loras"] = tuple(s.strip() for s in params["Loras"].split(",") if s.strip())
+        if K["strength"] in params:
+            values["strength"] = _float(params, K["strength"])
+    if K["loras"] in params:
+        values["loras"] = tuple(s.strip() for s in params[K["loras"]].split(",") if s.strip())
     values["prompt_timeline"] = _timeline(params)
-    if "Regions" in params:
-        values["regions"] = validate_regions(params["Regions"], values.get("width", base.width),
+    if K["regions"] in params:
+        values["regions"] = validate_regions(params[K["regions"]], values.get("width", base.width),
                                              values.get("height", base.height))
     values.update(_inpaint_values(params))
     return from_flat(values, base, source="infotext")
@@ -450,14 +327,14 @@ def control_settings(text: str, units: int) -> list[dict[str, Any]]:
     for i in range(units):
         unit: dict[str, Any] = {}
         pairs = dict(param_pairs(params.get(f"ControlNet {i}", "")))
-        for key, field in _CONTROL_KEYS.items():
+        for key, field in CONTROL_KEYS.items():
             value = pairs.get(key, "").strip()
             if not value or (field in ("low", "high") and pairs.get("Module") != "canny"):
                 continue
             if field == "guess_mode":
                 unit[field] = value == "ControlNet is more important"
             elif field == "type":
-                unit[field] = _MODULE_ALIASES.get(value, value)
+                unit[field] = MODULE_ALIASES.get(value, value)
             elif field == "model":  # A1111 appends the file's short hash: "control_v11p_sd15_canny [d14c016b]"
                 unit[field] = None if value == "default" else re.sub(r" \[[0-9a-f]{8,10}\]$", "", value)
             else:
@@ -473,7 +350,7 @@ def control_settings(text: str, units: int) -> list[dict[str, Any]]:
 
 def _request_from_infotext(text: str, base: GenerationRequest | None) -> GenerationRequest:
     params = parse_infotext(text) if isinstance(text, str) else {}
-    if not any(k in params for k in _CORE_KEYS):
+    if not any(k in params for k in CORE_KEYS):
         raise ValidationError(
             "parameters", text,
             "is not Stable Diffusion generation parameters (expected a prompt and a last line like "
@@ -495,74 +372,9 @@ def _request_from_infotext(text: str, base: GenerationRequest | None) -> Generat
     return from_flat(own, req, source=f"the infotext's {TESSERA_KEY} key")
 
 
-# ---------------------------------------------------------------- image files
-
-def png_info(params: str) -> PngInfo:
-    """PNG text chunks holding `params` under `parameters` (iTXt when not Latin-1), for `image.save(pnginfo=...)`."""
-    info = PngInfo()
-    info.add_text(PNG_KEY, params)
-    return info
-
-
-def exif_info(params: str) -> Image.Exif:
-    """EXIF with `params` as UserComment (UTF-16 "UNICODE", as A1111 writes JPEG/WebP), for `image.save(exif=...)`."""
-    exif = Image.Exif()
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"UNICODE\0" + params.encode("utf-16-be")
-    return exif
-
-
-def _decode_user_comment(raw: bytes | str) -> str:
-    """EXIF UserComment bytes -> text: 8-byte charset prefix, UTF-16 (either byte order) for "UNICODE"."""
-    if isinstance(raw, str):
-        return raw.strip("\0")
-    prefix, body = bytes(raw[:8]), bytes(raw[8:])
-    if prefix == b"UNICODE\0":
-        if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
-            text = body.decode("utf-16", errors="replace")
-        else:  # mostly-ASCII text has its zero bytes first in big-endian
-            big = body[0::2].count(0) >= body[1::2].count(0)
-            text = body.decode("utf-16-be" if big else "utf-16-le", errors="replace")
-    elif prefix in (b"ASCII\0\0\0", b"\0" * 8):
-        text = body.decode("utf-8", errors="replace")
-    else:
-        text = bytes(raw).decode("utf-8", errors="replace")
-    return text.strip("\0")
-
-
-def _parameters_of(image: Image.Image) -> str | None:
-    text = image.info.get(PNG_KEY)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    if isinstance(text, str):
-        return text
-    try:
-        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-    except Exception as err:  # PIL raises many types on corrupt EXIF; metadata is optional
-        log.warning("unreadable EXIF, no parameters read: %s", err)
-        return None
-    if not comment:
-        return None
-    return _decode_user_comment(comment) or None
-
-
-def read_parameters(image_or_path: Image.Image | str | os.PathLike | bytes) -> str | None:
-    """The `parameters` text of an image (PNG text chunk, else JPEG/WebP EXIF UserComment); None if absent.
-
-    A file PIL cannot identify raises ValidationError; a damaged image gives None (logged), never an exception.
-    """
-    if isinstance(image_or_path, Image.Image):
-        return _parameters_of(image_or_path)
-    source = io.BytesIO(image_or_path) if isinstance(image_or_path, bytes | bytearray) else image_or_path
-    shown = "<bytes>" if isinstance(source, io.BytesIO) else str(source)
-    try:
-        with Image.open(source) as image:
-            return _parameters_of(image)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise ValidationError("image", shown, "is not an existing image file") from None
-    except UnidentifiedImageError:
-        raise ValidationError("image", shown, "is not an image PIL can read (PNG, JPEG or WebP)") from None
-    except Image.DecompressionBombError:
-        raise ValidationError("image", shown, "is too large to open safely") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        log.warning("damaged image %s, no parameters read: %s", shown, err)
-        return None
+def upscale_infotext(req: UpscaleRequest, size: tuple[int, int], upscaler: str) -> str:
+    """The `parameters` text of a plain upscale (no refine): the prompt, then the upscale as A1111's hires keys
+    (`UPSCALE_KEYS`, from the schema) and the source size; `upscaler` is the one that ran (auto resolved)."""
+    k = UPSCALE_KEYS
+    return (f"{req.prompt}\n{k['steps']}: 0, Size: {size[0]}x{size[1]}, {k['scale']}: {req.scale:g}, "
+            f"{k['upscaler']}: {upscaler}, Source size: {req.image.width}x{req.image.height}")

@@ -1,4 +1,8 @@
-"""Presets: one JSON file per tier in presets/, keys = flat request field names (see request.flat_fields)."""
+"""Presets: one JSON file per tier in presets/, keys = flat request field names.
+
+The keys are checked against the schema (`pipelines.request.schema_fields`, through `from_flat`): an unknown key
+is refused naming the file and the key, so a field added to the schema is a valid preset key with no other edit.
+"""
 
 from __future__ import annotations
 

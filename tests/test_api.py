@@ -188,3 +188,21 @@ def test_inpaint_with_an_uploaded_mask_by_parameter_name(client, tmp_path):
     with pytest.raises(AppError, match="`mask`"):  # a path string, not an upload: refused either way
         client.predict(prompt="x", **TINY, init_image=handle_file(str(tmp_path / "photo.png")),
                        mask="/etc/passwd", api_name="/generate")
+
+
+def test_generate_keeps_the_parameter_order_it_had_before_the_schema():
+    """Clients may pass /generate's arguments by position: the schema-derived order is the old one."""
+    from ui.api import GENERATE_PARAMS
+
+    before = [  # /generate's parameters up to the ControlNet units, as listed by hand before the schema
+        "prompt", "negative_prompt", "preset", "model", "width", "height", "steps", "cfg", "sampler", "seed",
+        "batch_size", "loras", "vae_decode", "emphasis", "clip_skip", "prompt_timeline", "feature_cache",
+        "feature_cache_interval", "feature_cache_branch", "feature_cache_schedule", "hires_scale", "hires_upscaler",
+        "hires_denoise", "hires_steps", "hires_sampler", "hires_prompt", "hires_negative_prompt", "hires_cfg",
+        "hires_control_tile", "tile_mode", "tile_size", "tile_overlap", "tile_blend", "tile_batch", "tile_shift",
+        "vae_tiling", "vae_tile_size", "vae_tile_mode", "memory_budget_gb", "regions", "region_base", "init_image",
+        "strength", "mask", "mask_blur", "masked_content", "inpaint_area", "inpaint_padding", "inpaint_size",
+        "mask_mode", "soft_inpainting", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"]
+    units = [f"control{'' if i == 0 else i + 1}_{f}" for i in range(3) for f in
+             ("image", "type", "model", "scale", "start", "end", "low", "high", "guess_mode")]
+    assert list(GENERATE_PARAMS) == before + units

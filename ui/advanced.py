@@ -10,12 +10,12 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
-from ui.components import Form, hint, optional_number
+from pipelines.request import ControlUnit
+from ui.components import Form, checkbox, choice, field_info, hint, optional_field, slider
+from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.inpaint_tab import build_inpaint
 
-CFG_HELP = ("7 · linear(4,9) · cosine(9,4) · step(9,5,0.5) · interval(7.5,0.2,0.8), optionally `, rescale=0.7`. "
-            "interval() turns guidance off outside the window, saving half the UNet work there.")
+CFG_HELP = field_info("cfg") + " interval() turns guidance off outside the window, saving half the UNet work there."
 SAME = "same as stage 1"
 
 
@@ -39,9 +39,8 @@ def build_advanced(form: Form, choices: dict[str, Any], values: dict[str, Any]) 
 def _sampling(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> SimpleNamespace:
     with gr.Row():
         form.add("sampler", gr.Dropdown(choices["samplers"], value=v["sampler"], label="Sampler",
-                                        info="DPM++ 2M Karras is a good default; LCM needs an LCM model or LoRA."))
-        form.add("steps", gr.Slider(1, 150, value=v["steps"], step=1, label="Steps", elem_id="steps",
-                                    info="Denoising steps of stage 1."))
+                                        info=field_info("sampler")))
+        form.add("steps", slider("steps", v["steps"], "Steps", elem_id="steps"))
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=220):
             form.add("cfg", gr.Textbox(value=str(v["cfg"]), label="CFG (guidance) schedule", info=CFG_HELP, elem_id="cfg",
@@ -51,19 +50,13 @@ def _sampling(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> SimpleN
             cfg_plot = gr.Image(label="CFG scale per step", type="pil", format="png", interactive=False,
                                 height=170, buttons=[], elem_id="cfg-plot")
     with gr.Row():
-        form.add("emphasis", gr.Radio(["a1111", "none"], value=v["emphasis"], label="Emphasis",
-                                      info="How (word:1.3) weights apply: a1111 rescales to keep the mean."))
-        form.add("clip_skip", gr.Slider(1, 12, value=v["clip_skip"], step=1, label="CLIP skip",
-                                        info="2 for many anime models; 1 otherwise."))
-        form.add("vae_decode", gr.Radio(["full", "taesd"], value=v["vae_decode"], label="VAE decode",
-                                        info="taesd: a tiny decoder, much faster, slightly softer."))
-        form.add("prompt_timeline", gr.Radio(["a1111", "legacy"], value=v["prompt_timeline"], label="Prompt timeline",
-                                             info="[a:b:N]: a1111 = 0.5 is a fraction, 5 a step, 1.5 half-way "
-                                                  "through hires; legacy = N < 1 a fraction, else a step."))
+        form.add("emphasis", choice("emphasis", v["emphasis"], "Emphasis"))
+        form.add("clip_skip", slider("clip_skip", v["clip_skip"], "CLIP skip"))
+        form.add("vae_decode", choice("vae_decode", v["vae_decode"], "VAE decode"))
+        form.add("prompt_timeline", choice("prompt_timeline", v["prompt_timeline"], "Prompt timeline"))
     with gr.Row():
         form.add("loras", gr.Textbox(value=", ".join(v.get("loras") or ()), label="LoRAs",
-                                     placeholder="lcm-lora-sdv1-5:1.0, my-style:0.7",
-                                     info="Comma-separated name:weight (files in models/loras or catalogue names)."))
+                                     placeholder="lcm-lora-sdv1-5:1.0, my-style:0.7", info=field_info("loras")))
         form.add("preview_every", gr.Slider(0, 20, value=v.get("preview_every", 4), step=1,
                                             label="Live preview every N steps",
                                             info="Decoded with TAESD; 0 turns previews off (slightly faster)."))
@@ -74,49 +67,38 @@ def _feature_cache(form: Form, v: dict[str, Any]) -> None:
     hint("Feature caching (DeepCache): between full UNet passes only the shallow branch runs, on cached deep "
          "features. Interval 3 skips about two thirds of the UNet work; detail gets slightly softer.")
     with gr.Row(elem_id="feature-cache"):
-        form.add("feature_cache", gr.Radio(["off", "on"], value=v["feature_cache"], label="Feature caching",
-                                           info="Not with 'Shift tile grid each step'."))
-        form.add("feature_cache_interval", gr.Slider(1, 20, value=v["feature_cache_interval"], step=1,
-                                                     label="Full pass every N steps", info="1 = same image as off."))
-        form.add("feature_cache_branch", gr.Slider(0, 15, value=v["feature_cache_branch"], step=1,
-                                                   label="Cache branch",
-                                                   info="0 = fastest; higher keeps more of the UNet (SD1.5 ≤ 10, "
-                                                        "SDXL ≤ 7)."))
-        form.add("feature_cache_schedule", gr.Radio(["uniform", "nonuniform"], value=v["feature_cache_schedule"],
-                                                    label="Full-pass schedule",
-                                                    info="nonuniform: as many full passes, denser early."))
+        form.add("feature_cache", choice("feature_cache", v["feature_cache"], "Feature caching"))
+        form.add("feature_cache_interval", slider("feature_cache_interval", v["feature_cache_interval"],
+                                                  "Full pass every N steps"))
+        form.add("feature_cache_branch", slider("feature_cache_branch", v["feature_cache_branch"], "Cache branch"))
+        form.add("feature_cache_schedule", choice("feature_cache_schedule", v["feature_cache_schedule"],
+                                                  "Full-pass schedule"))
 
 
 def _hires(form: Form, choices: dict[str, Any], v: dict[str, Any]) -> gr.Markdown:
     hint("Stage 2: upscale the draft, then refine it with img2img (tiled when large). Scale 1 switches it off.")
     with gr.Row():
-        form.add("hires_scale", gr.Slider(1, 8, value=v["hires_scale"] or 1, step=0.25, label="Upscale by",
-                                          elem_id="hires-scale",
-                                          info="Final size = width/height × this; 1 = off."))
+        form.add("hires_scale", slider("hires_scale", v["hires_scale"] or 1, "Upscale by", elem_id="hires-scale"))
         form.add("hires_upscaler", gr.Dropdown(choices["upscalers"], value=v["hires_upscaler"], label="Upscaler",
                                                elem_id="hires-upscaler",
                                                info="latent-* upscale the latents (needs denoise ≥ "
                                                     f"{choices['latent_min_denoise']:g}); model files sharpen most."))
     with gr.Row():
-        form.add("hires_denoise", optional_number(v["hires_denoise"], "Denoise", "auto",
-                                                  "0-1: how much the refine pass changes; empty = 0.35 (0.55 latent).",
-                                                  elem_id="hires-denoise"))
-        form.add("hires_steps", optional_number(v["hires_steps"], "Refine steps", SAME,
-                                                "Steps actually run in stage 2; empty = same as stage 1."))
+        form.add("hires_denoise", optional_field("hires_denoise", v["hires_denoise"], "Denoise", "auto",
+                                                 elem_id="hires-denoise"))
+        form.add("hires_steps", optional_field("hires_steps", v["hires_steps"], "Refine steps", SAME))
         form.add("hires_sampler", gr.Dropdown([(SAME, ""), *choices["samplers"]], value=v["hires_sampler"] or "",
-                                              label="Refine sampler"))
-        form.add("hires_control_tile", gr.Slider(0, 2, value=v["hires_control_tile"] or 0, step=0.05,
-                                                 label="Tile ControlNet",
-                                                 info="Holds the draft's structure at higher denoise (0 = off; "
-                                                      "needs tile-sd15 or a tile model in models/controlnet)."))
+                                              label="Refine sampler", info=field_info("hires_sampler")))
+        form.add("hires_control_tile", slider("hires_control_tile", v["hires_control_tile"] or 0, "Tile ControlNet"))
     latent_warning = gr.Markdown(visible=False, elem_classes=["warning"], elem_id="latent-warning")
     with gr.Row():
         form.add("hires_cfg", gr.Textbox(value=v["hires_cfg"] or "", label="Refine CFG schedule", max_lines=1,
-                                         placeholder=SAME, info="Empty = the stage-1 schedule."))
+                                         placeholder=SAME, info=field_info("hires_cfg")))
         form.add("hires_prompt", gr.Textbox(value=v["hires_prompt"] or "", label="Refine prompt", max_lines=2,
-                                            placeholder=SAME))
+                                            placeholder=SAME, info=field_info("hires_prompt")))
         form.add("hires_negative_prompt", gr.Textbox(value=v["hires_negative_prompt"] or "", max_lines=2,
-                                                     label="Refine negative prompt", placeholder=SAME))
+                                                     label="Refine negative prompt", placeholder=SAME,
+                                                     info=field_info("hires_negative_prompt")))
     return latent_warning
 
 
@@ -124,29 +106,19 @@ def _tiling(form: Form, v: dict[str, Any]) -> None:
     hint("Tiled diffusion blends overlapping tiles every step, so any size fits in memory. Sizes are in latent "
          "pixels (× 8 in the image). Empty boxes let the planner choose.")
     with gr.Row():
-        form.add("tile_mode", gr.Radio(["auto", "on", "off"], value=v["tile_mode"], label="Tiled diffusion",
-                                       info="auto: tile only when the image does not fit the memory budget."))
-        form.add("tile_blend", gr.Radio(["gaussian", "average"], value=v["tile_blend"], label="Tile blending",
-                                        info="gaussian (Mixture of Diffusers) hides seams best."))
-        form.add("tile_shift", gr.Checkbox(value=bool(v["tile_shift"]), label="Shift tile grid each step",
-                                           info="A seeded random offset per step hides seams further."))
+        form.add("tile_mode", choice("tile_mode", v["tile_mode"], "Tiled diffusion"))
+        form.add("tile_blend", choice("tile_blend", v["tile_blend"], "Tile blending"))
+        form.add("tile_shift", checkbox("tile_shift", v["tile_shift"], "Shift tile grid each step"))
     with gr.Row():
-        form.add("tile_size", optional_number(v["tile_size"], "Tile size", "auto", "16-256; planner: 96 (SD1) / 128 (SDXL)."))
-        form.add("tile_overlap", optional_number(v["tile_overlap"], "Tile overlap", "auto", "0-128, smaller than the tile; planner: 32."))
-        form.add("tile_batch", optional_number(v["tile_batch"], "Tiles per UNet call", "auto",
-                                                     "1-64; more is faster if memory allows."))
+        form.add("tile_size", optional_field("tile_size", v["tile_size"], "Tile size", "auto"))
+        form.add("tile_overlap", optional_field("tile_overlap", v["tile_overlap"], "Tile overlap", "auto"))
+        form.add("tile_batch", optional_field("tile_batch", v["tile_batch"], "Tiles per UNet call", "auto"))
     with gr.Row():
-        form.add("vae_tiling", gr.Radio(["auto", "on", "off"], value=v["vae_tiling"], label="Tiled VAE",
-                                        info="Decode in tiles with whole-image GroupNorm statistics."))
-        form.add("vae_tile_size", optional_number(v["vae_tile_size"], "VAE tile size", "auto",
-                                                        "16-512 latent pixels."))
-        form.add("vae_tile_mode", gr.Radio(["auto", "exact", "stream"], value=v["vae_tile_mode"],
-                                           label="Tiled VAE mode",
-                                           info="exact: fastest, keeps full-size layers in RAM. stream: bounded "
-                                                "memory at any size, slower. auto: exact when it fits, else "
-                                                "streams only what it must. Same pixels."))
-        form.add("memory_budget_gb", optional_number(v["memory_budget_gb"], "Memory budget (GB)", "free GPU memory",
-                                                           "The planner tiles to stay under this."))
+        form.add("vae_tiling", choice("vae_tiling", v["vae_tiling"], "Tiled VAE"))
+        form.add("vae_tile_size", optional_field("vae_tile_size", v["vae_tile_size"], "VAE tile size", "auto"))
+        form.add("vae_tile_mode", choice("vae_tile_mode", v["vae_tile_mode"], "Tiled VAE mode"))
+        form.add("memory_budget_gb", optional_field("memory_budget_gb", v["memory_budget_gb"], "Memory budget (GB)",
+                                                    "free GPU memory"))
 
 
 def _img2img(form: Form) -> None:
@@ -154,8 +126,7 @@ def _img2img(form: Form) -> None:
     with gr.Row():
         form.add("init_image", gr.Image(type="filepath", image_mode=None, label="Initial image",
                                         sources=["upload", "clipboard"], height=260))
-        form.add("strength", gr.Slider(0, 1, value=0.75, step=0.05, label="Denoise strength",
-                                       info="0 keeps the image, 1 replaces it entirely."))
+        form.add("strength", slider("strength", 0.75, "Denoise strength"))
 
 
 def build_controlnet(form: Form, choices: dict[str, Any]) -> SimpleNamespace:
@@ -179,26 +150,27 @@ def _control_unit(form: Form, choices: dict[str, Any], unit: int) -> dict[str, g
         return control_name(unit, field)
 
     suffix = f"-{unit + 1}" if unit else ""
+    defaults = ControlUnit(image=None)
     with gr.Row(equal_height=False):
         form.add(name("image"), gr.Image(type="filepath", image_mode=None, label="Control image",
                                          sources=["upload", "clipboard"], height=260, elem_id="control-image" + suffix))
         control_map = gr.Image(label="Preprocessed map", type="pil", format="png", interactive=False,
                                height=260, buttons=["download"], elem_id="control-map" + suffix)
     with gr.Row():
-        form.add(name("type"), gr.Dropdown(choices["preprocessors"], value=_first(choices["preprocessors"], "canny"),
-                                           label="Preprocessor", info="none = the image already is a map."))
+        form.add(name("type"), gr.Dropdown(choices["preprocessors"], value=_first(choices["preprocessors"],
+                                                                                   defaults.type),
+                                           label="Preprocessor", info=field_info(name("type"))))
         form.add(name("model"), gr.Dropdown([("matching default", ""), *choices["controlnets"]], value="",
-                                            allow_custom_value=True, label="ControlNet model"))
-        form.add(name("scale"), gr.Slider(0, 2, value=1.0, step=0.05, label="Strength",
-                                          info="Conditioning scale; 0 = no effect."))
+                                            allow_custom_value=True, label="ControlNet model",
+                                            info=field_info(name("model"))))
+        form.add(name("scale"), slider(name("scale"), defaults.scale, "Strength"))
     with gr.Row():
-        form.add(name("start"), gr.Slider(0, 1, value=0.0, step=0.05, label="Start", info="Fraction of steps."))
-        form.add(name("end"), gr.Slider(0, 1, value=1.0, step=0.05, label="End", info="Fraction of steps."))
-        form.add(name("low"), gr.Slider(0, 255, value=100, step=1, label="Canny low threshold"))
-        form.add(name("high"), gr.Slider(0, 255, value=200, step=1, label="Canny high threshold"))
+        form.add(name("start"), slider(name("start"), defaults.start, "Start"))
+        form.add(name("end"), slider(name("end"), defaults.end, "End"))
+        form.add(name("low"), slider(name("low"), defaults.low, "Canny low threshold"))
+        form.add(name("high"), slider(name("high"), defaults.high, "Canny high threshold"))
     with gr.Row():
-        form.add(name("guess_mode"), gr.Checkbox(value=False, label="Guess mode",
-                                                 info="Apply the control to the conditional pass only."))
+        form.add(name("guess_mode"), checkbox(name("guess_mode"), defaults.guess_mode, "Guess mode"))
         preview = gr.Button("Preview map", size="sm", elem_id="preview-map" + suffix)
     return {name("map"): control_map, name("preview"): preview}
 
@@ -228,10 +200,8 @@ def build_regions(form: Form, values: dict[str, Any]) -> SimpleNamespace:
                     datatype=["number"] * 4 + ["str", "str"] + ["number"] * 3, row_count=2, column_count=9,
                     type="array", interactive=True, label="Regions", elem_id="regions"))
                 hint(REGION_HELP)
-                form.add("region_base", gr.Radio(["rest", "background"], value=values.get("region_base", "rest"),
-                                                 label="Main prompt covers",
-                                                 info="rest: only outside the regions. background: everywhere, "
-                                                      "regions blended over it."))
+                form.add("region_base", choice("region_base", values.get("region_base", "rest"),
+                                               "Main prompt covers"))
             with gr.Column(scale=2, min_width=200):
                 preview = gr.Image(label="Regions on the canvas", type="pil", format="png", interactive=False,
                                    height=260, buttons=[], elem_id="regions-preview")

@@ -20,36 +20,54 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
+from pipelines.fields import kind_of, python_type
+from pipelines.request import FlatField, GenerationRequest, UpscaleRequest, schema_fields, unit_fields
 from ui.components import request_value
+from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_PARAMS = ("init_image", "mask", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 
-# /generate's parameters, in order: name -> type (every one optional).
-GENERATE_PARAMS: dict[str, Any] = {
-    "prompt": str, "negative_prompt": str, "preset": str, "model": str, "width": int, "height": int,
-    "steps": int, "cfg": str, "sampler": str, "seed": int, "batch_size": int, "loras": str,
-    "vae_decode": str, "emphasis": str, "clip_skip": int, "prompt_timeline": str,
-    "feature_cache": str, "feature_cache_interval": int, "feature_cache_branch": int, "feature_cache_schedule": str,
-    "hires_scale": float, "hires_upscaler": str, "hires_denoise": float, "hires_steps": int, "hires_sampler": str,
-    "hires_prompt": str, "hires_negative_prompt": str, "hires_cfg": str, "hires_control_tile": float,
-    "tile_mode": str, "tile_size": int, "tile_overlap": int, "tile_blend": str, "tile_batch": int,
-    "tile_shift": bool, "vae_tiling": str, "vae_tile_size": int, "vae_tile_mode": str,
-    "memory_budget_gb": float,
-    "regions": str, "region_base": str,
-    "init_image": FileData, "strength": float,
-    # inpainting (with init_image and/or outpaint_*): the mask file and A1111's options
-    "mask": FileData, "mask_blur": int, "masked_content": str, "inpaint_area": str, "inpaint_padding": int,
-    "inpaint_size": int, "mask_mode": str, "soft_inpainting": bool, "outpaint_left": int, "outpaint_right": int,
-    "outpaint_top": int, "outpaint_bottom": int,
-    # ControlNet units: control_image, control_type, ... for the first; control2_image, ... for the next ones
-    **{control_name(i, field): kind for i in range(UI_CONTROL_UNITS) for field, kind in (
-        ("image", FileData), ("type", str), ("model", str), ("scale", float), ("start", float), ("end", float),
-        ("low", int), ("high", int), ("guess_mode", bool))},
-}
+
+
+def _api_type(ff: FlatField) -> Any:
+    """A field's API type: uploads are files, LoRAs and regions text, the rest their Python type."""
+    kind = kind_of(ff.type, ff.spec)
+    return FileData if kind == "image" else str if kind in ("loras", "regions") else python_type(ff.type, ff.spec)
+
+
+_AFTER_REGIONS = ("init_image", "strength")
+"""img2img's parameters stand after the regions, where /generate had them before the schema: clients that pass
+arguments by position keep working."""
+
+
+def _generate_fields() -> dict[str, tuple[Any, str]]:
+    """/generate's parameters from the schema, in order: name -> (type, description). The request's fields (the
+    images as files), `preset` after the prompts, then each ControlNet unit's fields (`control_name`)."""
+    out: dict[str, tuple[Any, str]] = {}
+    request = schema_fields(GenerationRequest, images=True)
+    late = {n: request.pop(n) for n in _AFTER_REGIONS}
+    for name, ff in request.items():
+        if ff.spec.api:
+            out[name] = (_api_type(ff), ff.spec.help)
+        if name == "negative_prompt":
+            out["preset"] = (str, "A preset from presets/ (draft, fast, balanced, quality, ultra, or your own).")
+        if name == "region_base":
+            out.update({n: (_api_type(f), f.spec.help) for n, f in late.items() if f.spec.api})
+    units = unit_fields()
+    for i in range(UI_CONTROL_UNITS):
+        out.update({control_name(i, n): (_api_type(ff), ff.spec.help) for n, ff in units.items() if ff.spec.api})
+    return out
+
+
+_GENERATE = _generate_fields()
+# /generate's parameters, in order: name -> type (every one optional); GENERATE_HELP: name -> description.
+GENERATE_PARAMS: dict[str, Any] = {name: kind for name, (kind, _) in _GENERATE.items()}
+GENERATE_HELP: dict[str, str] = {name: text for name, (_, text) in _GENERATE.items()}
+UPSCALE_PARAMS: dict[str, Any] = {n: _api_type(ff) for n, ff in schema_fields(UpscaleRequest, images=True).items()
+                                  if ff.spec.api}
 
 GENERATE_DOC = ("Generate images. Every parameter is optional: None uses the preset's value, else the default. "
                 "cfg is a schedule text (7, linear(4,9), interval(7.5,0.2,0.8), ...); loras is 'name:weight, ...'. "
@@ -85,27 +103,38 @@ def make_generate(gpu: GpuCalls):
 
     generate.__signature__ = signature  # type: ignore[attr-defined]
     generate.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
-    generate.__doc__ = GENERATE_DOC
+    generate.__doc__ = GENERATE_DOC + "\n\nParameters:\n" + "\n".join(f"    {n}: {t}" for n, t in GENERATE_HELP.items())
     return generate
 
 
-def make_upscale(gpu: GpuCalls):
-    """The /upscale function."""
+UPSCALE_DOC = ("Upscale an image (lanczos or an upscaler model), refining it with img2img when denoise > 0. "
+               "Returns (the PNG file, its parameters text); while refining, (None, \"Step 3/10 · ...\") progress "
+               "updates.")
 
-    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
-                      denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
-                      model: str | None = None, steps: int | None = None, seed: int | None = None
-                      ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation
-        """Upscale an image (lanczos or an upscaler model), refining it with img2img when denoise > 0.
-        Returns (the PNG file, its parameters text); while refining, (None, "Step 3/10 · ...") progress updates."""
-        values = {"image": open_upload(image, "image"), "upscaler": upscaler, "scale": scale, "denoise": denoise,
-                  "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "steps": steps, "seed": seed}
+
+def make_upscale(gpu: GpuCalls):
+    """The /upscale function, its signature built from UPSCALE_PARAMS (`image` required, the rest optional)."""
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) if n == "image" else
+              inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=t | None)
+              for n, t in UPSCALE_PARAMS.items()]
+    returns = tuple[FileData | None, str]  # a generator: Gradio reads the outputs from this annotation
+    signature = inspect.Signature(params, return_annotation=returns)
+    helps = {n: ff.spec.help for n, ff in schema_fields(UpscaleRequest, images=True).items()}
+
+    async def upscale(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[dict | None, str]]:  # `returns`
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        values["image"] = open_upload(values["image"], "image")
         if values["image"] is None:
             raise gr.Error("`image` is required: send an image file", print_exception=False)
         async for event in deliver(_progress_then_done(gpu.upscale, values, "Upscaling")):
             yield (None, progress_text(event)) if not is_done(event) else (file_data(result_files(event)[0]),
                                                                 event.infotexts[0] if event.infotexts else "")
 
+    upscale.__signature__ = signature  # type: ignore[attr-defined]
+    upscale.__annotations__ = {**{p.name: p.annotation for p in params}, "return": returns}
+    upscale.__doc__ = UPSCALE_DOC + "\n\nParameters:\n" + "\n".join(f"    {n}: {helps[n]}" for n in UPSCALE_PARAMS)
     return upscale
 
 

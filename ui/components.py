@@ -12,7 +12,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import UI_CONTROL_UNITS, control_name
+from pipelines.fields import bounds, choices, is_optional, kind_of
+from pipelines.request import FlatField, GenerationRequest, schema_fields, unit_fields
+from ui.control_units import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
 USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
@@ -80,15 +82,79 @@ def widget_value(component: gr.components.Component, value: Any) -> Any:
     return value
 
 
-INT_FIELDS = frozenset({"width", "height", "steps", "seed", "batch_size", "clip_skip", "hires_steps", "tile_size",
-                        "tile_overlap", "tile_batch", "vae_tile_size", "preview_every", "mask_blur",
-                        "inpaint_padding", "inpaint_size", "outpaint_left", "outpaint_right", "outpaint_top",
-                        "outpaint_bottom",
-                        *(control_name(i, f) for i in range(UI_CONTROL_UNITS) for f in ("low", "high"))})
+def ui_fields() -> dict[str, FlatField]:
+    """Every field a UI widget or API parameter is named by: the request's flat fields (images too), then each
+    ControlNet unit's fields under `control_name`."""
+    out = dict(schema_fields(GenerationRequest, images=True))
+    for i in range(UI_CONTROL_UNITS):
+        out.update({control_name(i, n): ff for n, ff in unit_fields().items()})
+    return out
+
+
+_UI_FIELDS = ui_fields()
+_NUMBERS = {n: kind_of(ff.type, ff.spec) for n, ff in _UI_FIELDS.items() if kind_of(ff.type, ff.spec) in ("int", "float")}
+INT_FIELDS = frozenset({"preview_every", *(n for n, k in _NUMBERS.items() if k == "int")})
 # Numbers that may be left empty (= the preset's value or the planner's choice). They are text boxes, because
 # gr.Number shows and sends an empty value as 0.
-OPTIONAL_NUMBERS = frozenset({"hires_denoise", "hires_steps", "tile_size", "tile_overlap", "tile_batch",
-                              "vae_tile_size", "memory_budget_gb", "inpaint_size"})
+OPTIONAL_NUMBERS = frozenset(n for n in _NUMBERS if is_optional(_UI_FIELDS[n].type))
+
+
+def _field(name: str, cls: type = GenerationRequest) -> FlatField:
+    return _UI_FIELDS[name] if cls is GenerationRequest else schema_fields(cls, images=True)[name]
+
+
+def ui_range(ff: FlatField) -> tuple[float, float]:
+    """A number's widget range: the schema's `ui_range`, else its accepted range."""
+    rng = ff.spec.ui_range or bounds(ff.spec)
+    if rng is None:
+        raise ValueError(f"{ff.name} has no range in the schema")
+    return rng
+
+
+def range_text(ff: FlatField) -> str:
+    """"8-256 latent px" for a number's accepted range."""
+    lo, hi = bounds(ff.spec) or (None, None)
+    return f"{lo:g}-{hi:g}{' ' + ff.spec.unit if ff.spec.unit else ''}" if lo is not None else ""
+
+
+def slider(name: str, value: Any, label: str, *, cls: type = GenerationRequest, **kw: Any) -> gr.Slider:
+    """A number field as a slider: range, step and info from the schema (`info=` overrides the help)."""
+    ff = _field(name, cls)
+    lo, hi = ui_range(ff)
+    kw.setdefault("info", ff.spec.help)
+    return gr.Slider(lo, hi, value=value, step=ff.spec.step or 1, label=label, **kw)
+
+
+def choice(name: str, value: Any, label: str, *, widget: type = gr.Radio, **kw: Any) -> gr.components.Component:
+    """A Literal field as a radio (or `widget`): its choices and info from the schema."""
+    ff = _field(name)
+    kw.setdefault("info", ff.spec.help)
+    return widget(list(choices(ff.type)), value=value, label=label, **kw)
+
+
+def checkbox(name: str, value: Any, label: str, **kw: Any) -> gr.Checkbox:
+    """A bool field as a checkbox, its info from the schema."""
+    kw.setdefault("info", _field(name).spec.help)
+    return gr.Checkbox(value=bool(value), label=label, **kw)
+
+
+def number_box(name: str, value: Any, label: str, *, cls: type = GenerationRequest, **kw: Any) -> gr.Number:
+    """A whole number as a number box: minimum, maximum and step from the schema."""
+    ff = _field(name, cls)
+    lo, hi = ui_range(ff)
+    kw.setdefault("info", ff.spec.help)
+    return gr.Number(value=value, precision=0, minimum=lo, maximum=hi, step=ff.spec.step or 1, label=label, **kw)
+
+
+def optional_field(name: str, value: Any, label: str, placeholder: str, **kw: Any) -> gr.Textbox:
+    """An optional number (see OPTIONAL_NUMBERS): its accepted range and help from the schema as the info."""
+    ff = _field(name)
+    return optional_number(value, label, placeholder, f"{range_text(ff)}. {ff.spec.help}", **kw)
+
+
+def field_info(name: str, cls: type = GenerationRequest) -> str:
+    """A field's help sentence (the info line of widgets built without a helper)."""
+    return _field(name, cls).spec.help
 
 
 def request_value(name: str, value: Any) -> Any:

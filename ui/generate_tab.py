@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from ui.advanced import build_advanced, build_controlnet, build_regions
-from ui.components import Form, knob_values
+from ui.components import Form, field_info, knob_values, number_box, slider
 
 DEFAULT_PRESET = "fast"
 
@@ -81,25 +81,21 @@ def _preset_and_model(tab: GenerateTab, choices: dict[str, Any], values: dict[st
                                            info="Quality tier: fills the settings below (you can still change them)."))
         tab.form.add("model", gr.Dropdown(choices["models"], value=values["model"], label="Model", scale=3,
                                           allow_custom_value=True, elem_id="model",
-                                          info="A catalogue name, a local folder in models/, or a Hub id."))
+                                          info=field_info("model")))
     tab.view.add("plan", gr.Markdown(elem_id="plan", elem_classes=["plan"]))
 
 
 def _size_and_seed(tab: GenerateTab, values: dict[str, Any]) -> None:
     f = tab.form
     with gr.Row():
-        f.add("width", gr.Slider(64, 4096, value=values["width"], step=8, label="Width", elem_id="width",
-                                 info="Stage-1 size; hires multiplies it."))
-        f.add("height", gr.Slider(64, 4096, value=values["height"], step=8, label="Height", elem_id="height",
-                                  info="Multiples of 8."))
+        f.add("width", slider("width", values["width"], "Width", elem_id="width"))
+        f.add("height", slider("height", values["height"], "Height", elem_id="height"))
     with gr.Row(equal_height=True, elem_id="seed-row"):
-        f.add("seed", gr.Number(value=-1, precision=0, label="Seed", elem_id="seed", scale=3, minimum=-1,
-                                info="-1 = random; image i of a batch uses seed + i."))
+        f.add("seed", number_box("seed", -1, "Seed", elem_id="seed", scale=3))
         with gr.Column(scale=1, min_width=110, elem_classes=["tools"]):
             tab.buttons["random_seed"] = gr.Button("Random", size="sm", elem_id="random-seed")
             tab.buttons["reuse_seed"] = gr.Button("Reuse last", size="sm", elem_id="reuse-seed")
-        f.add("batch_size", gr.Slider(1, 16, value=values["batch_size"], step=1, label="Batch size", scale=3,
-                                      elem_id="batch-size", info="Images per run."))
+        f.add("batch_size", slider("batch_size", values["batch_size"], "Batch size", scale=3, elem_id="batch-size"))
 
 
 def _buttons(tab: GenerateTab) -> None:

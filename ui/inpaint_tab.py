@@ -15,8 +15,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.processing_utils import save_bytes_to_cache
 
-from pipelines.request import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
-from ui.components import Form, hint, optional_number
+from ui.components import Form, checkbox, choice, hint, number_box, optional_field, slider
 
 OUTPAINT_STEP = 128
 SIDES = ("left", "right", "top", "bottom")
@@ -58,23 +57,14 @@ def build_inpaint(form: Form, v: dict[str, Any]) -> None:
         form.add("mask", gr.Image(type="filepath", image_mode=None, format="png", label="Or upload a mask (white = repaint)",
                                   sources=["upload"], height=360, elem_id="inpaint-mask"))
     with gr.Row():
-        form.add("mask_blur", gr.Slider(0, 64, value=v["mask_blur"], step=1, label="Mask blur",
-                                        info="Feather of the paste-back in px."))
-        form.add("masked_content", gr.Radio(list(MASKED_CONTENT), value=v["masked_content"], label="Masked content",
-                                            info="What the masked area starts from."))
-        form.add("mask_mode", gr.Radio(list(MASK_MODES), value=v["mask_mode"],
-                                       label="Mask mode"))
+        form.add("mask_blur", slider("mask_blur", v["mask_blur"], "Mask blur"))
+        form.add("masked_content", choice("masked_content", v["masked_content"], "Masked content"))
+        form.add("mask_mode", choice("mask_mode", v["mask_mode"], "Mask mode"))
     with gr.Row():
-        form.add("inpaint_area", gr.Radio(list(INPAINT_AREAS), value=v["inpaint_area"],
-                                          label="Inpaint area",
-                                          info="only masked: repaint the mask's box at the model's size, then "
-                                               "paste it back (a face in a 4K image gets 512² or 1024² of detail)."))
-        form.add("inpaint_padding", gr.Slider(0, 256, value=v["inpaint_padding"], step=4,
-                                              label="Only masked padding (px)"))
-        form.add("inpaint_size", optional_number(v["inpaint_size"], "Only masked size", "model's native",
-                                                 "Long side of the crop while inpainted (multiple of 8)."))
-        form.add("soft_inpainting", gr.Checkbox(value=bool(v["soft_inpainting"]), label="Soft inpainting",
-                                                info="Grey mask levels = how much each pixel may change."))
+        form.add("inpaint_area", choice("inpaint_area", v["inpaint_area"], "Inpaint area"))
+        form.add("inpaint_padding", slider("inpaint_padding", v["inpaint_padding"], "Only masked padding (px)"))
+        form.add("inpaint_size", optional_field("inpaint_size", v["inpaint_size"], "Only masked size", "model's native"))
+        form.add("soft_inpainting", checkbox("soft_inpainting", v["soft_inpainting"], "Soft inpainting"))
     _outpaint(form, v)
 
 
@@ -82,9 +72,9 @@ def _outpaint(form: Form, v: dict[str, Any]) -> None:
     with gr.Row(elem_id="outpaint-row"):
         for side in SIDES:
             with gr.Column(min_width=120):
-                box = form.add(f"outpaint_{side}", gr.Number(value=v[f"outpaint_{side}"], precision=0, minimum=0,
-                                                              step=8, label=f"Outpaint {side} (px)",
-                                                              elem_id=f"outpaint-{side}"))
+                name = f"outpaint_{side}"
+                box = form.add(name, number_box(name, v[name], f"Outpaint {side} (px)", elem_id=f"outpaint-{side}",
+                                                info=None))
                 button = gr.Button(f"{_ARROWS[side]} +{OUTPAINT_STEP}", size="sm", elem_id=f"outpaint-{side}-more")
                 button.click(_more, inputs=[box], outputs=[box], queue=False, api_visibility="private")
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from ui.components import Form, hint
+from pipelines.request import UpscaleRequest
+from ui.components import Form, field_info, hint, number_box, slider
 from ui.runner import GpuCalls, Stream, done_text, is_done, progress_text, result_files, stream_events
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
@@ -42,19 +43,18 @@ def upscale_updates(stream: Stream, values: dict[str, Any], progress=None) -> It
 
 def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
     """Lay out the tab (inside an open gr.Tab): (fields, outputs, run button)."""
-    f, v = Form(), Form()
+    f, v, d = Form(), Form(), UpscaleRequest()
     upscalers = pixel_upscalers(choices["upscalers"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=360):
             f.add("image", gr.Image(type="filepath", image_mode=None, label="Image to upscale",
                                     sources=["upload", "clipboard"], height=340, elem_id="upscale-image"))
             with gr.Row():
+                # the list's first, `auto` (the best model file, else lanczos), as the tab always offered
                 f.add("upscaler", gr.Dropdown(upscalers, value=upscalers[0] if upscalers else None, label="Upscaler",
-                                              info="lanczos is built in; put Real-ESRGAN-class files in "
-                                                   "models/upscalers."))
-                f.add("scale", gr.Slider(1.25, 8, value=2, step=0.25, label="Scale"))
-            f.add("denoise", gr.Slider(0, 1, value=0, step=0.05, label="Refine denoise",
-                                       info="0 = upscale only; 0.2-0.4 adds detail with an img2img pass."))
+                                              info=field_info("upscaler", UpscaleRequest)))
+                f.add("scale", slider("scale", d.scale, "Scale", cls=UpscaleRequest))
+            f.add("denoise", slider("denoise", d.denoise, "Refine denoise", cls=UpscaleRequest))
             f.add("prompt", gr.Textbox(label="Refine prompt", lines=2, placeholder="what the image shows (for the "
                                        "refine pass)"))
             with gr.Accordion("Refine settings", open=False):
@@ -63,8 +63,8 @@ def build_upscale_tab(choices: dict[str, Any]) -> tuple[Form, Form, gr.Button]:
                 with gr.Row():
                     f.add("model", gr.Dropdown(choices["models"], value=choices.get("default_model"),
                                                allow_custom_value=True, label="Model"))
-                    f.add("steps", gr.Slider(1, 150, value=20, step=1, label="Steps"))
-                    f.add("seed", gr.Number(value=-1, precision=0, label="Seed", info="-1 = random"))
+                    f.add("steps", slider("steps", d.steps, "Steps", cls=UpscaleRequest))
+                    f.add("seed", number_box("seed", d.seed, "Seed", cls=UpscaleRequest))
             run = gr.Button("Upscale", variant="primary", size="lg", elem_id="upscale")
         with gr.Column(scale=6, min_width=360):
             v.add("progress", gr.Markdown(elem_classes=["progress-text"]))

@@ -49,11 +49,15 @@ PREPROCESSORS: tuple[str, ...] = ("none", "canny", *ANNOTATORS)
 
 
 def _threshold(field: str, value: object) -> int:
-    """A canny threshold as an int in [0, 1000]; whole floats (from UI sliders) are accepted."""
+    """A canny threshold as an int in the request's range (`CANNY_RANGE`, A1111's 1-255); whole floats (from UI
+    sliders) are accepted."""
+    from pipelines.request import CANNY_RANGE
+
+    lo, hi = CANNY_RANGE
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value <= 1000:
-        raise ValidationError(field, value, "must be an integer threshold between 0 and 1000")
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+        raise ValidationError(field, value, f"must be an integer threshold between {lo} and {hi}")
     return int(value)
 
 

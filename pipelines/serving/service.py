@@ -21,13 +21,14 @@ from PIL import Image
 from pipelines.errors import TesseraError, ValidationError
 from pipelines.request import (
     CONTROL_FIELDS,
-    UI_CONTROL_UNITS,
     ControlUnit,
     GenerationRequest,
-    control_name,
+    UpscaleRequest,
     flatten,
     from_flat,
+    schema_fields,
 )
+from ui.control_units import UI_CONTROL_UNITS, control_name  # the UI's and the API's unit names (no Gradio)
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,7 @@ class Backend:
 
     def upscale(self, values: dict[str, Any]) -> Iterator[Progress | Done]:
         image = _image(values.get("image"), "image")
-        kwargs = {k: values[k] for k in ("upscaler", "scale", "denoise", "prompt", "negative_prompt", "model",
-                                         "steps", "seed") if values.get(k) is not None}
+        kwargs = {k: values[k] for k in schema_fields(UpscaleRequest) if k != "image" and values.get(k) is not None}
         return self._stream(lambda cb, cancel: self.engine.upscale(image, callback=cb, cancel=cancel, **kwargs), 0)
 
     def _stream(self, run, preview_every: int) -> Iterator[Progress | Done]:
