@@ -33,3 +33,14 @@ def test_the_packages_that_replaced_a_module_still_offer_its_names(package, name
 def test_an_unknown_old_name_is_still_an_import_error():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("pipelines.no_such_module")
+
+
+def test_pipelines_never_import_the_ui():
+    """The layers point one way: ui/ may import pipelines/, never the reverse."""
+    import re
+    from pathlib import Path
+
+    root = Path(pipelines.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if re.search(r"^\s*(from ui[. ]|import ui\b)", p.read_text(), re.M)]
+    assert offenders == []

@@ -1,15 +1,3 @@
-"""How the UI and the API name ControlNet units: a fixed number of units, each field under a flat name.
+"""The ControlNet units the UI and the API offer, and their flat names (defined by the UI's backend)."""
 
-The engine and the CLI (`--control`, repeatable) take any number of units; the UI's tabs and the /generate API
-offer `UI_CONTROL_UNITS`, named control_image, control_scale, ... for the first and control2_image, ... after it.
-Plain Python (no Gradio), so the UI's backend (`pipelines.serving.service`) reads the same names.
-"""
-
-from __future__ import annotations
-
-UI_CONTROL_UNITS = 3
-
-
-def control_name(unit: int, field: str) -> str:
-    """Flat name of a ControlNet unit's field: control_scale for the first unit (0), control2_scale, ..."""
-    return f"control{unit + 1 if unit else ''}_{field}"
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name  # noqa: F401 - re-exported for ui/

@@ -28,7 +28,7 @@ from pipelines.request import (
     from_flat,
     schema_fields,
 )
-from ui.control_units import UI_CONTROL_UNITS, control_name  # the UI's and the API's unit names (no Gradio)
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 
 log = logging.getLogger(__name__)
 
