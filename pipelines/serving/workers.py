@@ -85,6 +85,9 @@ class Worker:
     engine: Any
     busy: bool = False
     jobs: int = 0
+    controlnets: Any = None
+    """Its device's ControlNet copies for split jobs (`pipelines.serving.multi_device.ControlCopies`), made by the
+    first split job that needs them and kept for the next."""
 
 
 class WorkerPool:
@@ -180,16 +183,23 @@ class WorkerPool:
         return plan.tiled and plan.unet_evals_per_step >= len(self.workers)
 
     def _generate_split(self, req, callback, cancel, **kw):
-        from pipelines.serving.multi_device import TileReplicas
+        from pipelines.serving.multi_device import ControlCopies, TileReplicas
 
         with self._every_worker(cancel) as workers:
             main = workers[0].engine
             models = [w.engine.manager.get(req.model, loras=req.loras, allow_paths=main.allow_paths) for w in workers]
-            replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on")
+            for w, m in zip(workers, models, strict=True):
+                if w.controlnets is None or w.controlnets.device != m.device:
+                    w.controlnets = ControlCopies(m.device)
+            replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on",
+                                    vaes=[m.vae for m in models], controlnets=[w.controlnets for w in workers])
             result = main.generate(req, callback=callback, cancel=cancel, unet=replicas, **kw)
-        calls = "+".join(map(str, replicas.calls))
-        result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls))
-        result.stats["plan"] = f"{result.stats.get('plan', '')}; split over {len(workers)} devices: UNet calls {calls}"
+        calls, tiles = "+".join(map(str, replicas.calls)), replicas.vae_replicas.calls
+        result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls),
+                            vae_tiles_per_worker=list(tiles))
+        vae = f", VAE tiles {'+'.join(map(str, tiles))}" if any(tiles[1:]) else ""
+        note = f"split over {len(workers)} devices: UNet calls {calls}{vae}"
+        result.stats["plan"] = f"{result.stats.get('plan', '')}; {note}"
         return result
 
     @contextmanager
