@@ -294,6 +294,15 @@ def test_invalid_arguments_rejected(vae) -> None:
     assert err.value.field == "mode"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tile-by-tile work on the shared CI cores ran 10x slower with two (OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _two_replicas(vae):
     """The VAE and an identical copy as two CPU "devices", with a counter of the copy's own convolutions."""
     import copy
@@ -310,7 +319,7 @@ def _two_replicas(vae):
 
 @torch.no_grad()
 @pytest.mark.parametrize("budget", [None, "hybrid"])
-def test_tiled_decode_over_two_replicas_is_bit_identical_to_one_device(vae, budget) -> None:
+def test_tiled_decode_over_two_replicas_is_bit_identical_to_one_device(vae, budget, one_thread) -> None:
     z = _latents(1, 4, 24, 32, seed=7)
     options = decode_splits(vae, 24, 32)
     host = next(s.host_bytes for s in options if 0 < s.at < s.stages) if budget else None
@@ -325,7 +334,7 @@ def test_tiled_decode_over_two_replicas_is_bit_identical_to_one_device(vae, budg
 
 @torch.no_grad()
 @pytest.mark.parametrize("mode", ["exact", "stream"])
-def test_tiled_encode_over_two_replicas_is_bit_identical_to_one_device(vae, mode) -> None:
+def test_tiled_encode_over_two_replicas_is_bit_identical_to_one_device(vae, mode, one_thread) -> None:
     images = torch.tanh(_latents(1, 3, 96, 128, seed=1))
     one = tiled_encode(vae, images, tile_size=48, overlap=16, mode=mode)
     replicas, ran = _two_replicas(vae)
