@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
 from pipelines.lru import LRUCache
+from pipelines.serving.facade import EngineFacade
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Worker:
     first split job that needs them and kept for the next."""
 
 
-class WorkerPool:
+class WorkerPool(EngineFacade):
     """Engines behind a dispatcher: each job goes to the next idle worker (first come, first served).
 
     Read-only services (check, plan, token counts, model lists) use the first worker's engine, which loads no
@@ -113,41 +114,21 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.workers)
 
-    # ------------------------------------------------------------ the Engine face
+    # ------------------------------------------------------------ the Engine face (`EngineFacade`)
     @property
     def first(self) -> Any:
         return self.workers[0].engine
+
+    def _local_engine(self) -> Any:
+        return self.first
+
+    def _engines(self) -> list[Any]:
+        return [w.engine for w in self.workers]
 
     @property
     def manager(self):
         worker = getattr(self._local, "worker", None)
         return (worker or self.workers[0]).engine.manager
-
-    @property
-    def default_model(self) -> str:
-        return self.first.default_model
-
-    @default_model.setter
-    def default_model(self, name: str) -> None:
-        for w in self.workers:
-            w.engine.default_model = name
-
-    @property
-    def limits(self):
-        return self.first.limits
-
-    @property
-    def outputs_dir(self) -> Path | None:
-        return self.first.outputs_dir
-
-    def check(self, req):
-        return self.first.check(req)
-
-    def plan(self, req, model=None, **kw):
-        return self.first.plan(req, model, **kw)
-
-    def count_tokens(self, model_name: str, text: str) -> str:
-        return self.first.count_tokens(model_name, text)
 
     def generate(self, req, *, callback=None, cancel=None, **kw):
         """Run `req` on the next idle worker (waiting for one, cancellable); stats["worker"] names it. A large
