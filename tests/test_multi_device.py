@@ -77,6 +77,17 @@ def test_img2img_across_two_workers_encodes_and_decodes_on_both(pool):
     assert min(decode_only) > 0 and sum(tiles) > sum(decode_only) and abs(tiles[0] - tiles[1]) <= 1
 
 
+def test_feature_caching_across_two_workers_is_bit_identical_to_one_worker(pool):
+    """Each device's UNet runs its own full/shallow passes; a cached feature made on one device is moved to the
+    device whose batch needs it at the next shallow step (tiles are dealt round-robin)."""
+    req = _request(width=192, height=192, seed=4, steps=3, feature_cache="on", feature_cache_interval=3)
+    one = pool.workers[0].engine.generate(req)
+    split = pool.generate(req)
+    assert np.array_equal(np.asarray(split.images[0]), np.asarray(one.images[0]))
+    assert split.stats["unet_shallow_calls"] == one.stats["unet_shallow_calls"] > 0
+    assert min(split.stats["unet_calls_per_worker"]) > 0
+
+
 def test_a_small_image_runs_on_one_worker_unless_split_is_forced(pool):
     small = _request(width=64, height=64, tile_mode="off")
     assert not pool._splits(small)
