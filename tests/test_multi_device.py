@@ -172,6 +172,8 @@ def test_replicas_deal_batches_round_robin_and_gather_in_order():
 ])
 def test_split_note(batches, devices, force, note):
     assert split_note(batches, devices, force) == note
+    if note.startswith("split"):
+        assert split_note(batches, devices, force, vae_tiled=True) == f"{note}, tiled VAE too"
 
 
 def test_expected_speedup_is_batches_over_the_slowest_device():

@@ -7,7 +7,14 @@ device; guidance and the scheduler step still run once, on the canvas device (`p
 
 `TileReplicas` is handed to the loop as its UNet: called directly it is the canvas device's UNet, and the loop's
 per-batch call goes through `map` when `splits(n)` says so (at least as many batches as devices, or forced).
-On CUDA each device's batches run on its own stream, in a thread per device.
+On CUDA each device's batches run on its own stream, in a thread per device (`DeviceReplicas.map`).
+
+The same job's tiled VAE runs across the same devices: `vae_replicas` (each worker's VAE) goes to
+`pipelines.vae.io.decode`/`encode` (`with_replicas`), which deal each stage's tiles over them
+(`pipelines.vae.lanes`); the GroupNorm moments come back per tile and are merged in tile order on the canvas
+device, so the statistics and the pixels are those of one device. ControlNet units get each device's copy of
+their model from that worker's `ControlCopies`, kept across jobs. The feature cache runs on every replica
+(`pipelines.denoise.feature_cache`: each device's own split passes, entries moved where they are needed).
 """
 
 from __future__ import annotations
@@ -139,15 +146,16 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def split_note(batches: int, devices: int, force: bool = False) -> str:
+def split_note(batches: int, devices: int, force: bool = False, vae_tiled: bool = False) -> str:
     """The plan line's note on how a step's tile batches are spread, e.g. "split over 2 devices: 4+4 tile batches
-    per step"."""
+    per step" (", tiled VAE too" when the plan tiles the VAE: its tiles are spread over the same devices)."""
     if devices <= 1:
         return ""
     if not (force or batches >= devices):
         return f"not split ({batches} tile batch(es) per step < {devices} devices)"
     share = [len(range(i, batches, devices)) for i in range(devices)]
-    return f"split over {devices} devices: {'+'.join(map(str, share))} tile batches per step"
+    vae = ", tiled VAE too" if vae_tiled else ""
+    return f"split over {devices} devices: {'+'.join(map(str, share))} tile batches per step{vae}"
 
 
 def expected_speedup(batches: int, devices: int, batch_s: float = 1.0, step_s: float = 0.0) -> float:
