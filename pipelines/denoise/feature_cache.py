@@ -14,6 +14,7 @@ schedule says; `plan_passes` predicts exactly that.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from pipelines.errors import ValidationError
 
 SCHEDULES = ("uniform", "nonuniform")
 NONUNIFORM_POWER = 1.4  # DeepCache's quadratic-ish spacing exponent (their README uses pow 1.4)
+_STATS_LOCK = threading.Lock()
 
 
 def full_steps(steps: int, interval: int, schedule: str = "uniform") -> frozenset[int]:
@@ -138,7 +140,8 @@ class _BoundCall:
                 c.entries[k] = cached[j * b:(j + 1) * b]
         if self.stats is not None:
             name = "cache_shallow" if shallow else "cache_full"
-            setattr(self.stats, name, getattr(self.stats, name, 0) + 1)
+            with _STATS_LOCK:  # a split image's replicas count from their own threads
+                setattr(self.stats, name, getattr(self.stats, name, 0) + 1)
         return (out,)
 
 

@@ -30,6 +30,10 @@ mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent res
 them, exact statistics from one extra sweep per GroupNorm) and only as many low-resolution stages layer by layer
 as ``host_budget`` bytes of canvases allow (`decode_splits`; None streams every stage: no full-resolution canvas at
 all); the planner picks it when the layer-wise canvases would not fit the host (`pipelines.planner`).
+
+With ``replicas`` (one tiled image split over devices, `pipelines.serving.multi_device`), both runners deal each
+stage's tiles (and each statistics sweep's) over the devices' VAEs and merge the tiles' moments in tile order on the
+canvas device (`pipelines.vae.lanes`): the same pixels as one device, bit for bit.
 """
 
 from __future__ import annotations
