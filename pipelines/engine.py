@@ -278,7 +278,7 @@ class Engine:
 
             return run_inpaint(self, model, req, seeds, callback, cancel, save, unet, low_memory)
         plan = self.plan(req, model)
-        dec, enc = self._codec_opts(plan, low_memory, model.device)
+        dec, enc = vae_io.with_replicas(self._codec_opts(plan, low_memory, model.device), unet)
         stats = LoopStats()
         report = vae_io.DecodeReport()
         spec = StageSpec(
@@ -298,7 +298,7 @@ class Engine:
         if req.hires.enabled:
             tw, th = hires_target(req.width, req.height, req.hires.scale)
             final_plan = self.plan(req, model, width=tw, height=th)
-            dec, enc = self._codec_opts(final_plan, low_memory, model.device)
+            dec, enc = vae_io.with_replicas(self._codec_opts(final_plan, low_memory, model.device), unet)
             init, big = upscale_latents_or_pixels(model, latents, req, models_dir=self.manager.models_dir,
                                                   decode_opts=dec, encode_opts=enc, cache=self.manager.caches.upscalers)
             if big is not None and init is latents:

@@ -292,3 +292,53 @@ def test_invalid_arguments_rejected(vae) -> None:
     with pytest.raises(ValidationError) as err:
         tiled_decode(vae, _latents(1, 4, 16, 16), tile_size=8, overlap=2, mode="fast")
     assert err.value.field == "mode"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tile-by-tile work on the shared CI cores ran 10x slower with two (OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _two_replicas(vae):
+    """The VAE and an identical copy as two CPU "devices", with a counter of the copy's own convolutions."""
+    import copy
+
+    from pipelines.serving.multi_device import DeviceReplicas
+
+    twin = copy.deepcopy(vae)
+    ran = []
+    for m in twin.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda *_: ran.append(1))
+    return DeviceReplicas([(vae, "cpu"), (twin, "cpu")]), ran
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [None, "hybrid"])
+def test_tiled_decode_over_two_replicas_is_bit_identical_to_one_device(vae, budget, one_thread) -> None:
+    z = _latents(1, 4, 24, 32, seed=7)
+    options = decode_splits(vae, 24, 32)
+    host = next(s.host_bytes for s in options if 0 < s.at < s.stages) if budget else None
+    mode = "stream" if budget else "exact"  # hybrid: a layer-wise head, the rest streamed (both runners)
+    one = tiled_decode(vae, z, tile_size=12, overlap=2, mode=mode, host_budget=host)
+    replicas, ran = _two_replicas(vae)
+    split = tiled_decode(vae, z, tile_size=12, overlap=2, mode=mode, host_budget=host, replicas=replicas)
+    assert torch.equal(split, one)  # same tiles, same kernels, moments merged in the same order
+    first, second = replicas.calls
+    assert second > 0 and abs(first - second) <= 1 and ran  # the copy's own modules ran its share
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["exact", "stream"])
+def test_tiled_encode_over_two_replicas_is_bit_identical_to_one_device(vae, mode, one_thread) -> None:
+    images = torch.tanh(_latents(1, 3, 96, 128, seed=1))
+    one = tiled_encode(vae, images, tile_size=48, overlap=16, mode=mode)
+    replicas, ran = _two_replicas(vae)
+    split = tiled_encode(vae, images, tile_size=48, overlap=16, mode=mode, replicas=replicas)
+    assert torch.equal(split, one)
+    first, second = replicas.calls
+    assert second > 0 and abs(first - second) <= 1 and ran

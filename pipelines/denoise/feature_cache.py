@@ -14,6 +14,7 @@ schedule says; `plan_passes` predicts exactly that.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from pipelines.errors import ValidationError
 
 SCHEDULES = ("uniform", "nonuniform")
 NONUNIFORM_POWER = 1.4  # DeepCache's quadratic-ish spacing exponent (their README uses pow 1.4)
+_STATS_LOCK = threading.Lock()
 
 
 def full_steps(steps: int, interval: int, schedule: str = "uniform") -> frozenset[int]:
@@ -81,17 +83,26 @@ class FeatureCache:
     entries: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        # A UNet2DConditionModel is split here; an object with `full`/`shallow` (a closed-form test model) is used as
-        # it is.
-        has_parts = hasattr(self.unet, "full") and hasattr(self.unet, "shallow")
-        self.split = self.unet if has_parts else split_for(self.unet, self.settings.branch)
+        # A split image's `TileReplicas` (`pipelines.serving.multi_device`): each device's UNet gets its own split
+        # passes, made here, before the replicas' threads; the entries are shared and moved to the device using them.
+        replicas = [u for u, _ in getattr(self.unet, "replicas", ())] or [self.unet]
+        self._splits = {id(u): _split_of(u, self.settings.branch) for u in replicas}
+        self.split = self._splits[id(replicas[0])]
         self.full = full_steps(self.steps, self.settings.interval, self.settings.schedule)
 
     def bind(self, step: int, tiles: Sequence[Any], do_cfg: bool, images: int, stats=None, *, parts: int = 1,
-             view: int = 0) -> _BoundCall:
+             view: int = 0, unet: Any = None) -> _BoundCall:
         """The callable the loop runs in place of `unet(...)` for one batch of tiles at one step; `parts` AND parts
-        (conditional row blocks) and `view` (0 = the base prompt, i = the i-th regional prompt) key the cache too."""
-        return _BoundCall(self, step, [(t.y, t.x, t.h, t.w) for t in tiles], do_cfg, images, stats, parts, view)
+        (conditional row blocks) and `view` (0 = the base prompt, i = the i-th regional prompt) key the cache too;
+        `unet`: the replica running the batch (None: the first)."""
+        split = self.split if unet is None else self._splits[id(unet)]
+        return _BoundCall(self, step, [(t.y, t.x, t.h, t.w) for t in tiles], do_cfg, images, stats, parts, view,
+                          split)
+
+
+def _split_of(unet: Any, branch: int) -> Any:
+    """A UNet2DConditionModel's split passes; an object with `full`/`shallow` (a closed-form test model) as it is."""
+    return unet if hasattr(unet, "full") and hasattr(unet, "shallow") else split_for(unet, branch)
 
 
 @dataclass
@@ -104,6 +115,7 @@ class _BoundCall:
     stats: Any = None
     parts: int = 1
     view: int = 0
+    split: Any = None  # the passes of the UNet running this call (a split image: its device's); None: the cache's
 
     def _keys(self) -> list[tuple]:
         """One key per row block of the UNet batch, in its order: [uncond,] cond (the first AND part), cond1, ..."""
@@ -115,19 +127,21 @@ class _BoundCall:
                  down_block_additional_residuals=None, mid_block_additional_residual=None, return_dict=False):
         """Same signature and result as `unet(..., return_dict=False)`: a 1-tuple holding the output."""
         c, keys, b = self.cache, self._keys(), self.images
+        split = self.split or c.split
         shallow = self.step not in c.full and all(k in c.entries for k in keys)
-        if shallow:
-            cached = torch.cat([c.entries[k] for k in keys])
-            out = c.split.shallow(sample, timestep, encoder_hidden_states, cached, added_cond_kwargs,
+        if shallow:  # an entry may come from another device's replica (a split image): moved here, exactly
+            cached = torch.cat([c.entries[k].to(sample.device) for k in keys])
+            out = split.shallow(sample, timestep, encoder_hidden_states, cached, added_cond_kwargs,
                                   down_block_additional_residuals)
         else:
-            out, cached = c.split.full(sample, timestep, encoder_hidden_states, added_cond_kwargs,
+            out, cached = split.full(sample, timestep, encoder_hidden_states, added_cond_kwargs,
                                        down_block_additional_residuals, mid_block_additional_residual)
             for j, k in enumerate(keys):
                 c.entries[k] = cached[j * b:(j + 1) * b]
         if self.stats is not None:
             name = "cache_shallow" if shallow else "cache_full"
-            setattr(self.stats, name, getattr(self.stats, name, 0) + 1)
+            with _STATS_LOCK:  # a split image's replicas count from their own threads
+                setattr(self.stats, name, getattr(self.stats, name, 0) + 1)
         return (out,)
 
 

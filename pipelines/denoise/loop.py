@@ -126,11 +126,12 @@ class LoopInputs:
 
 
 def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats, parts: int = 1,
-              view: int = 0):
-    """The UNet itself, or the feature cache's stand-in for this batch of tiles (DeepCache), keyed by view too."""
+              view: int = 0, replica=None):
+    """The UNet itself (or the `replica` of a split image running this batch), or the feature cache's stand-in for
+    this batch of tiles (DeepCache, on that replica), keyed by view too."""
     if inp.feature_cache is None:
-        return inp.unet
-    return inp.feature_cache.bind(step, group, do_cfg, images, stats, parts=parts, view=view)
+        return inp.unet if replica is None else replica
+    return inp.feature_cache.bind(step, group, do_cfg, images, stats, parts=parts, view=view, unet=replica)
 
 
 def _check_cancel(cancel) -> None:
@@ -310,8 +311,7 @@ def _unet_batch(inp: LoopInputs, unet, x_in, t, cond: Conditioning, group, step,
         model_in, t, enc, added = to_device((model_in, t, enc, added), device)
     down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
     model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
-    if unet is None:
-        unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view)
+    unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view, replica=unet)
     return unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                 down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
 

@@ -132,7 +132,7 @@ def _inpaint_pass(engine, model, req: GenerationRequest, seeds: list[int], callb
     work = prepare_work(req, model.native_size)
     pw, ph = work.size
     plan = engine.plan(req, model, width=pw, height=ph)
-    dec, enc = engine._codec_opts(plan, low_memory, model.device)
+    dec, enc = vae_io.with_replicas(engine._codec_opts(plan, low_memory, model.device), unet)
     pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), pw, ph, model.device, model.dtype)
     spec = StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=pw, height=ph, steps=req.steps,

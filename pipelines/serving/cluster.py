@@ -32,6 +32,7 @@ from PIL import Image, PngImagePlugin
 
 from pipelines import errors
 from pipelines.errors import TesseraError, ValidationError
+from pipelines.serving.facade import EngineFacade
 from pipelines.serving.service import Backend, Done, Progress, _image, _Timer, safe_preview
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def _replica_identity() -> tuple[str, Any]:
 
 
 # ---------------------------------------------------------------- the ingress
-class ClusterEngine:
+class ClusterEngine(EngineFacade):
     """The ingress's face of the cluster: checks and plans locally (no weights), runs jobs on the replicas."""
 
     def __init__(self, handle: Any, local: Any, *, max_workers: int, retries: int = 1):
@@ -199,34 +200,8 @@ class ClusterEngine:
         self.history: deque[dict[str, Any]] = deque(maxlen=64)  # finished jobs: worker, previous job there, retried
         self._ids = iter(range(1 << 62))
 
-    @property
-    def manager(self):
-        return self.local.manager
-
-    @property
-    def default_model(self) -> str:
-        return self.local.default_model
-
-    @default_model.setter
-    def default_model(self, name: str) -> None:
-        self.local.default_model = name
-
-    @property
-    def limits(self):
-        return self.local.limits
-
-    @property
-    def outputs_dir(self):
-        return self.local.outputs_dir
-
-    def check(self, req):
-        return self.local.check(req)
-
-    def plan(self, req, model=None, **kw):
-        return self.local.plan(req, model, **kw)
-
-    def count_tokens(self, model_name: str, text: str) -> str:
-        return self.local.count_tokens(model_name, text)
+    def _local_engine(self) -> Any:  # the Engine face (`EngineFacade`): checks and plans here, no weights
+        return self.local
 
     def stream(self, kind: str, payload: Any, preview_every: int = 0) -> Iterator[Progress | Done]:
         """Progress ... Done from a replica; a replica lost before its images came back is retried once."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
 from pipelines.lru import LRUCache
+from pipelines.serving.facade import EngineFacade
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ class Worker:
     engine: Any
     busy: bool = False
     jobs: int = 0
+    controlnets: Any = None
+    """Its device's ControlNet copies for split jobs (`pipelines.serving.multi_device.ControlCopies`), made by the
+    first split job that needs them and kept for the next."""
 
 
-class WorkerPool:
+class WorkerPool(EngineFacade):
     """Engines behind a dispatcher: each job goes to the next idle worker (first come, first served).
 
     Read-only services (check, plan, token counts, model lists) use the first worker's engine, which loads no
@@ -110,41 +114,21 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.workers)
 
-    # ------------------------------------------------------------ the Engine face
+    # ------------------------------------------------------------ the Engine face (`EngineFacade`)
     @property
     def first(self) -> Any:
         return self.workers[0].engine
+
+    def _local_engine(self) -> Any:
+        return self.first
+
+    def _engines(self) -> list[Any]:
+        return [w.engine for w in self.workers]
 
     @property
     def manager(self):
         worker = getattr(self._local, "worker", None)
         return (worker or self.workers[0]).engine.manager
-
-    @property
-    def default_model(self) -> str:
-        return self.first.default_model
-
-    @default_model.setter
-    def default_model(self, name: str) -> None:
-        for w in self.workers:
-            w.engine.default_model = name
-
-    @property
-    def limits(self):
-        return self.first.limits
-
-    @property
-    def outputs_dir(self) -> Path | None:
-        return self.first.outputs_dir
-
-    def check(self, req):
-        return self.first.check(req)
-
-    def plan(self, req, model=None, **kw):
-        return self.first.plan(req, model, **kw)
-
-    def count_tokens(self, model_name: str, text: str) -> str:
-        return self.first.count_tokens(model_name, text)
 
     def generate(self, req, *, callback=None, cancel=None, **kw):
         """Run `req` on the next idle worker (waiting for one, cancellable); stats["worker"] names it. A large
@@ -180,16 +164,23 @@ class WorkerPool:
         return plan.tiled and plan.unet_evals_per_step >= len(self.workers)
 
     def _generate_split(self, req, callback, cancel, **kw):
-        from pipelines.serving.multi_device import TileReplicas
+        from pipelines.serving.multi_device import ControlCopies, TileReplicas
 
         with self._every_worker(cancel) as workers:
             main = workers[0].engine
             models = [w.engine.manager.get(req.model, loras=req.loras, allow_paths=main.allow_paths) for w in workers]
-            replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on")
+            for w, m in zip(workers, models, strict=True):
+                if w.controlnets is None or w.controlnets.device != m.device:
+                    w.controlnets = ControlCopies(m.device)
+            replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on",
+                                    vaes=[m.vae for m in models], controlnets=[w.controlnets for w in workers])
             result = main.generate(req, callback=callback, cancel=cancel, unet=replicas, **kw)
-        calls = "+".join(map(str, replicas.calls))
-        result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls))
-        result.stats["plan"] = f"{result.stats.get('plan', '')}; split over {len(workers)} devices: UNet calls {calls}"
+        calls, tiles = "+".join(map(str, replicas.calls)), replicas.vae_replicas.calls
+        result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls),
+                            vae_tiles_per_worker=list(tiles))
+        vae = f", VAE tiles {'+'.join(map(str, tiles))}" if any(tiles[1:]) else ""
+        note = f"split over {len(workers)} devices: UNet calls {calls}{vae}"
+        result.stats["plan"] = f"{result.stats.get('plan', '')}; {note}"
         return result
 
     @contextmanager

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
 from pipelines.images import from_pil, to_pil  # noqa: F401 - callers' vae_io.from_pil / vae_io.to_pil
+from pipelines.vae.lanes import Dealer
 from pipelines.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
@@ -30,18 +32,31 @@ def _vae_factor(vae) -> tuple[float, float]:
 
 
 def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: str,
-                 host_budget: int | None) -> torch.Tensor:
+                 host_budget: int | None, replicas: Dealer | None = None) -> torch.Tensor:
     if tiled:
-        return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode, host_budget=host_budget)
+        return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode, host_budget=host_budget,
+                            replicas=replicas)
     return vae.decode(z, return_dict=False)[0]
+
+
+def with_replicas(opts: tuple[dict, dict], unet: Any) -> tuple[dict, dict]:
+    """The (decode, encode) options of a run, with the VAE replicas of a split image's `unet`
+    (`pipelines.serving.multi_device.TileReplicas.vae_replicas`) when it has them: its tiled VAE then runs
+    across the same devices. Anything else (a plain UNet, None) leaves the options as they are."""
+    replicas = getattr(unet, "vae_replicas", None) if unet is not None else None
+    if replicas is None:
+        return opts
+    dec, enc = opts
+    return {**dec, "replicas": replicas}, {**enc, "replicas": replicas}
 
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = False, tile: int = 64,
            overlap: int = 16, tile_mode: str = "exact", host_budget: int | None = None,
-           report: DecodeReport | None = None) -> torch.Tensor:
+           report: DecodeReport | None = None, replicas: Dealer | None = None) -> torch.Tensor:
     """Diffusion latents -> [-1,1] images. mode: full | taesd; tile_mode: exact | stream, host_budget: bytes of
-    canvases a streamed decode may keep layer by layer (`vae_tiling.tiled_decode`). One image at a time."""
+    canvases a streamed decode may keep layer by layer (`pipelines.vae.tiling.tiled_decode`); `replicas`: a tiled
+    decode's tiles spread over these VAE replicas' devices (the same pixels). One image at a time."""
     report = report if report is not None else DecodeReport()
     if mode == "taesd" and model.taesd is not None:
         return torch.cat([model.taesd.decode(x[None].to(model.taesd.dtype), return_dict=False)[0] for x in latents])
@@ -52,9 +67,9 @@ def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = Fa
     outs = []
     for x in latents:
         z = (x[None] / scale + shift).to(vae.dtype)
-        img = _decode_once(vae, z, tiled, tile, overlap, tile_mode, host_budget)
+        img = _decode_once(vae, z, tiled, tile, overlap, tile_mode, host_budget, replicas)
         if not torch.isfinite(img).all() and vae.dtype != torch.float32:
-            # fp16 VAEs (SDXL's especially) overflow to NaN/inf; decode again in fp32 and say so.
+            # fp16 VAEs (SDXL's especially) overflow to NaN/inf; decode again in fp32 (on this device) and say so.
             log.warning("VAE decode produced NaN/inf in %s; decoding again in fp32", vae.dtype)
             report.notes.append("fp32 VAE fallback")
             img = _fp32_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget)
@@ -73,15 +88,17 @@ def _fp32_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget):
 
 @torch.no_grad()
 def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 512, overlap_px: int = 64,
-           tile_mode: str = "exact", host_budget: int | None = None) -> torch.Tensor:
-    """[-1,1] images -> diffusion latents (distribution mode, scaled), one image at a time."""
+           tile_mode: str = "exact", host_budget: int | None = None, replicas: Dealer | None = None) -> torch.Tensor:
+    """[-1,1] images -> diffusion latents (distribution mode, scaled), one image at a time; `replicas` as in
+    `decode`."""
     vae = model.vae
     scale, shift = _vae_factor(vae)
     outs = []
     for x in images:
         x = x[None].to(vae.dtype)
         if tiled:
-            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px, mode=tile_mode, host_budget=host_budget)
+            z = tiled_encode(vae, x, tile_size=tile_px, overlap=overlap_px, mode=tile_mode, host_budget=host_budget,
+                             replicas=replicas)
         else:
             z = vae.encode(x).latent_dist.mode()
         outs.append((z - shift) * scale)

@@ -34,6 +34,17 @@ class Stage:
     channels: tuple[int, int] = (0, 0)  # (input, output) channels: what the runners' canvases hold
 
 
+TileMoments = tuple[int, torch.Tensor, torch.Tensor]
+"""One tile's (element count per group, mean, M2) per [B, groups], float64."""
+
+
+def tile_moments(x: torch.Tensor, groups: int) -> TileMoments:
+    """(count, mean, M2) of one tile's core [B, C, h, w] per (sample, group), in float64 on `x`'s device."""
+    g = x.detach().reshape(x.shape[0], groups, -1).to(torch.float64)
+    mean = g.mean(-1)
+    return g.shape[-1], mean, ((g - mean[..., None]) ** 2).sum(-1)
+
+
 class Moments:
     """Per-(sample, group) count, mean and M2 merged across tiles (Chan et al. 1979 parallel variance)."""
 
@@ -45,10 +56,12 @@ class Moments:
 
     def update(self, x: torch.Tensor) -> None:
         """Add the elements of one tile's core [B, C, h, w]."""
-        g = x.detach().reshape(x.shape[0], self.groups, -1).to(torch.float64)
-        n_b = g.shape[-1]
-        mean_b = g.mean(-1)
-        m2_b = ((g - mean_b[..., None]) ** 2).sum(-1)
+        self.merge(tile_moments(x, self.groups))
+
+    def merge(self, part: TileMoments) -> None:
+        """Add one tile's (count, mean, M2) from `tile_moments`, maybe computed on another device of the same kind
+        and moved here: merged in one order, the float64 result is the same wherever each tile's part was made."""
+        n_b, mean_b, m2_b = part
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return

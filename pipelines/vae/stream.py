@@ -44,7 +44,17 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.tiling import Tile
-from pipelines.vae.stages import Moments, Stage, core_stats, crop_span, group_norm, window
+from pipelines.vae.lanes import Canvas, Lanes
+from pipelines.vae.stages import (
+    Moments,
+    Stage,
+    TileMoments,
+    core_stats,
+    crop_span,
+    group_norm,
+    tile_moments,
+    window,
+)
 
 Stats = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -66,21 +76,20 @@ def _core_slice(core: Tile, origin_y: int, origin_x: int, r: int) -> tuple[slice
 
 def _tile(
     stages: list[Stage], h: torch.Tensor, core: Tile, res: int, pad: int, stats: Stats, device: torch.device,
-    gather: tuple[int, Moments] | None = None, span: tuple[int, int] = (0, 0),
-) -> torch.Tensor | None:
+    gather: int | None = None, span: tuple[int, int] = (0, 0),
+) -> torch.Tensor | TileMoments:
     """Run the stages on one core plus `pad` latent px of context (a `span` = (rows, columns) window of latent px
-    around it, if given) and return the core of the output; with `gather=(j, moments)`, stop at stage j instead
-    and add the core of its input to `moments`."""
+    around it, if given) and return the core of the output; with `gather=j`, stop at stage j instead and return
+    the moments of the core of its input (for GroupNorm j's statistics)."""
     lat_h, lat_w = h.shape[-2] // res, h.shape[-1] // res
     y0, y1 = crop_span(core.y, core.y + core.h, pad, lat_h, span[0])
     x0, x1 = crop_span(core.x, core.x + core.w, pad, lat_w, span[1])
     x = h[..., y0 * res : y1 * res, x0 * res : x1 * res].to(device)
     r, skip = res, None
     for i, stage in enumerate(stages):
-        if gather is not None and i == gather[0]:
+        if gather is not None and i == gather:
             rows, cols = _core_slice(core, y0, x0, r)
-            gather[1].update(x[..., rows, cols])
-            return None
+            return tile_moments(x[..., rows, cols], stage.norm.num_groups)
         inp = x
         if stage.norm is not None:
             x = group_norm(x, stage.norm, stats[i])
@@ -92,34 +101,42 @@ def _tile(
 
 
 def run_streamed(
-    stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device
+    stages: list[Stage] | Lanes, h: torch.Tensor, cores: list[Tile], res: int, device: torch.device | None = None,
 ) -> torch.Tensor:
     """Run stages tile by tile, end to end, with exact whole-image GroupNorm statistics (one sweep per GroupNorm).
 
-    `h` (on any device) is at `res` x latent resolution; the output canvas is allocated on `h`'s device.
+    `h` (on any device) is at `res` x latent resolution; the output canvas is allocated on `h`'s device. With
+    `Lanes`, every sweep's tiles are spread over their devices (`pipelines.vae.lanes`), else all run on `device`.
     """
+    lanes = stages if isinstance(stages, Lanes) else Lanes.one(stages, device)
+    path = lanes.first
     stats: Stats = {}
-    for j, stage in enumerate(stages):
+    for j, stage in enumerate(path):
         if stage.norm is None:
             continue
         if j == 0:  # the stored input itself
-            stats[0] = core_stats(h, cores, res, stage.norm.num_groups, device)
+            stats[0] = core_stats(h, cores, res, stage.norm.num_groups, lanes.device)
             continue
-        moments, pad = Moments(stage.norm.num_groups), margin(stages[:j], res)
-        for core in cores:
-            _tile(stages, h, core, res, pad, stats, device, gather=(j, moments), span=window(cores, pad))
+        moments, pad = Moments(stage.norm.num_groups), margin(path[:j], res)
+        span = window(cores, pad)
+
+        def sweep(own: list[Stage], dev: torch.device, core: Tile, j: int = j, pad: int = pad, span=span):
+            return _tile(own, h, core, res, pad, stats, dev, gather=j, span=span)
+
+        for part in lanes.map(sweep, cores):
+            moments.merge(part)
         stats[j] = moments.finalize()
-    pad, out, r = margin(stages, res), None, float(res)
-    for stage in stages:
+    pad, r = margin(path, res), float(res)
+    for stage in path:
         r *= stage.scale
     r = int(r)
-    for core in cores:
-        y = _tile(stages, h, core, res, pad, stats, device, span=window(cores, pad))
-        if out is None:
-            shape = (*y.shape[:2], h.shape[-2] // res * r, h.shape[-1] // res * r)
-            out = torch.empty(shape, dtype=y.dtype, device=h.device)
-        out[..., core.y * r : (core.y + core.h) * r, core.x * r : (core.x + core.w) * r] = y.to(h.device)
-    return out
+    canvas, span = Canvas(h.device, h.shape[-2] // res * r, h.shape[-1] // res * r), window(cores, pad)
+
+    def final(own: list[Stage], dev: torch.device, core: Tile) -> None:
+        canvas.put(_tile(own, h, core, res, pad, stats, dev, span=span), core.y * r, core.x * r)
+
+    lanes.map(final, cores)
+    return canvas.tensor
 
 
 # ---------------------------------------------------------------- hybrid: layer-wise where it fits, streamed where not

@@ -30,6 +30,10 @@ mid-block, ``conv_norm_out``, ``conv_out`` and ``quant_conv`` once at latent res
 them, exact statistics from one extra sweep per GroupNorm) and only as many low-resolution stages layer by layer
 as ``host_budget`` bytes of canvases allow (`decode_splits`; None streams every stage: no full-resolution canvas at
 all); the planner picks it when the layer-wise canvases would not fit the host (`pipelines.planner`).
+
+With ``replicas`` (one tiled image split over devices, `pipelines.serving.multi_device`), both runners deal each
+stage's tiles (and each statistics sweep's) over the devices' VAEs and merge the tiles' moments in tile order on the
+canvas device (`pipelines.vae.lanes`): the same pixels as one device, bit for bit.
 """
 
 from __future__ import annotations
@@ -43,15 +47,18 @@ from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile, plan_tiles
+from pipelines.vae.lanes import Canvas, Dealer, Lanes
 from pipelines.vae.stages import (
     Moments,
     Stage,
+    TileMoments,
     core_stats,
     crop_span,
     decoder_stages,
     encoder_stages,
     group_norm,
     tile_cores,
+    tile_moments,
     window,
 )
 from pipelines.vae.stream import Split, choose, run_streamed, splits
@@ -62,15 +69,18 @@ Mode = Literal["exact", "stream"]
 
 
 def _run_stage(
-    stage: Stage, h: torch.Tensor, skip: torch.Tensor | None, cores: list[Tile], res: int,
-    stats: tuple[torch.Tensor, torch.Tensor] | None, next_groups: int | None, device: torch.device,
+    lanes: Lanes, index: int, h: torch.Tensor, skip: torch.Tensor | None, cores: list[Tile], res: int,
+    stats: tuple[torch.Tensor, torch.Tensor] | None, next_groups: int | None,
 ) -> tuple[torch.Tensor, Moments | None]:
-    """Run one stage over every tile core; return the output canvas and its moments for the next GroupNorm."""
-    out: torch.Tensor | None = None
-    moments = Moments(next_groups) if next_groups else None
+    """Run stage `index` over every tile core (spread over the lanes); return the output canvas and its moments
+    for the next GroupNorm, merged in core order."""
+    first = lanes.first[index]
     height, width = h.shape[-2:]
-    rows, cols = window(cores, stage.halo, res)  # equal windows: the allocator reuses tile buffers
-    for core in cores:
+    canvas = Canvas(h.device, int(height * first.scale), int(width * first.scale))
+    rows, cols = window(cores, first.halo, res)  # equal windows: the allocator reuses tile buffers
+
+    def work(stages: list[Stage], device: torch.device, core: Tile) -> TileMoments | None:
+        stage = stages[index]
         y0, y1 = crop_span(core.y * res, (core.y + core.h) * res, stage.halo, height, rows)
         x0, x1 = crop_span(core.x * res, (core.x + core.w) * res, stage.halo, width, cols)
         x = h[..., y0:y1, x0:x1].to(device)
@@ -81,27 +91,32 @@ def _run_stage(
         r = int(res * stage.scale)
         oy, ox = int((core.y * res - y0) * stage.scale), int((core.x * res - x0) * stage.scale)
         y = y[..., oy : oy + core.h * r, ox : ox + core.w * r]
-        if out is None:
-            shape = (*y.shape[:2], int(height * stage.scale), int(width * stage.scale))
-            out = torch.empty(shape, dtype=y.dtype, device=h.device)
-        out[..., core.y * r : (core.y + core.h) * r, core.x * r : (core.x + core.w) * r] = y.to(h.device)
-        if moments is not None:
-            moments.update(y)
-    return out, moments
+        canvas.put(y, core.y * r, core.x * r)
+        return tile_moments(y, next_groups) if next_groups else None
+
+    parts = lanes.map(work, cores)
+    moments = Moments(next_groups) if next_groups else None
+    if moments is not None:
+        for part in parts:
+            moments.merge(part)
+    return canvas.tensor, moments
 
 
 def run_stages(
-    stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device,
+    stages: list[Stage] | Lanes, h: torch.Tensor, cores: list[Tile], res: int, device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Run stages layer by layer over all tiles; `h` lives on the store device at `res` x latent resolution."""
+    """Run stages layer by layer over all tiles; `h` lives on the store device at `res` x latent resolution. With
+    `Lanes` the tiles of each stage are spread over their devices (`pipelines.vae.lanes`), else all run on `device`."""
+    lanes = stages if isinstance(stages, Lanes) else Lanes.one(stages, device)
     skip: torch.Tensor | None = None
     stats = None
-    if stages[0].norm is not None:
-        stats = core_stats(h, cores, res, stages[0].norm.num_groups, device)
-    for i, stage in enumerate(stages):
-        following = stages[i + 1].norm if i + 1 < len(stages) else None
+    path = lanes.first
+    if path[0].norm is not None:
+        stats = core_stats(h, cores, res, path[0].norm.num_groups, lanes.device)
+    for i, stage in enumerate(path):
+        following = path[i + 1].norm if i + 1 < len(path) else None
         groups = following.num_groups if following is not None else None
-        out, moments = _run_stage(stage, h, skip, cores, res, stats, groups, device)
+        out, moments = _run_stage(lanes, i, h, skip, cores, res, stats, groups)
         skip = h if stage.keeps_input else None
         h, res = out, int(res * stage.scale)
         stats = moments.finalize() if moments is not None else None
@@ -123,23 +138,24 @@ def decode_splits(vae: nn.Module, latent_h: int, latent_w: int, batch: int = 1) 
     return splits(decoder_stages(vae.decoder), 1, latent_h, latent_w, itemsize, batch=batch)
 
 
-def _run(stages: list[Stage], h: torch.Tensor, cores: list[Tile], res: int, device: torch.device, mode: Mode,
-         host_budget: int | None = None, encode: bool = False) -> torch.Tensor:
+def _run(lanes: Lanes, h: torch.Tensor, cores: list[Tile], res: int, mode: Mode, host_budget: int | None = None,
+         encode: bool = False) -> torch.Tensor:
     """Run a path layer by layer ("exact"), or ("stream") its high-resolution stages tile by tile and the rest
     layer by layer, as many layer by layer as `host_budget` allows for their canvases (None: stream them all)."""
     if mode != "stream":
-        return run_stages(stages, h, cores, res, device)
+        return run_stages(lanes, h, cores, res)
+    stages = lanes.first
     lat_h, lat_w = h.shape[-2] // res, h.shape[-1] // res
     options = splits(stages, res, lat_h, lat_w, h.element_size(), encode=encode, batch=h.shape[0])
     split = choose(options, host_budget)
     log.debug("streamed VAE %s: %d of %d stages tile by tile, %.2f GB of canvases", "encode" if encode else "decode",
               split.streamed, split.stages, split.host_bytes / 1e9)
-    head, tail = stages[: split.at], stages[split.at :]
+    head, tail = lanes.sub(0, split.at), lanes.sub(split.at)
     first, second = (run_streamed, run_stages) if encode else (run_stages, run_streamed)
-    if head:
-        h = first(head, h, cores, res, device)
-        res = int(res * math.prod(stage.scale for stage in head))
-    return second(tail, h, cores, res, device) if tail else h
+    if head.first:
+        h = first(head, h, cores, res)
+        res = int(res * math.prod(stage.scale for stage in head.first))
+    return second(tail, h, cores, res) if tail.first else h
 
 
 def _check_args(x: torch.Tensor, tile_size: int, overlap: int, multiple: int, what: str, mode: str = "exact"
@@ -161,15 +177,16 @@ def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_cores(
     vae: nn.Module, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
-    mode: Mode = "exact", host_budget: int | None = None,
+    mode: Mode = "exact", host_budget: int | None = None, replicas: Dealer | None = None,
 ) -> torch.Tensor:
-    """Decode with the given latent core partition: whole mid-block, up path over the cores (by `mode`)."""
+    """Decode with the given latent core partition: whole mid-block, up path over the cores (by `mode`; with
+    `replicas`, each stage's tiles spread over their devices, `pipelines.vae.lanes`)."""
     dec = vae.decoder
     z = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
     store = _default_store(latents.device, store_device)
+    lanes = Lanes.over(vae, latents.device, lambda v: decoder_stages(v.decoder), replicas)
     # no local name keeps the mid-block output: the layer-wise runner frees it after the first stages
-    out = _run(decoder_stages(dec), dec.mid_block(dec.conv_in(z), None).to(store), cores, 1, latents.device, mode,
-               host_budget)
+    out = _run(lanes, dec.mid_block(dec.conv_in(z), None).to(store), cores, 1, mode, host_budget)
     return out.to(latents.device)
 
 
@@ -177,13 +194,15 @@ def decode_cores(
 def tiled_decode(
     vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16,
     *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
+    replicas: Dealer | None = None,
 ) -> torch.Tensor:
     """`vae.decode(latents).sample` in bounded device memory; tile_size/overlap in latent pixels.
 
     mode: exact (layer by layer, full-size canvases on the store device) | stream (tile by tile, bounded host
     memory too, several times the compute; `pipelines.vae.stream`): as many low-resolution stages layer by layer
     as `host_budget` bytes of canvases allow, the rest tile by tile (None: every stage tile by tile). All equal
-    the full decode up to rounding.
+    the full decode up to rounding. `replicas` (VAE replicas on several devices, the first being `vae`'s) spread
+    each stage's tiles over the devices: the same pixels as one device.
     """
     _check_args(latents, tile_size, overlap, 1, "latents", mode)
     latents = latents.to(vae.dtype)
@@ -191,7 +210,7 @@ def tiled_decode(
         return plain_decode(vae, latents)
     cores = tile_cores(latents.shape[-2], latents.shape[-1], tile_size, overlap)
     log.debug("tiled VAE decode: %s latent in %d tiles", tuple(latents.shape[-2:]), len(cores))
-    return decode_cores(vae, latents, cores, store_device, mode, host_budget)
+    return decode_cores(vae, latents, cores, store_device, mode, host_budget, replicas)
 
 
 def _downscale(vae: nn.Module) -> int:
@@ -209,12 +228,14 @@ def plain_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_cores(
     vae: nn.Module, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
-    mode: Mode = "exact", host_budget: int | None = None,
+    mode: Mode = "exact", host_budget: int | None = None, replicas: Dealer | None = None,
 ) -> torch.Tensor:
-    """Encode with the given latent core partition; returns the latent distribution's mode (its mean)."""
+    """Encode with the given latent core partition; returns the latent distribution's mode (its mean). With
+    `replicas`, the down path's tiles are spread over their devices like `decode_cores`'."""
     enc, scale = vae.encoder, _downscale(vae)
     store = _default_store(images.device, store_device)
-    h = _run(encoder_stages(enc), images.to(store), cores, scale, images.device, mode, host_budget, encode=True)
+    lanes = Lanes.over(vae, images.device, lambda v: encoder_stages(v.encoder), replicas)
+    h = _run(lanes, images.to(store), cores, scale, mode, host_budget, encode=True)
     h = h.to(images.device)
     h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     moments = vae.quant_conv(h) if vae.quant_conv is not None else h
@@ -225,13 +246,14 @@ def encode_cores(
 def tiled_encode(
     vae: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: int = 64,
     *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
+    replicas: Dealer | None = None,
 ) -> torch.Tensor:
     """`vae.encode(images).latent_dist.mode()` in bounded device memory; tile_size/overlap in pixels (see
-    `tiled_decode` for `mode` and `host_budget`; encoding streams the high-resolution head instead)."""
+    `tiled_decode` for `mode`, `host_budget` and `replicas`; encoding streams the high-resolution head instead)."""
     scale = _downscale(vae)
     _check_args(images, max(tile_size // scale, 1), overlap // scale, scale, "images", mode)
     images = images.to(vae.dtype)
     if tile_size >= max(images.shape[-2:]):
         return plain_encode(vae, images)
     cores = tile_cores(images.shape[-2] // scale, images.shape[-1] // scale, tile_size // scale, overlap // scale)
-    return encode_cores(vae, images, cores, store_device, mode, host_budget)
+    return encode_cores(vae, images, cores, store_device, mode, host_budget, replicas)
