@@ -25,7 +25,7 @@ from ui.components import request_value
 from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_PARAMS = ("init_image", "mask", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 
 # /generate's parameters, in order: name -> type (every one optional).
@@ -92,7 +92,8 @@ def make_generate(gpu: GpuCalls):
 def make_upscale(gpu: GpuCalls):
     """The /upscale function."""
 
-    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
+    # An async generator annotated with its outputs' tuple (what Gradio reads), not AsyncGenerator: hence the ignore
+    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,  # type: ignore[misc]
                       denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
                       model: str | None = None, steps: int | None = None, seed: int | None = None
                       ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation

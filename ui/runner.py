@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ class GpuCalls:
         self.upscale: Stream = zero_gpu(upscale)
 
 
-def _iterate(stream: Stream, values: dict[str, Any]) -> Iterator[Any]:
+def _iterate(stream: Stream, values: dict[str, Any]) -> Generator[Any, None, None]:
     """`stream(values)` as a generator that closes the backend's generator when it is closed itself."""
     events = stream(values)
     try:
@@ -79,7 +79,7 @@ def _iterate(stream: Stream, values: dict[str, Any]) -> Iterator[Any]:
             close()  # Stop button / client gone: the backend cancels within one step
 
 
-def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
+def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Generator[Any, None, None]:
     """Progress ... Done from the backend, with errors as gr.Error; a backend-side cancel ends quietly."""
     with user_errors(action), closing(_iterate(stream, values)) as events:
         try:
@@ -186,5 +186,5 @@ def servable(path: str | os.PathLike) -> str:
         return str(p)
     folder = Path(tempfile.gettempdir()) / "tessera-outputs"
     folder.mkdir(exist_ok=True)
-    return shutil.copy2(p, folder / p.name)
+    return str(shutil.copy2(p, folder / p.name))  # a str, as FileData(path=...) and the annotation want
 

@@ -11,7 +11,7 @@ import gradio as gr
 from ui.components import Form, hint
 from ui.runner import GpuCalls, Stream, done_text, is_done, progress_text, result_files, stream_events
 
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
 OUTPUTS = ("progress", "result", "infotext", "notes")
 
 
