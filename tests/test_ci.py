@@ -63,3 +63,23 @@ def test_the_configured_checker_fails_on_a_wrong_annotation(tmp_path):
     assert "bad.py:7: error: Unsupported operand types" in out
     out, _, status = api.run([*args, str(good)])
     assert status == 0, out
+
+
+def test_a_saved_file_outside_the_served_folders_comes_back_as_a_str_gradio_accepts(tmp_path, monkeypatch):
+    """Found by the type checker: `servable` returned shutil.copy2's Path for files it copies, which the API's
+    FileData(path=...) refuses; it returns the str its annotation promises."""
+    from ui.api import file_data
+    from ui.runner import servable
+
+    work, temp, outputs = (tmp_path / name for name in ("work", "temp", "outputs"))
+    for folder in (work, temp, outputs):
+        folder.mkdir()
+    (outputs / "00001.png").write_bytes(b"png")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    served = servable(outputs / "00001.png")
+    assert isinstance(served, str) and served == str(temp / "tessera-outputs" / "00001.png")
+    assert Path(served).read_bytes() == b"png"
+    assert file_data(served)["path"] == served
+    assert servable(str(temp / "tessera-outputs" / "00001.png")) == served  # already servable: not copied again

@@ -92,8 +92,7 @@ def make_generate(gpu: GpuCalls):
 def make_upscale(gpu: GpuCalls):
     """The /upscale function."""
 
-    # An async generator annotated with its outputs' tuple (what Gradio reads), not AsyncGenerator: hence the ignore
-    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,  # type: ignore[misc]
+    async def upscale(image: FileData, upscaler: str | None = None, scale: float | None = None,
                       denoise: float | None = None, prompt: str | None = None, negative_prompt: str | None = None,
                       model: str | None = None, steps: int | None = None, seed: int | None = None
                       ) -> tuple[FileData | None, str]:  # a generator: Gradio reads the outputs from this annotation

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ class GpuCalls:
         self.upscale: Stream = zero_gpu(upscale)
 
 
-def _iterate(stream: Stream, values: dict[str, Any]) -> Generator[Any, None, None]:
+def _iterate(stream: Stream, values: dict[str, Any]) -> Iterator[Any]:
     """`stream(values)` as a generator that closes the backend's generator when it is closed itself."""
     events = stream(values)
     try:
@@ -79,7 +79,7 @@ def _iterate(stream: Stream, values: dict[str, Any]) -> Generator[Any, None, Non
             close()  # Stop button / client gone: the backend cancels within one step
 
 
-def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Generator[Any, None, None]:
+def stream_events(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
     """Progress ... Done from the backend, with errors as gr.Error; a backend-side cancel ends quietly."""
     with user_errors(action), closing(_iterate(stream, values)) as events:
         try:
