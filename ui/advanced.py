@@ -6,7 +6,7 @@ Empty number boxes and "same as stage 1" choices send None, which means "the pre
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import gradio as gr
 
@@ -180,6 +180,8 @@ def _first(options: list[str], preferred: str) -> str | None:
 
 
 REGION_HEADERS = ["x", "y", "w", "h", "prompt", "negative prompt", "weight", "feather px", "seed"]
+REGION_TYPES: list[Literal["number", "str"]] = ["number", "number", "number", "number", "str", "str", "number", "number",
+                                               "number"]  # one per header
 REGION_HELP = ("One row per region: a rectangle in fractions of the image (all of x, y, w, h ≤ 1) or in pixels, its "
                "prompt, an optional negative prompt (empty = the main one), a weight, a soft edge in pixels and a "
                "seed for its noise (-1 = the image's). Empty rows are ignored; at most 16 regions.")
@@ -197,7 +199,7 @@ def build_regions(form: Form, values: dict[str, Any]) -> SimpleNamespace:
             with gr.Column(scale=3, min_width=320):
                 form.add("regions", gr.Dataframe(
                     value=rows_from_regions(values.get("regions") or ()) or None, headers=REGION_HEADERS,
-                    datatype=["number"] * 4 + ["str", "str"] + ["number"] * 3, row_count=2, column_count=9,
+                    datatype=REGION_TYPES, row_count=2, column_count=9,
                     type="array", interactive=True, label="Regions", elem_id="regions"))
                 hint(REGION_HELP)
                 form.add("region_base", choice("region_base", values.get("region_base", "rest"),

@@ -27,7 +27,7 @@ from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_PARAMS = ("init_image", "mask", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 
 

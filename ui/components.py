@@ -37,7 +37,7 @@ class Form:
         self._names[component._id] = name
         return component
 
-    def __getitem__(self, name: str) -> gr.components.Component:
+    def __getitem__(self, name: str) -> Any:  # Any: event listeners (.change, .input) exist per component class
         return self.by_name[name]
 
     def __contains__(self, name: str) -> bool:
@@ -46,7 +46,7 @@ class Form:
     def names(self) -> list[str]:
         return list(self.by_name)
 
-    def inputs(self, names: Iterable[str] | None = None) -> set[gr.components.Component]:
+    def inputs(self, names: Iterable[str] | None = None) -> set[gr.blocks.Block]:
         """A set of components (Gradio's dict-input form) for `names` (default: all)."""
         return {self.by_name[n] for n in (self.by_name if names is None else names)}
 

@@ -33,7 +33,7 @@ from ui.runner import (
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 60
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
 IMAGE_FIELDS = ("init_image", "mask", "inpaint_editor", *(control_name(i, "image") for i in range(UI_CONTROL_UNITS)))
 RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "notes", "results", "selected", "history",
                   "history_gallery")
@@ -246,7 +246,7 @@ def _wire_seed(tab: GenerateTab) -> None:
 
 def _wire_helpers(demo: gr.Blocks, tab: GenerateTab, backend: Any, choices: dict[str, Any], run: Any) -> None:
     f, v = tab.form, tab.view
-    quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    quick: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     plan_inputs = f.inputs([n for n in f.names() if n not in IMAGE_FIELDS])
 
     def on_describe(data: dict):

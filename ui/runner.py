@@ -272,5 +272,5 @@ def servable(path: str | os.PathLike) -> str:
         return str(p)
     folder = Path(tempfile.gettempdir()) / "tessera-outputs"
     folder.mkdir(exist_ok=True)
-    return shutil.copy2(p, folder / p.name)
+    return str(shutil.copy2(p, folder / p.name))  # a str, as FileData(path=...) and the annotation want
 

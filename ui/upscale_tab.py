@@ -12,7 +12,7 @@ from pipelines.request import UpscaleRequest
 from ui.components import Form, field_info, hint, number_box, slider
 from ui.runner import GpuCalls, Stream, done_text, is_done, progress_text, result_files, stream_events
 
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
 OUTPUTS = ("progress", "result", "infotext", "notes")
 
 

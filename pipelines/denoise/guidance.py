@@ -114,6 +114,7 @@ def parse_cfg(text: str | float | GuidanceSchedule) -> GuidanceSchedule:
     m = _CFG_RE.match(text)
     if m is None:
         raise ValidationError("cfg", text, CFG_FORMS)
+    params: tuple[float, ...]
     if m["num"] is not None:
         kind, params = "constant", (float(m["num"]),)
     else:

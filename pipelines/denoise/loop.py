@@ -215,6 +215,7 @@ def _batch_inputs(c: Conditioning, n: int, do_cfg: bool):
         enc = torch.cat([c.uncond.expand(n, -1, -1), enc])
     added = None
     if c.cond_pooled is not None:
+        assert c.uncond_pooled is not None and c.time_ids is not None  # SDXL: set together (`run_stage`)
         pooled = c.cond_pooled.expand(n, -1)
         if c.extra_pooled:
             pooled = torch.cat([pooled, *(p.expand(n, -1) for p in c.extra_pooled)])

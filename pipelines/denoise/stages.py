@@ -10,7 +10,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -21,7 +21,7 @@ from pipelines.denoise.regions import RegionView, paste_region_noise, region_mas
 from pipelines.denoise.schedulers import make_scheduler
 from pipelines.lru import LRUCache
 from pipelines.prompts.composable import split_and
-from pipelines.prompts.encoding import EncodedPrompt, PromptEncoder
+from pipelines.prompts.encoding import Emphasis, EncodedPrompt, PromptEncoder
 from pipelines.prompts.parser import prompts_per_step
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
 
     def encode(text: str):
         key = (*base_key, text, enc.embedding_key(text))  # a replaced embedding file re-encodes
-        return cache.get(key, lambda: enc.encode(text, emphasis=spec.emphasis, min_chunks=chunks))
+        emphasis = cast(Emphasis, spec.emphasis)  # validated: "a1111" or "none"
+        return cache.get(key, lambda: enc.encode(text, emphasis=emphasis, min_chunks=chunks))
 
     encoded = {t: encode(t) for t in distinct}
     uncond = _negative_encodings(model, spec, encoded, lambda: cache.get((*base_key, "", "zeros"), lambda: _zeros(
@@ -123,7 +124,7 @@ def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -
                 cond=c.embeds.to(model.device, model.dtype), uncond=u.embeds.to(model.device, model.dtype),
                 cond_pooled=on_device(c.pooled), uncond_pooled=on_device(u.pooled), time_ids=time_ids,
                 extra=tuple(e.embeds.to(model.device, model.dtype) for e in extra),
-                extra_pooled=tuple(on_device(e.pooled) for e in extra if e.pooled is not None), weights=weights)
+                extra_pooled=tuple(e.pooled.to(model.device, model.dtype) for e in extra if e.pooled is not None), weights=weights)
         return conds[key]
 
     return at

@@ -184,8 +184,9 @@ def split_for(unet, branch: int) -> SplitUNet:
     if branch not in per_branch:
         split = SplitUNet(unet, branch)
         if split.unet is not unet:
-            split.full = torch.compile(split.full, dynamic=False)
-            split.shallow = torch.compile(split.shallow, dynamic=False)
+            # instance attributes over the methods: the compiled passes (hence the ignores)
+            split.full = torch.compile(split.full, dynamic=False)  # type: ignore[method-assign]
+            split.shallow = torch.compile(split.shallow, dynamic=False)  # type: ignore[method-assign]
         per_branch[branch] = split
     return per_branch[branch]
 

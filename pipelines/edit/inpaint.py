@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def editor_images(value: Any, name: str = "inpaint_editor") -> tuple[Image.Image
     for layer in value.get("layers") or []:
         alpha = _layer_alpha(layer, name)
         if alpha.size != image.size:
-            alpha = alpha.resize(image.size, Image.NEAREST)
+            alpha = alpha.resize(image.size, Image.Resampling.NEAREST)
         mask = alpha if mask is None else ImageChops.lighter(mask, alpha)
     if mask is not None and mask.getextrema()[1] == 0:
         mask = None
@@ -106,7 +106,7 @@ def check_mask(mask: Image.Image, image: Image.Image | None, soft: bool) -> None
     if mask.size != image.size:
         raise ValidationError("mask", f"{mask.width}x{mask.height}",
                               f"must have the image's size {image.width}x{image.height}; resize or redraw it")
-    lo, hi = mask.convert("L").getextrema()
+    lo, hi = cast("tuple[int, int]", mask.convert("L").getextrema())  # one band: (min, max)
     if hi < (1 if soft else 128):
         raise ValidationError("mask", "empty", "is all black, so nothing would be repainted; paint (white) the "
                                                "area to repaint")
@@ -184,7 +184,7 @@ def _grow(new: np.ndarray, px: int, sides: Sequence[int]) -> np.ndarray:
 def composite(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
     """A1111's apply_overlay: original * (1 - m) + generated * m with the blurred mask m; exact where m == 0."""
     o = np.asarray(original.convert("RGB"), dtype=np.float32)
-    g = np.asarray(generated.convert("RGB").resize(original.size, Image.LANCZOS), dtype=np.float32)
+    g = np.asarray(generated.convert("RGB").resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)
     m = np.asarray(mask.convert("L"), dtype=np.float32)[..., None] / 255.0
     out = np.where(m > 0, np.clip(o + (g - o) * m, 0, 255).round(), o)
     return Image.fromarray(out.astype(np.uint8))
@@ -300,7 +300,7 @@ class LatentMask:
             return torch.where(keep, proper.to(latents.dtype), latents)
 
         out: dict[str, Any] = {"post_step": post_step}
-        if self.nine_channel:
+        if self.masked_latents is not None:  # = self.nine_channel, narrowed for the type checker
             hard = (strength >= 0.5).to(init.dtype)
             out["extra_channels"] = torch.cat([hard.expand(self.masked_latents.shape[0], -1, -1, -1),
                                                self.masked_latents.to(init.device, init.dtype)], dim=1)

@@ -55,16 +55,17 @@ def prepare_work(req: GenerationRequest, native: int) -> InpaintWork:
     c = req.inpaint
     size = (req.width, req.height)
     image = req.init_image.convert("RGB")
-    image = image if image.size == size else image.resize(size, Image.LANCZOS)
+    image = image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
     mask = None
     if req.mask is not None:
         mask = req.mask.convert("L")
-        mask = mask if mask.size == size else mask.resize(size, Image.BILINEAR)
+        mask = mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
         if c.mask_mode == "inpaint not masked":
             mask = Image.eval(mask, lambda v: 255 - v)
     limit = None
     if any(c.outpaint):
         image, mask, limit = outpaint(image, mask, c.outpaint, seed=req.seed)
+    assert mask is not None  # a mask or an outpaint side (which makes one): the only requests sent here
     repaint = prepare_mask(mask, blur=c.mask_blur, invert=False, soft=c.soft_inpainting)
     paste = repaint if limit is None else ImageChops.multiply(repaint, limit)
     start = fill(image, repaint) if c.masked_content == "fill" else image
@@ -103,7 +104,7 @@ def _control(req: GenerationRequest, work: InpaintWork) -> GenerationRequest:
     if work.box is None or not req.control:
         return req
     full = work.original.size
-    units = tuple(replace(u, image=u.image.convert("RGB").resize(full, Image.LANCZOS).crop(work.box))
+    units = tuple(replace(u, image=u.image.convert("RGB").resize(full, Image.Resampling.LANCZOS).crop(work.box))
                   for u in req.control)
     return replace(req, control=units)
 
@@ -113,7 +114,7 @@ def _paste(work: InpaintWork, generated: Image.Image) -> Image.Image:
     if work.box is not None:
         x1, y1, x2, y2 = work.box
         canvas = work.original.copy()
-        canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
         generated = canvas
     return composite(work.original, generated, work.paste)
 
@@ -162,7 +163,7 @@ def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork)
 
     h = req.hires
     tw, th = hires_target(*work.original.size, h.scale)
-    mask = work.repaint.resize((tw, th), Image.BILINEAR)
+    mask = work.repaint.resize((tw, th), Image.Resampling.BILINEAR)
     config = replace(req.inpaint, mask_mode="inpaint masked", outpaint_left=0, outpaint_right=0, outpaint_top=0,
                      outpaint_bottom=0)
     return replace(req, init_image=image, mask=mask, width=tw, height=th, strength=hires_denoise(req),

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def _text_encoder(vocab_size: int, eos: int, hidden: int, projection: bool):
 
 
 def _vae():
-    from diffusers import AutoencoderKL
+    from diffusers.models import AutoencoderKL  # not `diffusers`: a type checker sees its torch-less placeholders there
 
     # Four blocks = three downsamples = the real 8x latent scale of Stable Diffusion.
     return AutoencoderKL(
@@ -91,7 +92,7 @@ def _vae():
 
 
 def _taesd():
-    from diffusers import AutoencoderTiny
+    from diffusers.models import AutoencoderTiny  # not `diffusers`: a type checker sees its torch-less placeholders there
 
     return AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8, 8),
@@ -126,7 +127,7 @@ def _scheduler():
 
 
 def _unet(sdxl: bool, in_channels: int = 4):
-    from diffusers import UNet2DConditionModel
+    from diffusers.models import UNet2DConditionModel  # not `diffusers`: a type checker sees its torch-less placeholders there
 
     common = dict(
         sample_size=8,
@@ -178,6 +179,8 @@ def build_tiny(name: str, folder: Path) -> Path:
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     sdxl, inpaint = name.startswith("tiny-sdxl"), name in INPAINT_MODELS
     unet, vae = _unet(sdxl, 9 if inpaint else 4), _vae()
+    cls: type
+    pipe: Any  # one of four pipeline classes (diffusers' top-level names: placeholders to a type checker)
     te1 = _text_encoder(vocab, eos, 32, projection=False)
     if sdxl:
         te2 = _text_encoder(vocab, eos, 32, projection=True)

@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def resolve_upscaler(name: str, models_dir: Path) -> Path | str:
     )
 
 
-def _check_descriptor(model: object, path: Path) -> None:
+def _check_descriptor(model: Any, path: Path) -> None:
     """Raise ModelError unless `model` is an RGB image-to-image spandrel model."""
     from spandrel import ImageModelDescriptor
 
@@ -226,7 +227,7 @@ def _target_size(image: Image.Image, scale: float | None, size: tuple[int, int] 
         raise ValidationError("upscale", (scale, size), "needs exactly one of scale or size")
     if size is not None:
         width, height = (int(v) for v in size)
-    elif scale > 0:
+    elif scale is not None and scale > 0:  # not None: exactly one of the two is given
         width, height = round(image.width * scale), round(image.height * scale)
     else:
         raise ValidationError("hires_scale", scale, "must be > 0")

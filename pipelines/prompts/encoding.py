@@ -9,7 +9,7 @@ Tokenizing and counting are pure Python; torch is imported lazily inside the enc
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,7 +62,8 @@ class _Chunker:
     an embedding's vectors over two chunks."""
 
     def __init__(self, comma: int | None):
-        self.comma, self.chunks = comma, []
+        self.comma = comma
+        self.chunks: list[tuple[list[int], list[float], list[tuple[int, str]]]] = []
         self.tokens: list[int] = []
         self.weights: list[float] = []
         self.fixes: list[tuple[int, str]] = []
@@ -161,6 +162,7 @@ def _chunk(tokenizer: Any, text: str, embeddings: Mapping[str, int] | None = Non
                 chunker.add(tokens[at], weight)
                 at += 1
             else:
+                assert embeddings is not None  # found: in `lookup`, built from `embeddings`
                 chunker.add_embedding(found[0], tokens[at], embeddings[found[0]], weight)
                 at += found[1]
     return chunker.finish()
@@ -172,7 +174,8 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.eos_token_id if pad is None else pad
 
 
-def _window(tokenizer: Any, tokens: list[int], weights: list[float], fixes: list[tuple[int, str]] = ()) -> PromptChunk:
+def _window(tokenizer: Any, tokens: list[int], weights: list[float], fixes: Sequence[tuple[int, str]] = ()
+            ) -> PromptChunk:
     """Wrap up to 75 tokens in BOS ... EOS and pad to 77."""
     pad = CHUNK_TOKENS - len(tokens)
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [_pad_id(tokenizer)] * pad
@@ -351,6 +354,7 @@ class PromptEncoder:
         """`embeds` [1, 77, D] with the vectors of each (position, name) in `fixes` written in (a new tensor)."""
         if not fixes:
             return embeds
+        assert self.embeddings is not None  # fixes come only from the names of `self.embeddings`
         widths = [encoder.get_input_embeddings().embedding_dim for encoder in self.text_encoders]
         out = embeds.clone()
         for at, name in fixes:

@@ -301,8 +301,9 @@ def deploy(*, models_dir: str, device: str | None = None, dtype: str = "auto", d
     scaling: dict[str, Any] = {"num_replicas": min_workers} if max_workers == min_workers else {
         "autoscaling_config": {"min_replicas": min_workers, "max_replicas": max_workers,
                                "initial_replicas": min_workers, "target_ongoing_requests": 1}}
-    worker = serve.deployment(TesseraWorker, name="TesseraWorker", ray_actor_options=options,
-                              max_ongoing_requests=1, **scaling)
+    # Any: with **scaling, mypy picks the decorator overload of serve.deployment (this call returns a Deployment)
+    worker: Any = serve.deployment(TesseraWorker, name="TesseraWorker", ray_actor_options=options,
+                                   max_ongoing_requests=1, **scaling)
     serve.start(proxy_location="Disabled")
     app = worker.bind(str(Path(models_dir).resolve()), device, dtype, default_model, threads)
     return serve.run(app, name=name, route_prefix=None)

@@ -201,7 +201,7 @@ class Backend:
         return RunStream(self._consume(events, cancel, worker), cancel)
 
     @staticmethod
-    def _consume(events: queue.Queue, cancel: threading.Event, worker: threading.Thread):
+    def _consume(events: queue.Queue, cancel: RunToken, worker: threading.Thread):
         worker.start()  # on the first next(): a stream dropped before it was iterated runs nothing
         delivered = False
         try:
