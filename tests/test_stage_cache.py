@@ -53,7 +53,8 @@ def test_stage1_key_hits_for_an_equal_image_in_another_object_and_misses_for_one
     control = (ControlUnit(image=_one_pixel_changed(_image(2)), type="none"),)
     assert stage1_key(replace(req, control=control), MODEL, [1]) != stage1_key(req, MODEL, [1])
     # stage-2 settings are not part of the key; stage-1 ones are
-    assert stage1_key(replace(req, hires=HiresConfig(scale=1.5, denoise=0.2)), MODEL, [1]) == stage1_key(req, MODEL, [1])
+    stage2_changed = replace(req, hires=HiresConfig(scale=1.5, denoise=0.2))
+    assert stage1_key(stage2_changed, MODEL, [1]) == stage1_key(req, MODEL, [1])
     assert stage1_key(req, MODEL, [2]) != stage1_key(req, MODEL, [1])
     assert stage1_key(replace(req, init_image=object()), MODEL, [1]) is None  # not hashable: not cached
 

@@ -125,12 +125,46 @@ class LoopInputs:
     tile_filter: Callable[[list[Tile]], list[Tile]] | None = None
 
 
-def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats, parts: int = 1,
-              view: int = 0):
+@dataclass(frozen=True)
+class StepCall:
+    """What every UNet call of one step shares: the scaled model input, the timestep, whether uncond rows run."""
+
+    x_in: torch.Tensor  # [B, C, h, w], `scheduler.scale_model_input` applied
+    t: Any
+    index: int  # this step
+    steps: int
+    do_cfg: bool
+    stats: LoopStats
+
+
+@dataclass(frozen=True)
+class View:
+    """One view of a step: its conditioning over the tiles it runs on; a regional view's weight mask [h, w]."""
+
+    cond: Conditioning
+    tiles: Sequence[Tile]
+    mask: torch.Tensor | None = None
+    index: int = 0  # 0 = the base prompt, 1.. = the regions (the feature cache keys by it)
+
+
+@dataclass(frozen=True)
+class UNetRows:
+    """One UNet call's inputs for a batch of tiles: [uncond,] cond_1..cond_k row blocks of `images` samples x tiles."""
+
+    x: torch.Tensor
+    t: Any
+    enc: torch.Tensor
+    added: dict | None
+    tiles: Sequence[Tile]
+    images: int
+
+
+def _unet_for(inp: LoopInputs, call: StepCall, view: View, group: Sequence[Tile], images: int):
     """The UNet itself, or the feature cache's stand-in for this batch of tiles (DeepCache), keyed by view too."""
     if inp.feature_cache is None:
         return inp.unet
-    return inp.feature_cache.bind(step, group, do_cfg, images, stats, parts=parts, view=view)
+    return inp.feature_cache.bind(call.index, group, call.do_cfg, images, call.stats, parts=len(view.cond.weights),
+                                  view=view.index)
 
 
 def _check_cancel(cancel) -> None:
@@ -170,40 +204,6 @@ def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: list[Ti
     extra = inp.extra_channels.to(model_in.device, model_in.dtype).expand(n_img, -1, -1, -1)
     crops = torch.cat([extra[..., t.y:t.y + t.h, t.x:t.x + t.w] for t in tiles])
     return torch.cat([model_in, crops.repeat(model_in.shape[0] // crops.shape[0], 1, 1, 1)], dim=1)
-
-
-@dataclass(frozen=True)
-class StepCall:
-    """What every UNet call of one step shares: the scaled model input, the timestep, whether uncond rows run."""
-
-    x_in: torch.Tensor  # [B, C, h, w], `scheduler.scale_model_input` applied
-    t: Any
-    index: int  # this step
-    steps: int
-    do_cfg: bool
-    stats: LoopStats
-
-
-@dataclass(frozen=True)
-class View:
-    """One view of a step: its conditioning over the tiles it runs on; a regional view's weight mask [h, w]."""
-
-    cond: Conditioning
-    tiles: Sequence[Tile]
-    mask: torch.Tensor | None = None
-    index: int = 0  # 0 = the base prompt, 1.. = the regions (the feature cache keys by it)
-
-
-@dataclass(frozen=True)
-class UNetRows:
-    """One UNet call's inputs for a batch of tiles: [uncond,] cond_1..cond_k row blocks of `images` samples x tiles."""
-
-    x: torch.Tensor
-    t: Any
-    enc: torch.Tensor
-    added: dict | None
-    tiles: Sequence[Tile]
-    images: int
 
 
 def _control_residuals(inp: LoopInputs, call: StepCall, rows: UNetRows) -> tuple[list | None, torch.Tensor | None]:
@@ -345,7 +345,7 @@ def _unet_batch(inp: LoopInputs, unet, call: StepCall, view: View, group: Sequen
     down, mid = _control_residuals(inp, call, UNetRows(model_in, t, enc, added, group, b))
     model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
     if unet is None:
-        unet = _unet_for(inp, call.index, group, call.do_cfg, b, call.stats, len(cond.weights), view.index)
+        unet = _unet_for(inp, call, view, group, b)
     return unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                 down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
 
