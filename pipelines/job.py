@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from pipelines.planner import Plan
 from pipelines.request import GenerationRequest, TileConfig
 from pipelines.vae import io as vae_io
 
+if TYPE_CHECKING:
+    from pipelines.models.manager import LoadedModel
+
 LOW_MEMORY_TILE = 64  # latent px: the UNet tile of the out-of-memory retry
 LOW_MEMORY_VAE_TILE = 32  # latent px: the VAE tile of the out-of-memory retry
 
@@ -28,8 +31,8 @@ LOW_MEMORY_VAE_TILE = 32  # latent px: the VAE tile of the out-of-memory retry
 class Job:
     """One attempt at a request on a loaded model (the out-of-memory retry is a second `Job`)."""
 
-    model: Any
-    """The `pipelines.models.manager.LoadedModel` it runs on."""
+    model: LoadedModel
+    """The loaded model it runs on."""
     req: GenerationRequest
     """The checked request, its seed resolved."""
     seeds: list[int]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from pipelines.outputs import GenerationResult, Outcome
 from pipelines.request import GenerationRequest
 from pipelines.tiling import plan_tiles
 from pipelines.vae import io as vae_io
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
 
 
 @dataclass
@@ -129,7 +132,7 @@ def tiles_note(plan, stats: LoopStats) -> str:
     return f"; inpainting runs {stats.tiles_per_step} of {total} tiles"
 
 
-def _inpaint_pass(engine, job: Job) -> tuple[list[Image.Image], Any, CodecOptions, InpaintWork]:
+def _inpaint_pass(engine: Engine, job: Job) -> tuple[list[Image.Image], Any, CodecOptions, InpaintWork]:
     """One prepared, run and pasted inpainting stage of `job.req`: (images, plan, VAE settings, the work it did)."""
     model, req = job.model, job.req
     work = prepare_work(req, model.native_size)
@@ -174,7 +177,7 @@ def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork)
                    cfg=h.cfg or req.cfg, hires=HiresConfig(), inpaint=config)
 
 
-def _hires(engine, job: Job, images: list[Image.Image], work: InpaintWork
+def _hires(engine: Engine, job: Job, images: list[Image.Image], work: InpaintWork
            ) -> tuple[list[Image.Image], Any, CodecOptions]:
     """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
     from pipelines.models.upscalers import upscale_image
@@ -192,7 +195,7 @@ def _hires(engine, job: Job, images: list[Image.Image], work: InpaintWork
     return out, plan, codec
 
 
-def run_inpaint(engine, job: Job) -> GenerationResult:
+def run_inpaint(engine: Engine, job: Job) -> GenerationResult:
     """Inpaint/outpaint `job.req` on its loaded model (then the hires refine under the same mask, when on); returns
     the engine's GenerationResult (images saved)."""
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -31,6 +32,9 @@ from pipelines.request import hires_target
 from pipelines.stage_cache import stage1_key
 from pipelines.vae import io as vae_io
 
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
+
 
 @dataclass(frozen=True)
 class Stage2:
@@ -46,7 +50,7 @@ class Stage2:
     """Why the tile ControlNet was left out, for the result's warnings."""
 
 
-def generate(engine, job: Job) -> GenerationResult:
+def generate(engine: Engine, job: Job) -> GenerationResult:
     """Run `job` (no mask, no outpainting) on `engine` and return its saved result."""
     model, req = job.model, job.req
     plan = engine.plan(req, model)
@@ -72,7 +76,7 @@ def generate(engine, job: Job) -> GenerationResult:
     return result
 
 
-def draft_spec(engine, job: Job, plan: Plan) -> StageSpec:
+def draft_spec(engine: Engine, job: Job, plan: Plan) -> StageSpec:
     """Stage 1 of the request at its own size: prompts, sampling, the plan's tiles, ControlNet units, regions."""
     req = job.req
     return StageSpec(
@@ -86,7 +90,7 @@ def draft_spec(engine, job: Job, plan: Plan) -> StageSpec:
     )
 
 
-def draft(engine, job: Job, spec: StageSpec) -> torch.Tensor:
+def draft(engine: Engine, job: Job, spec: StageSpec) -> torch.Tensor:
     """Stage-1 latents, from the engine's stage-1 cache when only stage-2 settings changed (hires on, the model's
     own UNet)."""
     req, model = job.req, job.model
@@ -97,7 +101,7 @@ def draft(engine, job: Job, spec: StageSpec) -> torch.Tensor:
     return engine.stage1_cache.latents(key, lambda: job.run_stage(spec, engine.prompt_cache), model.device)
 
 
-def refine(engine, job: Job, spec: StageSpec, latents: torch.Tensor) -> Stage2:
+def refine(engine: Engine, job: Job, spec: StageSpec, latents: torch.Tensor) -> Stage2:
     """The hires stage: plan at the target size, upscale the draft, refine it (unless there is nothing to refine)."""
     model, req = job.model, job.req
     tw, th = hires_target(req.width, req.height, req.hires.scale)
@@ -113,8 +117,8 @@ def refine(engine, job: Job, spec: StageSpec, latents: torch.Tensor) -> Stage2:
     return Stage2(plan, codec, job.run_stage(spec2, engine.prompt_cache), None, note)
 
 
-def tile_control(engine, job: Job, latents: torch.Tensor, big: list[Image.Image] | None, codec: CodecOptions
-                 ) -> tuple[tuple, str | None]:
+def tile_control(engine: Engine, job: Job, latents: torch.Tensor, big: list[Image.Image] | None,
+                 codec: CodecOptions) -> tuple[tuple, str | None]:
     """A tile ControlNet unit for the refine, fed each image's upscaled draft; ((), why) if unavailable."""
     model, req = job.model, job.req
     if not req.hires.control_tile:
