@@ -82,23 +82,13 @@ def share_warning(share: bool, auth: object | None) -> str | None:
 
 def build_demo(args: argparse.Namespace):
     """Compose the engine with the UI (no weights are loaded until the first request)."""
-    from pipelines.engine import Engine
-    from pipelines.models.manager import ModelManager
+    from pipelines.factory import build_engine
     from pipelines.serving.service import make_backend
     from ui.app import create_demo
 
     if getattr(args, "ray", None) is not None:
         return _build_ray_demo(args)
-    from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
-
-    devices = parse_devices(getattr(args, "devices", None), args.device)
-    if len(devices) == 1:
-        manager = ModelManager(args.models_dir, device=devices[0], dtype=args.dtype, attention=args.attention,
-                               compile_unet=args.compile, offload=args.offload)
-        engine = WorkerPool([Engine(manager, args.out)], [f"0:{devices[0]}"])
-    else:
-        engine = build_pool(devices, args.models_dir, args.out, dtype=args.dtype, attention=args.attention,
-                            compile_unet=args.compile, offload=args.offload, split=args.split_image)
+    engine = build_engine(args, pool=True)  # a worker per --devices entry (`pipelines.factory`)
     if args.model:
         engine.default_model = args.model
     notice = engine.manager.availability(engine.default_model)

@@ -190,17 +190,9 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine(args: argparse.Namespace):
-    from pipelines.engine import Engine
-    from pipelines.models.manager import ModelManager
-    from pipelines.serving.workers import build_pool, parse_devices
+    from pipelines.factory import build_engine
 
-    devices = parse_devices(args.devices, args.device)
-    if len(devices) > 1:
-        return build_pool(devices, args.models_dir, args.out, dtype=args.dtype, attention=args.attention,
-                          compile_unet=args.compile, offload=args.offload, split=args.split_image, allow_paths=True)
-    manager = ModelManager(args.models_dir, device=devices[0], dtype=args.dtype, attention=args.attention,
-                           compile_unet=args.compile, offload=args.offload)
-    return Engine(manager, args.out, allow_paths=True)
+    return build_engine(args, allow_paths=True)  # the CLI may name model files by path
 
 
 def _request(args: argparse.Namespace):

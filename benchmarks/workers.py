@@ -81,11 +81,12 @@ def batch_seconds(engine, model_name: str, tile: int, tile_batch: int, repeats: 
 
 def ultra_plan(engine, model_name: str, budget_gb: float):
     """The ultra preset's refine plan at 4096² for this model's family and a `budget_gb` device budget."""
-    from pipelines.planner import plan_generation
+    from pipelines.planner import PlanInput, TilingAsk, plan_generation
 
     family = engine.manager.resolve(model_name).family
-    return plan_generation(4096, 4096, batch=1, budget_bytes=int(budget_gb * 1e9),
-                           family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=2, force="on", vae_tiling="on")
+    return plan_generation(PlanInput(4096, 4096, batch=1, budget_bytes=int(budget_gb * 1e9),
+                                     family="sdxl" if family == "sdxl" else "sd1", dtype_bytes=2,
+                                     tiling=TilingAsk(force="on", vae_tiling="on")))
 
 
 def step_seconds(device: torch.device) -> float:

@@ -2,7 +2,9 @@
 
 Layout (docs/ARCHITECTURE.md has the whole map):
 
-- top level: `request` (what a job asks for), `errors`, `metadata`, `presets`, `planner`, `engine`, `hires`;
+- top level: `request` (what a job asks for), `errors`, `metadata`, `presets`, `planner` (+ `request_plan`), `engine`
+  (+ `job`, `outputs`, `stage_cache`, `process`), `factory` (ModelManager + Engine for app.py and cli.py);
+- `hires/`: the two-stage flow (draft -> upscale -> refine) and the refine's settings;
 - `vae/`: encode/decode, the exact tiled VAE and its streamed stages;
 - `prompts/`: the A1111 prompt parser, encoding, AND, embeddings;
 - `control/`: control images, preprocessors, ControlNet models, per-job units;

@@ -154,106 +154,159 @@ def _validate(width: int, height: int, batch: int, budget_bytes: int | None, fam
         raise ValidationError("dtype_bytes", dtype_bytes, "must be 1, 2 or 4")
 
 
-def _pick_tile_batch(
-    family: Family, tile_px: int, n_tiles: int, batch: int, dtype_bytes: int, base: int, budget: int | None,
-    act: float = 1.0, rows: int = 2,
-) -> int:
+@dataclass(frozen=True)
+class TilingAsk:
+    """What a request asks of the tiling; None and "auto" leave the choice to the planner (sizes in latent px)."""
+
+    tile_size: int | None = None
+    overlap: int | None = None
+    tile_batch: int | None = None
+    force: Switch = "auto"
+    """UNet tiling: auto (when the whole latent does not fit the budget) | on | off."""
+    vae_tiling: Switch = "auto"
+    vae_tile_size: int | None = None
+    vae_mode: VaeMode = "auto"
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the loaded model takes: its weight bytes and activation scale, its tiled VAE's canvases."""
+
+    weights: int | None = None
+    """Bytes of the loaded weights; None = the family's constant (`PARAMS`)."""
+    activation_scale: float = 1.0
+    """Scales the per-pixel activation constants for models narrower than the real architecture (tiny models)."""
+    vae_splits: Sequence[Split] | None = None
+    """`pipelines.vae.tiling.decode_splits` at this size: the tiled VAE's canvases per hand-over of its runners."""
+    host_budget_bytes: int | None = None
+    """Host memory those canvases may take (None = no limit)."""
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    """Regional prompts (`pipelines.denoise.region_spec.Region`s) over a `canvas`-sized stage 1."""
+
+    regions: Sequence = ()
+    base: str = "rest"
+    canvas: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """One generation to plan: its size and batch, the device budget, the model, what the request asks."""
+
+    width: int
+    height: int
+    family: Family
+    budget_bytes: int | None
+    """Device memory the run may take; None = no limit."""
+    batch: int = 1
+    dtype_bytes: int = 2
+    cond_rows: int = 2
+    """UNet rows per sample and view: 2 with CFG, 1 + the parts of an AND prompt (`pipelines.prompts.composable`)."""
+    tiling: TilingAsk = TilingAsk()
+    model: ModelFootprint = ModelFootprint()
+    regions: RegionLayout = RegionLayout()
+
+
+def plan_generation(spec: PlanInput) -> Plan:
+    """Choose UNet tiling (MultiDiffusion, Bar-Tal et al. 2023) and VAE tiling so the estimate fits the budget.
+
+    The model's `weights` replace the family's constant. Its `vae_splits` against `host_budget_bytes` pick the
+    tiled VAE's mode when `vae_mode` is auto, and how much of it streams; a forced "stream" streams every stage (the
+    least host memory). Regions add their views to the UNet calls per step: each over the tiles it touches
+    (`pipelines.denoise.regions.views_per_step`).
+    """
+    _check(spec)
+    width, height, family, ask = spec.width, spec.height, spec.family, spec.tiling
+    lw, lh = width // SCALE, height // SCALE
+    base = _base_bytes(spec)
+    unet_full = _unet_bytes(spec, lw * lh, 1)
+    tiled = ask.force == "on" or (ask.force == "auto" and _over(base + unet_full, spec.budget_bytes))
+    vae_fields, vae_act = _plan_vae(spec, base)
+    common = dict(width=width, height=height, batch=spec.batch, **vae_fields)
+    if not tiled:
+        calls = _region_calls(spec.regions, [Tile(0, 0, lh, lw)], width, height, 1)
+        return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
+                    est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=calls or 1)
+    size = ask.tile_size if ask.tile_size is not None else DEFAULT_TILE[family]
+    ov = ask.overlap if ask.overlap is not None else min(DEFAULT_OVERLAP, size // 2)
+    tiles = plan_tiles(lh, lw, size, ov)
+    tile_px = tiles[0].h * tiles[0].w
+    tb = min(ask.tile_batch or _pick_tile_batch(spec, tile_px, len(tiles), base), len(tiles))
+    return Plan(**common, tiled=True, tile_size=size, overlap=ov, tile_batch=tb, tiles_per_step=len(tiles),
+                est_peak_bytes=base + max(_unet_bytes(spec, tile_px, tb), vae_act),
+                unet_evals_per_step=_region_calls(spec.regions, tiles, width, height, tb)
+                or math.ceil(len(tiles) / tb))
+
+
+def _check(spec: PlanInput) -> None:
+    """Validate what `plan_generation` is given."""
+    _validate(spec.width, spec.height, spec.batch, spec.budget_bytes, spec.family, spec.dtype_bytes)
+    ask = spec.tiling
+    _check_choice("force", ask.force, ("auto", "on", "off"))
+    _check_choice("vae_tiling", ask.vae_tiling, ("auto", "on", "off"))
+    _check_choice("vae_mode", ask.vae_mode, ("auto", "exact", "stream"))
+    if ask.tile_batch is not None and (not isinstance(ask.tile_batch, int) or ask.tile_batch < 1):
+        raise ValidationError("tile_batch", ask.tile_batch,
+                              "must be an integer >= 1, or None to choose from the budget")
+
+
+def _base_bytes(spec: PlanInput) -> int:
+    """The weights: the loaded model's bytes, else the family's constant."""
+    return spec.model.weights if spec.model.weights is not None else weight_bytes(spec.family, spec.dtype_bytes)
+
+
+def _unet_bytes(spec: PlanInput, latent_px: int, tiles: int) -> int:
+    """UNet activations of one call on `tiles` tiles of `latent_px` each, every row of every sample."""
+    samples = spec.cond_rows * spec.batch * tiles
+    return int(spec.model.activation_scale * unet_activation_bytes(spec.family, latent_px, samples, spec.dtype_bytes))
+
+
+def _vae_bytes(spec: PlanInput, tile: int | None = None) -> int:
+    """VAE decode activations: whole, or one device tile of `tile` latent px (`vae_activation_bytes`)."""
+    raw = vae_activation_bytes(spec.width, spec.height, spec.dtype_bytes, tile)
+    return int(spec.model.activation_scale * raw)
+
+
+def _pick_tile_batch(spec: PlanInput, tile_px: int, n_tiles: int, base: int) -> int:
     """Largest tile batch (<= MAX_TILE_BATCH, <= tiles) whose UNet activations fit the budget; at least 1."""
     best = 1
     for tb in range(1, min(MAX_TILE_BATCH, n_tiles) + 1):
-        if budget is None or base + act * unet_activation_bytes(family, tile_px, rows * batch * tb, dtype_bytes) <= budget:
+        if spec.budget_bytes is None or base + spec.model.activation_scale * unet_activation_bytes(
+                spec.family, tile_px, spec.cond_rows * spec.batch * tb, spec.dtype_bytes) <= spec.budget_bytes:
             best = tb
     return best
 
 
-def plan_generation(
-    width: int,
-    height: int,
-    *,
-    batch: int = 1,
-    budget_bytes: int | None,
-    family: Family,
-    dtype_bytes: int = 2,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    tile_batch: int | None = None,
-    force: Switch = "auto",
-    vae_tiling: Switch = "auto",
-    vae_tile_size: int | None = None,
-    vae_mode: VaeMode = "auto",
-    vae_splits: Sequence[Split] | None = None,
-    host_budget_bytes: int | None = None,
-    weights: int | None = None,
-    activation_scale: float = 1.0,
-    regions: Sequence = (),
-    region_base: str = "rest",
-    region_canvas: tuple[int, int] | None = None,
-    cond_rows: int = 2,
-) -> Plan:
-    """Choose UNet tiling (MultiDiffusion, Bar-Tal et al. 2023) and VAE tiling so the estimate fits the budget.
-
-    `weights` (bytes of the loaded model) replaces the family's constant; `activation_scale` scales the
-    per-pixel activation constants for models narrower than the real architecture (e.g. the tiny test models).
-    `vae_splits` (`pipelines.vae.tiling.decode_splits` at this size: the tiled VAE's canvases for each hand-over
-    between its runners) against `host_budget_bytes` (None = no limit) picks the tiled VAE's mode when `vae_mode` is
-    auto, and how much of it streams; a forced "stream" streams every stage (the least host memory).
-    `regions` (`pipelines.denoise.region_spec.Region`s over a `region_canvas`-sized stage 1) add their views to the UNet
-    calls per step: each over the tiles it touches (`pipelines.denoise.regions.views_per_step`). `cond_rows` = UNet rows
-    per sample and view: 2 with CFG, 1 + the parts of an AND prompt (`pipelines.prompts.composable`).
-    """
-    _validate(width, height, batch, budget_bytes, family, dtype_bytes)
-    _check_choice("force", force, ("auto", "on", "off"))
-    _check_choice("vae_tiling", vae_tiling, ("auto", "on", "off"))
-    _check_choice("vae_mode", vae_mode, ("auto", "exact", "stream"))
-    if tile_batch is not None and (not isinstance(tile_batch, int) or tile_batch < 1):
-        raise ValidationError("tile_batch", tile_batch, "must be an integer >= 1, or None to choose from the budget")
-    lw, lh = width // SCALE, height // SCALE
-    base = weights if weights is not None else weight_bytes(family, dtype_bytes)
-    act = activation_scale
-    unet_full = int(act * unet_activation_bytes(family, lw * lh, cond_rows * batch, dtype_bytes))
-    tiled = force == "on" or (force == "auto" and _over(base + unet_full, budget_bytes))
-    vae_full = int(act * vae_activation_bytes(width, height, dtype_bytes))
-    vae_tiled = vae_tiling == "on" or (vae_tiling == "auto" and _over(base + vae_full, budget_bytes))
-    mode, split, host_budget = _vae_mode(vae_tiled, vae_mode, vae_splits, host_budget_bytes)
+def _plan_vae(spec: PlanInput, base: int) -> tuple[dict, int]:
+    """(the Plan's VAE fields, the VAE's device activations): whole when it fits the budget, else tiled; a tiled
+    VAE layer by layer or streamed (`_vae_mode`), a streamed tile as large as the budget allows."""
+    ask, budget = spec.tiling, spec.budget_bytes
+    lw, lh = spec.width // SCALE, spec.height // SCALE
+    vae_full = _vae_bytes(spec)
+    vae_tiled = ask.vae_tiling == "on" or (ask.vae_tiling == "auto" and _over(base + vae_full, budget))
+    mode, split, host_budget = _vae_mode(vae_tiled, ask.vae_mode, spec.model.vae_splits, spec.model.host_budget_bytes)
     pad = (split.margin if split is not None else STREAM_MARGIN) if mode == "stream" else 0
-    vae_tile = (vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
-    if mode == "stream" and vae_tile_size is None:
+    vae_tile = (ask.vae_tile_size or DEFAULT_VAE_TILE) if vae_tiled else 0
+    if mode == "stream" and ask.vae_tile_size is None:
         # a streamed tile pays its margin on every side, so take the largest tile the budget allows
-        fits = [t for t in STREAM_TILES
-                if not _over(base + int(act * vae_activation_bytes(width, height, dtype_bytes, t + 2 * pad)),
-                             budget_bytes)]
+        fits = [t for t in STREAM_TILES if not _over(base + _vae_bytes(spec, t + 2 * pad), budget)]
         vae_tile = min(fits[0] if fits else DEFAULT_VAE_TILE, max(lw, lh))
     # a streamed tile also carries its context margin on both sides
-    device_tile = vae_tile + 2 * pad
-    vae_act = int(act * vae_activation_bytes(width, height, dtype_bytes, device_tile)) if vae_tiled else vae_full
-    common = dict(width=width, height=height, batch=batch, vae_tiled=vae_tiled, vae_tile_size=vae_tile,
-                  vae_mode=mode, vae_host_budget=host_budget, vae_split=split)
-    if not tiled:
-        calls = _region_calls(regions, [Tile(0, 0, lh, lw)], width, height, region_base, 1, region_canvas)
-        return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
-                    est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=calls or 1)
-    size = tile_size if tile_size is not None else DEFAULT_TILE[family]
-    ov = overlap if overlap is not None else min(DEFAULT_OVERLAP, size // 2)
-    tiles = plan_tiles(lh, lw, size, ov)
-    tile_px = tiles[0].h * tiles[0].w
-    tb = tile_batch or _pick_tile_batch(family, tile_px, len(tiles), batch, dtype_bytes, base, budget_bytes, act,
-                                        cond_rows)
-    tb = min(tb, len(tiles))
-    unet_act = int(act * unet_activation_bytes(family, tile_px, cond_rows * batch * tb, dtype_bytes))
-    return Plan(**common, tiled=True, tile_size=size, overlap=ov, tile_batch=tb, tiles_per_step=len(tiles),
-                est_peak_bytes=base + max(unet_act, vae_act),
-                unet_evals_per_step=_region_calls(regions, tiles, width, height, region_base, tb, region_canvas)
-                or math.ceil(len(tiles) / tb))
+    vae_act = _vae_bytes(spec, vae_tile + 2 * pad) if vae_tiled else vae_full
+    fields = dict(vae_tiled=vae_tiled, vae_tile_size=vae_tile, vae_mode=mode, vae_host_budget=host_budget,
+                  vae_split=split)
+    return fields, vae_act
 
 
-def _region_calls(regions: Sequence, tiles: list[Tile], width: int, height: int, base: str, tile_batch: int,
-                  canvas: tuple[int, int] | None) -> int:
+def _region_calls(layout: RegionLayout, tiles: list[Tile], width: int, height: int, tile_batch: int) -> int:
     """UNet calls per step of the base prompt and the regions over these tiles; 0 without regions."""
-    if not regions:
+    if not layout.regions:
         return 0
     from pipelines.denoise.regions import views_per_step
 
-    return views_per_step(regions, tiles, width, height, base, tile_batch, canvas)
+    return views_per_step(layout.regions, tiles, width, height, layout.base, tile_batch, layout.canvas)
 
 
 def _vae_mode(tiled: bool, asked: VaeMode, splits: Sequence[Split] | None, host_budget: int | None

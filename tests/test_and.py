@@ -211,13 +211,15 @@ def test_sdxl_parts_get_their_own_pooled_embedding(manager, engine):
 def test_planner_counts_the_rows_of_and_parts():
     """Activations grow with the UNet rows: [uncond, 3 parts] is 4 rows per sample, not 2."""
     from pipelines.engine import max_and_parts
-    from pipelines.planner import plan_generation
+    from pipelines.planner import ModelFootprint, PlanInput, TilingAsk, plan_generation
     from pipelines.request import GenerationRequest
 
-    kw = dict(budget_bytes=None, family="sd1", weights=0, force="off", vae_tiling="on")
-    plain, three = (plan_generation(1024, 1024, cond_rows=r, **kw) for r in (2, 4))
+    kw = dict(budget_bytes=None, family="sd1", model=ModelFootprint(weights=0),
+              tiling=TilingAsk(force="off", vae_tiling="on"))
+    plain, three = (plan_generation(PlanInput(1024, 1024, cond_rows=r, **kw)) for r in (2, 4))
     assert three.est_peak_bytes == 2 * plain.est_peak_bytes
-    budget = dict(kw, budget_bytes=int(1.5e9), force="on", tile_size=64, overlap=16)
-    assert plan_generation(1024, 1024, cond_rows=4, **budget).tile_batch < plan_generation(1024, 1024, **budget).tile_batch
+    budget = dict(kw, budget_bytes=int(1.5e9), tiling=TilingAsk(force="on", vae_tiling="on", tile_size=64, overlap=16))
+    four, two = (plan_generation(PlanInput(1024, 1024, cond_rows=r, **budget)) for r in (4, 2))
+    assert four.tile_batch < two.tile_batch
     assert max_and_parts(GenerationRequest(prompt="a AND b AND c")) == 3
     assert max_and_parts(GenerationRequest(prompt="a")) == 1

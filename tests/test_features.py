@@ -139,7 +139,7 @@ def test_streamed_and_exact_tiled_vae_give_the_same_image(engine, req_factory):
 
 
 def test_auto_streams_only_the_stages_whose_canvases_do_not_fit(engine, req_factory, monkeypatch):
-    from pipelines import engine as engine_module
+    from pipelines import request_plan
     from pipelines.vae import io as vae_io
     from pipelines.vae.tiling import decode_splits
 
@@ -148,9 +148,9 @@ def test_auto_streams_only_the_stages_whose_canvases_do_not_fit(engine, req_fact
     base = req_factory(width=256, height=192, steps=2, init_image=init, strength=0.5)
     options = decode_splits(model.vae, 24, 32)
     middle = next(s for s in options if 0 < s.at < s.stages and s.host_bytes < options[-1].host_bytes)
-    real_store = engine_module._vae_store
+    real_store = request_plan.vae_store
     # host RAM this small is below any memory_budget_gb a request may give: set the host budget itself
-    monkeypatch.setattr(engine_module, "_vae_store",
+    monkeypatch.setattr(request_plan, "vae_store",
                         lambda *a: {**real_store(*a), "host_budget_bytes": middle.host_bytes})
     req = replace(base, tiling=TileConfig(vae_tiling="on", vae_tile_size=16))
     plan = engine.plan(req, model)

@@ -149,12 +149,15 @@ def test_any_prompt_encodes(manager, prompt):
     """Through the tiny text encoder with either emphasis: no crash, and no NaN/inf reaching the UNet."""
     import torch
 
-    encoder = PromptEncoder.from_pipe(manager.get("tiny").pipe)
-    a1111 = encoder.encode_per_step(prompt, 3)
-    plain = encoder.encode_per_step(prompt, 3, emphasis="none")
-    assert len(a1111) == len(plain) == 3 and a1111[0].embeds.shape == plain[0].embeds.shape
-    for enc in (*a1111, *plain):
-        assert torch.isfinite(enc.embeds).all(), f"non-finite embeddings for {prompt[:60]!r}"
+    from pipelines.denoise.stages import PromptCache, build_conditioning
+    from tests.conftest import stage_spec
+
+    model = manager.get("tiny")
+    a1111, plain = ([build_conditioning(model, stage_spec(prompt=prompt, emphasis=e, steps=3), PromptCache(), 3)(i)
+                     for i in range(3)] for e in ("a1111", "none"))
+    assert len(a1111) == len(plain) == 3 and a1111[0].cond.shape == plain[0].cond.shape
+    for cond in (*a1111, *plain):
+        assert torch.isfinite(cond.cond).all(), f"non-finite embeddings for {prompt[:60]!r}"
 
 
 def test_a1111_emphasis_stays_finite_when_the_mean_is_near_zero(manager):

@@ -109,14 +109,15 @@ def test_catalogue_estimate_uses_the_models_own_size_without_download(tmp_path, 
     from pipelines.engine import Engine
     from pipelines.models.manager import ModelManager
     from pipelines.models.sizes import known_sizes
-    from pipelines.planner import plan_generation
+    from pipelines.planner import ModelFootprint, PlanInput, plan_generation
 
     manager = ModelManager(tmp_path / "models", device="cpu", dtype="fp16")  # loads nothing
     weights = known_sizes(manager.resolve(hub_id), 2)["weights"]
     assert weights == pytest.approx(fp16_gb * 1e9, rel=0.01)
     plan = Engine(manager, None).plan(_plan_req(hub_id))
     family = "sdxl" if "xl" in hub_id else "sd1"
-    expected = plan_generation(256, 256, budget_bytes=64_000_000_000, family=family, dtype_bytes=2, weights=weights)
+    expected = plan_generation(PlanInput(256, 256, budget_bytes=64_000_000_000, family=family, dtype_bytes=2,
+                                         model=ModelFootprint(weights=weights)))
     assert plan.est_peak_bytes == expected.est_peak_bytes
     assert manager.current is None
 
@@ -124,14 +125,14 @@ def test_catalogue_estimate_uses_the_models_own_size_without_download(tmp_path, 
 def test_local_folder_size_is_read_from_its_files(tmp_path, tiny_dir, manager):
     import shutil
 
-    from pipelines.engine import _model_sizes
     from pipelines.models.manager import Source
     from pipelines.models.sizes import known_sizes
+    from pipelines.request_plan import model_sizes
 
     folder = shutil.copytree(tiny_dir, tmp_path / "mine")
     (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not counted: a variant copy")
     sizes = known_sizes(Source("folder", str(folder)), 4)
-    loaded = _model_sizes(manager.get("tiny"))
+    loaded = model_sizes(manager.get("tiny"))
     assert sizes["weights"] == pytest.approx(loaded["weights"], rel=0.01)
     assert sizes["activation_scale"] == loaded["activation_scale"]
 

@@ -321,12 +321,17 @@ def test_sdxl_shapes_and_first_chunk_pooled(sdxl: PromptEncoder) -> None:
     assert sdxl.encode("abcd BREAK efgh").embeds.shape == (1, 154, 64)
 
 
-def test_cache_and_per_step_encoding(sd: PromptEncoder) -> None:
+def test_cache_and_per_step_encoding(sd: PromptEncoder, tiny) -> None:
     # caching across calls is the engine's PromptCache (test_engine counts encoder calls); encoding is deterministic
+    from pipelines.denoise.stages import PromptCache, build_conditioning
+    from tests.conftest import stage_spec
+
     assert torch.equal(sd.encode("abcd").embeds, sd.encode("abcd").embeds)
-    steps = sd.encode_per_step("[abcd:" + LONG + ":0.5]", 4)
-    assert [s.chunks for s in steps] == [5, 5, 5, 5]
+    at = build_conditioning(tiny, stage_spec(prompt="[abcd:" + LONG + ":0.5]", steps=4), PromptCache(), 4)
+    steps = [at(i) for i in range(4)]  # the stages' per-step conditioning: every step padded to the same chunks
+    assert [s.cond.shape[1] // 77 for s in steps] == [5, 5, 5, 5]
     assert steps[0] is steps[1] and steps[2] is steps[3] and steps[1] is not steps[2]
+    assert torch.equal(steps[3].cond, sd.encode(LONG).embeds)
 
 
 def test_follows_encoder_dtype(tiny_dir: Path) -> None:

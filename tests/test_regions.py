@@ -107,7 +107,7 @@ def test_tiled_equals_untiled_with_regions_for_a_pointwise_model(tiny, engine, b
 
 
 def test_regions_cost_nothing_on_tiles_they_miss_and_the_planner_counts_views(tiny, engine):
-    from pipelines.planner import plan_generation
+    from pipelines.planner import PlanInput, RegionLayout, TilingAsk, plan_generation
 
     corner = Region(0, 0, 0.2, 0.2, "a sun")
     tiles = TileSpec(size=16, overlap=4, blend="average", batch=1)
@@ -119,11 +119,13 @@ def test_regions_cost_nothing_on_tiles_they_miss_and_the_planner_counts_views(ti
     grid = plan_tiles(64, 64, 16, 4)
     touched = [t for t in grid if t.y < 13 and t.x < 13]  # the region covers latent rows/cols 0..12
     assert res.stats.unet_calls == 2 * (len(grid) + len(touched)) == plain.stats.unet_calls + 2 * len(touched)
-    plan = plan_generation(512, 512, budget_bytes=None, family="sd1", force="on", tile_size=16, overlap=4,
-                           tile_batch=1, regions=(corner,), region_base="background")
+    plan = plan_generation(PlanInput(512, 512, budget_bytes=None, family="sd1",
+                                     tiling=TilingAsk(force="on", tile_size=16, overlap=4, tile_batch=1),
+                                     regions=RegionLayout((corner,), base="background")))
     assert plan.unet_evals_per_step == res.stats.unet_calls // 2
     assert views_per_step((corner,), grid, 512, 512, "background", 1) == len(grid) + len(touched)
-    untiled = plan_generation(512, 512, budget_bytes=None, family="sd1", regions=(corner, DOG))
+    untiled = plan_generation(PlanInput(512, 512, budget_bytes=None, family="sd1",
+                                        regions=RegionLayout((corner, DOG))))
     assert untiled.unet_evals_per_step == 3 and "3 UNet calls/step" in untiled.describe()
 
 

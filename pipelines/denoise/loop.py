@@ -125,13 +125,47 @@ class LoopInputs:
     tile_filter: Callable[[list[Tile]], list[Tile]] | None = None
 
 
-def _unet_for(inp: LoopInputs, step: int, group, do_cfg: bool, images: int, stats: LoopStats, parts: int = 1,
-              view: int = 0, replica=None):
+@dataclass(frozen=True)
+class StepCall:
+    """What every UNet call of one step shares: the scaled model input, the timestep, whether uncond rows run."""
+
+    x_in: torch.Tensor  # [B, C, h, w], `scheduler.scale_model_input` applied
+    t: Any
+    index: int  # this step
+    steps: int
+    do_cfg: bool
+    stats: LoopStats
+
+
+@dataclass(frozen=True)
+class View:
+    """One view of a step: its conditioning over the tiles it runs on; a regional view's weight mask [h, w]."""
+
+    cond: Conditioning
+    tiles: Sequence[Tile]
+    mask: torch.Tensor | None = None
+    index: int = 0  # 0 = the base prompt, 1.. = the regions (the feature cache keys by it)
+
+
+@dataclass(frozen=True)
+class UNetRows:
+    """One UNet call's inputs for a batch of tiles: [uncond,] cond_1..cond_k row blocks of `images` samples x tiles."""
+
+    x: torch.Tensor
+    t: Any
+    enc: torch.Tensor
+    added: dict | None
+    tiles: Sequence[Tile]
+    images: int
+
+
+def _unet_for(inp: LoopInputs, call: StepCall, view: View, group: Sequence[Tile], images: int, replica=None):
     """The UNet itself (or the `replica` of a split image running this batch), or the feature cache's stand-in for
     this batch of tiles (DeepCache, on that replica), keyed by view too."""
     if inp.feature_cache is None:
         return inp.unet if replica is None else replica
-    return inp.feature_cache.bind(step, group, do_cfg, images, stats, parts=parts, view=view, unet=replica)
+    return inp.feature_cache.bind(call.index, group, call.do_cfg, images, call.stats, parts=len(view.cond.weights),
+                                  view=view.index, unet=replica)
 
 
 def _check_cancel(cancel) -> None:
@@ -173,28 +207,30 @@ def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: list[Ti
     return torch.cat([model_in, crops.repeat(model_in.shape[0] // crops.shape[0], 1, 1, 1)], dim=1)
 
 
-def _control_residuals(inp, x_batch, t, enc, added, tiles, step, steps, do_cfg, n_img):
+def _control_residuals(inp: LoopInputs, call: StepCall, rows: UNetRows) -> tuple[list | None, torch.Tensor | None]:
     """Sum of ControlNet residuals for a batch of tiles; each tile gets the control map under it."""
     down, mid = None, None
     s = inp.vae_scale
+    x, t, enc, added = rows.x, rows.t, rows.enc, rows.added
     for unit in inp.control:
-        if not unit.active(step, steps):
+        if not unit.active(call.index, call.steps):
             continue
-        crops = torch.cat([unit.image[..., t_.y * s:(t_.y + t_.h) * s, t_.x * s:(t_.x + t_.w) * s] for t_ in tiles])
+        crops = torch.cat([unit.image[..., t_.y * s:(t_.y + t_.h) * s, t_.x * s:(t_.x + t_.w) * s]
+                           for t_ in rows.tiles])
         if unit.image.shape[0] == 1:  # one map for every image of the batch; else one map per image
-            crops = crops.repeat_interleave(n_img, dim=0)
-        crops = crops.to(x_batch.device, unit.model.dtype)
-        if unit.guess_mode and do_cfg:
+            crops = crops.repeat_interleave(rows.images, dim=0)
+        crops = crops.to(x.device, unit.model.dtype)
+        if unit.guess_mode and call.do_cfg:
             half = crops.shape[0]  # the unconditional rows come first
-            conds = torch.cat([crops] * (x_batch.shape[0] // half - 1))  # AND: one copy per conditional block
-            d, m = unit.model(x_batch[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=conds,
+            conds = torch.cat([crops] * (x.shape[0] // half - 1))  # AND: one copy per conditional block
+            d, m = unit.model(x[half:], t, encoder_hidden_states=enc[half:], controlnet_cond=conds,
                               conditioning_scale=unit.scale, guess_mode=True,
                               added_cond_kwargs=_half(added, half), return_dict=False)
             d = [torch.cat([torch.zeros_like(r[:half]), r]) for r in d]
             m = torch.cat([torch.zeros_like(m[:half]), m])
         else:
-            cond_img = torch.cat([crops] * (x_batch.shape[0] // crops.shape[0]))  # one copy per row block
-            d, m = unit.model(x_batch, t, encoder_hidden_states=enc, controlnet_cond=cond_img,
+            cond_img = torch.cat([crops] * (x.shape[0] // crops.shape[0]))  # one copy per row block
+            d, m = unit.model(x, t, encoder_hidden_states=enc, controlnet_cond=cond_img,
                               conditioning_scale=unit.scale, guess_mode=unit.guess_mode,
                               added_cond_kwargs=added, return_dict=False)
         down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
@@ -226,11 +262,17 @@ def _batch_inputs(c: Conditioning, n: int, do_cfg: bool):
     return enc, added
 
 
-def _new_canvases(x_in: torch.Tensor, do_cfg: bool) -> tuple:
-    """(cond canvas, its weight sum, uncond canvas or None, its weight sum or None)."""
-    canvas_c, wsum = new_canvas(*x_in.shape, device=x_in.device)
-    canvas_u, wsum_u = new_canvas(*x_in.shape, device=x_in.device) if do_cfg else (None, None)
-    return canvas_c, wsum, canvas_u, wsum_u
+def _new_canvas(call: StepCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """One accumulation canvas for the step's outputs (cond rows, then uncond rows with CFG) and its weight sum:
+    both halves get the same weights, so one sum serves them."""
+    b, c, h, w = call.x_in.shape
+    return new_canvas(b * (2 if call.do_cfg else 1), c, h, w, device=call.x_in.device)
+
+
+def _finish_canvas(canvas: tuple[torch.Tensor, torch.Tensor], call: StepCall):
+    """(cond, uncond or None) outputs: the canvas divided by its weight sum (MultiDiffusion eq. 5)."""
+    out = finish(*canvas).to(call.x_in.dtype)
+    return tuple(out.chunk(2)) if call.do_cfg else (out, None)
 
 
 def _split_parts(out: torch.Tensor, c: Conditioning, do_cfg: bool):
@@ -242,52 +284,43 @@ def _split_parts(out: torch.Tensor, c: Conditioning, do_cfg: bool):
     return uncond, combine_parts(uncond, parts, c.weights)
 
 
-def _run_tiles(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats, mask=None,
-               canvases=None, view: int = 0):
-    """Model outputs (cond, uncond or None) on the canvas, blended over the tiles (MultiDiffusion). A regional
-    view passes its weight `mask` [h, w] and the shared `canvases` it adds into (`_run_views`)."""
+def _run_tiles(inp: LoopInputs, call: StepCall, view: View, canvas: tuple | None = None):
+    """Model outputs (cond, uncond or None) on the canvas, blended over the view's tiles (MultiDiffusion). A
+    regional view adds into the shared `canvas` with weight x its mask (`_run_views`) and returns (None, None)."""
+    x_in, tiles, do_cfg = call.x_in, view.tiles, call.do_cfg
     b = x_in.shape[0]
-    single = canvases is None and len(tiles) == 1 and tiles[0].h == x_in.shape[-2] and tiles[0].w == x_in.shape[-1]
+    single = canvas is None and len(tiles) == 1 and tiles[0].h == x_in.shape[-2] and tiles[0].w == x_in.shape[-1]
     spec = inp.tiles
-    canvas_c = canvas_u = wsum = wsum_u = None
-    if not single:
-        canvas_c, wsum, canvas_u, wsum_u = canvases or _new_canvases(x_in, do_cfg)
+    own = canvas is None and not single
+    if own:
+        canvas = _new_canvas(call)
     per_call = len(tiles) if spec is None else max(1, spec.batch)
     groups = [tiles[i:i + per_call] for i in range(0, len(tiles), per_call)]
-    outputs = _batch_outputs(inp, x_in, t, cond, groups, step, steps, do_cfg, stats, view)
-    for group, out in zip(groups, outputs, strict=True):
-        stats.unet_calls += 1
-        stats.unet_evals += (len(cond.weights) + (1 if do_cfg else 0)) * len(group)
-        out_u, out_c = _split_parts(out, cond, do_cfg)
+    for group, out in zip(groups, _batch_outputs(inp, call, view, groups), strict=True):
+        call.stats.unet_calls += 1
+        call.stats.unet_evals += (len(view.cond.weights) + (1 if do_cfg else 0)) * len(group)
+        out_u, out_c = _split_parts(out, view.cond, do_cfg)
         if single:
             return out_c, out_u
         weight = tile_weights(group[0].h, group[0].w, spec.blend if spec else "average", device=x_in.device)
         for j, tl in enumerate(group):
             sl = slice(j * b, (j + 1) * b)
-            w = weight if mask is None else weight * mask[tl.slices]
-            accumulate(canvas_c, wsum, tl, out_c[sl], w)
-            if do_cfg:
-                accumulate(canvas_u, wsum_u, tl, out_u[sl], w)
-    if canvases is not None:
-        return None, None
-    out_c = finish(canvas_c, wsum).to(x_in.dtype)
-    out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
-    return out_c, out_u
+            w = weight if view.mask is None else weight * view.mask[tl.slices]
+            accumulate(*canvas, tl, torch.cat([out_c[sl], out_u[sl]]) if do_cfg else out_c[sl], w)
+    return _finish_canvas(canvas, call) if own else (None, None)
 
 
-def _run_views(inp: LoopInputs, x_in, t, cond: Conditioning, tiles, step, steps, do_cfg, stats):
+def _run_views(inp: LoopInputs, call: StepCall, cond: Conditioning, tiles: list[Tile]):
     """Regional prompts (MultiDiffusion, Bar-Tal et al. 2023, sec. 4.2): the base prompt and each region are views
     over the tiles their mask touches (a region costs nothing elsewhere), blended on one canvas with weight
     mask x tile weight and normalised there."""
-    canvases = _new_canvases(x_in, do_cfg)
-    views = [(cond, inp.base_mask), *((r.conditioning(step), r.mask) for r in inp.regions)]
-    for view, (view_cond, mask) in enumerate(views):
+    canvas = _new_canvas(call)
+    views = [(cond, inp.base_mask), *((r.conditioning(call.index), r.mask) for r in inp.regions)]
+    for index, (view_cond, mask) in enumerate(views):
         touched = tiles_touching(mask, tiles)
         if touched:
-            _run_tiles(inp, x_in, t, view_cond, touched, step, steps, do_cfg, stats, mask, canvases, view)
-    canvas_c, wsum, canvas_u, _ = canvases
-    out_u = finish(canvas_u, wsum).to(x_in.dtype) if do_cfg else None
-    return finish(canvas_c, wsum).to(x_in.dtype), out_u
+            _run_tiles(inp, call, View(view_cond, touched, mask, index), canvas)
+    return _finish_canvas(canvas, call)
 
 
 def _needs_uncond(inp: LoopInputs, scale: float, cond: Conditioning, step: int) -> bool:
@@ -296,44 +329,45 @@ def _needs_uncond(inp: LoopInputs, scale: float, cond: Conditioning, step: int) 
     return any(needs_uncond_for(scale, w) for w in weights)
 
 
-def _unet_batch(inp: LoopInputs, unet, x_in, t, cond: Conditioning, group, step, steps, do_cfg, stats, view=0,
-                device=None):
+def _unet_batch(inp: LoopInputs, unet, call: StepCall, view: View, group: Sequence[Tile], device=None):
     """One UNet call (+ ControlNet) on a batch of tiles: the [uncond,] cond (AND parts: cond_1..cond_k) row blocks'
     outputs, on `device` (None: x_in's). `unet` None is the loop's own: the UNet or its feature cache."""
+    x_in, cond = call.x_in, view.cond
     b = x_in.shape[0]
     crops = torch.cat([x_in[..., tl.y:tl.y + tl.h, tl.x:tl.x + tl.w] for tl in group])
     n = crops.shape[0]
-    rows = len(cond.weights) + (1 if do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
+    rows = len(cond.weights) + (1 if call.do_cfg else 0)  # [uncond, cond] or [uncond, cond_1, ..., cond_k]
     model_in = torch.cat([crops] * rows) if rows > 1 else crops
-    enc, added = _batch_inputs(cond, n, do_cfg)
+    enc, added = _batch_inputs(cond, n, call.do_cfg)
+    t = call.t
     if device is not None and device != x_in.device:  # a replica on another device (`pipelines.serving.multi_device`)
         from pipelines.serving.multi_device import to_device
 
         model_in, t, enc, added = to_device((model_in, t, enc, added), device)
-    down, mid = _control_residuals(inp, model_in, t, enc, added, group, step, steps, do_cfg, b)
+    down, mid = _control_residuals(inp, call, UNetRows(model_in, t, enc, added, group, b))
     model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
-    unet = _unet_for(inp, step, group, do_cfg, b, stats, len(cond.weights), view, replica=unet)
+    unet = _unet_for(inp, call, view, group, b, replica=unet)
     return unet(model_in, t, encoder_hidden_states=enc, added_cond_kwargs=added,
                 down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
 
 
-def _batch_outputs(inp: LoopInputs, x_in, t, cond: Conditioning, groups, step, steps, do_cfg, stats, view=0):
+def _batch_outputs(inp: LoopInputs, call: StepCall, view: View, groups: list):
     """The UNet outputs of each batch of tiles, in order: one after the other on `inp.unet`, or spread over
     several devices' replicas and gathered here when `inp.unet` is a `TileReplicas` that splits this step."""
     splits = getattr(inp.unet, "splits", None)
     if splits is None or not splits(len(groups)):
         for group in groups:
             _check_cancel(inp.cancel)
-            yield _unet_batch(inp, None, x_in, t, cond, group, step, steps, do_cfg, stats, view)
+            yield _unet_batch(inp, None, call, view, group)
         return
     _check_cancel(inp.cancel)
 
     def run(index: int, unet, device, group):
         _check_cancel(inp.cancel)
         local = replace(inp, control=inp.unet.control_for(index, inp.control))
-        return _unet_batch(local, unet, x_in, t, cond, group, step, steps, do_cfg, stats, view, device)
+        return _unet_batch(local, unet, call, view, group, device)
 
-    yield from inp.unet.map(run, groups, x_in.device)
+    yield from inp.unet.map(run, groups, call.x_in.device)
 
 
 @torch.no_grad()
@@ -351,8 +385,11 @@ def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
         tiles = _tiles_for_step(inp, i)
         stats.tiles_per_step = len(tiles)
         x_in = sched.scale_model_input(latents, t)
-        run = _run_views if inp.regions else _run_tiles
-        out_c, out_u = run(inp, x_in, t, cond, tiles, i, steps, do_cfg, stats)
+        call = StepCall(x_in, t, i, steps, do_cfg, stats)
+        if inp.regions:
+            out_c, out_u = _run_views(inp, call, cond, tiles)
+        else:
+            out_c, out_u = _run_tiles(inp, call, View(cond, tiles))
         if not do_cfg:
             stats.evals_saved += len(tiles)
         model_out = apply_cfg(out_u, out_c, scale, inp.rescale) if do_cfg else out_c

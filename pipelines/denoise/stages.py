@@ -55,7 +55,6 @@ class StageSpec:
     strength: float = 1.0
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
-    preview_every: int = 0
     feature_cache: CacheSettings | None = None  # DeepCache settings; None = off
     regions: Sequence = ()  # `pipelines.denoise.region_spec.Region`s: regional prompts
     region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.denoise.regions`)

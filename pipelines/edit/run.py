@@ -5,14 +5,14 @@
     only masked:   crop the mask's box + padding (A1111's geometry), scale it to the processing size, run, scale back
     paste-back:    original * (1 - blurred mask) + result * blurred mask, exact where the blurred mask is 0
 
-`Engine._generate` hands every request with a mask or an outpaint side to `run_inpaint`.
+`Engine._generate` hands every request with a mask or an outpaint side to `run_inpaint`, as a `pipelines.job.Job`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image, ImageChops
 
 from pipelines.denoise.feature_cache import cache_settings
 from pipelines.denoise.loop import LoopStats
-from pipelines.denoise.stages import StageSpec, run_stage
+from pipelines.denoise.stages import StageSpec
 from pipelines.edit.inpaint import (
     LatentMask,
     composite,
@@ -33,9 +33,14 @@ from pipelines.edit.inpaint import (
     prepare_mask,
     processing_size,
 )
+from pipelines.job import CodecOptions, Job, tile_spec
+from pipelines.outputs import GenerationResult, Outcome
 from pipelines.request import GenerationRequest
 from pipelines.tiling import plan_tiles
 from pipelines.vae import io as vae_io
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
 
 
 @dataclass
@@ -86,14 +91,15 @@ def _crop(image: Image.Image, work: InpaintWork, resample: int) -> Image.Image:
     return image if image.size == work.size else image.resize(work.size, resample)
 
 
-def _latent_mask(model, work: InpaintWork, req: GenerationRequest, unet, enc: dict) -> LatentMask:
+def _latent_mask(job: Job, work: InpaintWork, codec: CodecOptions) -> LatentMask:
     """The processing-size mask in latent space; the masked image's latents for a 9-channel UNet."""
+    model, req, unet = job.model, job.req, job.unet
     mask = _crop(work.repaint, work, Image.BILINEAR)
     masked = None
     if is_inpainting_unet(unet if unet is not None and hasattr(unet, "config") else model.unet):
         keep = torch.from_numpy(np.asarray(mask, dtype=np.float32) < 127.5)  # diffusers: image * (mask < 0.5)
         pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), *work.size, model.device, model.dtype)
-        masked = vae_io.encode(model, pixels * keep.to(pixels.device, pixels.dtype), **enc)
+        masked = codec.encode(model, pixels * keep.to(pixels.device, pixels.dtype))
     return LatentMask(latent_mask(mask, model.vae_scale, req.inpaint.soft_inpainting), masked,
                       content=req.inpaint.masked_content, soft=req.inpaint.soft_inpainting,
                       seeds=[req.seed + i for i in range(req.batch_size)])
@@ -127,32 +133,31 @@ def tiles_note(plan, stats: LoopStats) -> str:
     return f"; inpainting runs {stats.tiles_per_step} of {total} tiles"
 
 
-def _inpaint_pass(engine, model, req: GenerationRequest, seeds: list[int], callback, cancel, unet, low_memory: bool,
-                  stats: LoopStats, report: vae_io.DecodeReport) -> tuple[list[Image.Image], Any, dict, InpaintWork]:
-    """One prepared, run and pasted inpainting stage: (images, plan, decode options, the work it did)."""
+def _inpaint_pass(engine: Engine, job: Job) -> tuple[list[Image.Image], Any, CodecOptions, InpaintWork]:
+    """One prepared, run and pasted inpainting stage of `job.req`: (images, plan, VAE settings, the work it did)."""
+    model, req = job.model, job.req
     work = prepare_work(req, model.native_size)
     pw, ph = work.size
     plan = engine.plan(req, model, width=pw, height=ph)
-    dec, enc = vae_io.with_replicas(engine._codec_opts(plan, low_memory, model.device), unet)
+    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.unet)
     pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), pw, ph, model.device, model.dtype)
     spec = StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=pw, height=ph, steps=req.steps,
-        sampler=req.sampler, cfg=req.cfg, seeds=seeds, emphasis=req.emphasis, clip_skip=req.clip_skip,
-        init_latents=vae_io.encode(model, pixels, **enc), strength=req.strength,
-        tiles=engine._tile_spec(plan, req, low_memory),
+        sampler=req.sampler, cfg=req.cfg, seeds=job.seeds, emphasis=req.emphasis, clip_skip=req.clip_skip,
+        init_latents=codec.encode(model, pixels), strength=req.strength,
+        tiles=tile_spec(plan, req.tiling, job.low_memory),
         control=engine._control_inputs(model, _control(req, work), pw, ph),
-        inpaint=_latent_mask(model, work, req, unet, enc),
+        inpaint=_latent_mask(job, work, codec),
         prompt_timeline=req.prompt_timeline, embeddings=engine.embeddings.snapshot(),
         feature_cache=cache_settings(req), regions=req.regions, region_base=req.region_base,
         region_canvas=(req.width, req.height),
     )
-    latents = run_stage(model, spec, cache=engine.prompt_cache, callback=callback, cancel=cancel, stats=stats,
-                        unet=unet).latents
+    latents = job.run_stage(spec, engine.prompt_cache)
     images = []
-    for i in range(len(seeds)):
-        decoded = vae_io.decode(model, latents[i:i + 1], mode=req.vae_decode, report=report, **dec)
+    for i in range(len(job.seeds)):
+        decoded = codec.decode(model, latents[i:i + 1], mode=req.vae_decode, report=job.report)
         images.append(_paste(work, vae_io.to_pil(decoded)[0]))
-    return images, plan, dec, work
+    return images, plan, codec, work
 
 
 def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork) -> GenerationRequest:
@@ -173,35 +178,32 @@ def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork)
                    cfg=h.cfg or req.cfg, hires=HiresConfig(), inpaint=config)
 
 
-def _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_memory, stats, report):
+def _hires(engine: Engine, job: Job, images: list[Image.Image], work: InpaintWork
+           ) -> tuple[list[Image.Image], Any, CodecOptions]:
     """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
     from pipelines.models.upscalers import upscale_image
     from pipelines.request import hires_target
 
+    req, model = job.req, job.model
     size = hires_target(*work.original.size, req.hires.scale)
-    out, plan, dec = [], None, {}
-    for image, seed in zip(images, seeds, strict=True):
+    out, plan, codec = [], None, CodecOptions()
+    for image, seed in zip(images, job.seeds, strict=True):
         big = upscale_image(image, req.hires.upscaler, size=size, models_dir=engine.manager.models_dir,
                             device=model.device, dtype=model.dtype, cache=engine.manager.caches.upscalers)
         sub = replace(hires_request(req, big, work), seed=seed, batch_size=1)
-        done, plan, dec, _ = _inpaint_pass(engine, model, sub, [seed], callback, cancel, unet, low_memory, stats,
-                                           report)
+        done, plan, codec, _ = _inpaint_pass(engine, replace(job, req=sub, seeds=[seed]))
         out += done
-    return out, plan, dec
+    return out, plan, codec
 
 
-def run_inpaint(engine, model, req: GenerationRequest, seeds: list[int], callback, cancel, save: bool, unet,
-                low_memory: bool) -> Any:
-    """Inpaint/outpaint `req` on the loaded `model` (then the hires refine under the same mask, when on); returns
+def run_inpaint(engine: Engine, job: Job) -> GenerationResult:
+    """Inpaint/outpaint `job.req` on its loaded model (then the hires refine under the same mask, when on); returns
     the engine's GenerationResult (images saved)."""
     t0 = time.perf_counter()
-    stats, report = LoopStats(), vae_io.DecodeReport()
-    images, plan, dec, work = _inpaint_pass(engine, model, req, seeds, callback, cancel, unet, low_memory, stats,
-                                            report)
-    if req.hires.enabled:
-        images, plan, dec = _hires(engine, model, req, images, work, seeds, callback, cancel, unet, low_memory,
-                                   stats, report)
-    result = engine._finish(model, req, seeds, None, images, plan, dec, report, stats, save)
+    images, plan, codec, work = _inpaint_pass(engine, job)
+    if job.req.hires.enabled:
+        images, plan, codec = _hires(engine, job, images, work)
+    result = engine._finish(Outcome(job, plan, codec, images=images))
     result.stats["seconds"] = round(time.perf_counter() - t0, 3)
-    result.stats["plan"] = plan.describe() + tiles_note(plan, stats)
+    result.stats["plan"] = plan.describe() + tiles_note(plan, job.stats)
     return result

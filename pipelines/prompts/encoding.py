@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule, prompts_per_step
+from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule
 
 if TYPE_CHECKING:
     import torch
@@ -312,15 +312,6 @@ class PromptEncoder:
         if emphasis not in ("a1111", "none"):
             raise ValueError(f"`emphasis` must be 'a1111' or 'none', got {emphasis!r}")
         return self._encode(text, emphasis, max(1, min_chunks))
-
-    def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111", min_chunks: int = 1,
-                        timeline: str = "a1111", first_pass_steps: int | None = None) -> list[EncodedPrompt]:
-        """One encoding per step (see `prompts_per_step`, which `timeline` and `first_pass_steps` go to), all
-        padded to the same chunk count."""
-        texts = prompts_per_step(text, steps, timeline=timeline, first_pass_steps=first_pass_steps)
-        chunks = max([min_chunks, *(self.chunk_count(prompt) for prompt in set(texts))])
-        encoded = {prompt: self.encode(prompt, emphasis=emphasis, min_chunks=chunks) for prompt in set(texts)}
-        return [encoded[prompt] for prompt in texts]  # each distinct text encoded once
 
     def _encode(self, text: str, emphasis: Emphasis, min_chunks: int) -> EncodedPrompt:
         """Tokenize per tokenizer, encode chunk by chunk, weight, concatenate."""

@@ -10,7 +10,7 @@ per-batch call goes through `map` when `splits(n)` says so (at least as many bat
 On CUDA each device's batches run on its own stream, in a thread per device (`DeviceReplicas.map`).
 
 The same job's tiled VAE runs across the same devices: `vae_replicas` (each worker's VAE) goes to
-`pipelines.vae.io.decode`/`encode` (`with_replicas`), which deal each stage's tiles over them
+`pipelines.vae.io.decode`/`encode` (`pipelines.job.CodecOptions.replicas`), which deal each stage's tiles over them
 (`pipelines.vae.lanes`); the GroupNorm moments come back per tile and are merged in tile order on the canvas
 device, so the statistics and the pixels are those of one device. ControlNet units get each device's copy of
 their model from that worker's `ControlCopies`, kept across jobs. The feature cache runs on every replica

@@ -237,14 +237,11 @@ def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_di
                limits=None, split: str = "auto", allow_paths: bool = False) -> WorkerPool:
     """One ModelManager + Engine per device (nothing is loaded until a job needs it). Workers on devices of one
     type share the prompt cache."""
-    from pipelines.engine import Engine
-    from pipelines.models.manager import ModelManager
+    from pipelines.factory import EngineOptions, engine_for
 
-    engines = []
-    for device in devices:
-        manager = ModelManager(models_dir, device=device, dtype=dtype, attention=attention,
-                               compile_unet=compile_unet, offload=offload)
-        engines.append(Engine(manager, outputs_dir, limits=limits, allow_paths=allow_paths))
+    options = EngineOptions(models_dir=models_dir, outputs_dir=outputs_dir, dtype=dtype, attention=attention,
+                            compile_unet=compile_unet, offload=offload, allow_paths=allow_paths)
+    engines = [engine_for(options, device, limits=limits) for device in devices]
     if len(engines) > 1 and len({d.split(":")[0] for d in devices}) == 1:
         shared = SharedPromptCache()
         for e in engines:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from PIL import Image
@@ -37,17 +36,6 @@ def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, til
         return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode, host_budget=host_budget,
                             replicas=replicas)
     return vae.decode(z, return_dict=False)[0]
-
-
-def with_replicas(opts: tuple[dict, dict], unet: Any) -> tuple[dict, dict]:
-    """The (decode, encode) options of a run, with the VAE replicas of a split image's `unet`
-    (`pipelines.serving.multi_device.TileReplicas.vae_replicas`) when it has them: its tiled VAE then runs
-    across the same devices. Anything else (a plain UNet, None) leaves the options as they are."""
-    replicas = getattr(unet, "vae_replicas", None) if unet is not None else None
-    if replicas is None:
-        return opts
-    dec, enc = opts
-    return {**dec, "replicas": replicas}, {**enc, "replicas": replicas}
 
 
 @torch.no_grad()

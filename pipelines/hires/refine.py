@@ -1,14 +1,16 @@
-"""Two-stage generation: draft latents -> upscale (latent or pixel) -> img2img refine on the same weights."""
+"""The refine stage of a two-stage run: its strength, its input (the draft upscaled in latent or pixel space) and
+its StageSpec (stage 1's, with the hires settings over it)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from pipelines.denoise.stages import StageSpec
+from pipelines.job import CodecOptions
 from pipelines.models.upscalers import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
 from pipelines.request import GenerationRequest, hires_target
 from pipelines.vae import io as vae_io
@@ -33,21 +35,33 @@ def hires_warning(req: GenerationRequest) -> str | None:
     return None
 
 
-def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationRequest, *, models_dir, decode_opts: dict,
-                              encode_opts: dict, cache=None) -> tuple[torch.Tensor, list[Image.Image] | None]:
-    """Stage-2 input: (init latents at the target size, upscaled pixel images or None for latent upscalers);
-    `cache` (the manager's `caches.upscalers`) keeps the upscaler model."""
+@dataclass(frozen=True)
+class Upscaled:
+    """Stage 2's input: the draft upscaled to the target size."""
+
+    latents: torch.Tensor | None
+    """The refine's init latents; None when `refine` is False."""
+    pixels: list[Image.Image] | None
+    """The pixel upscaler's images; None for a latent upscaler."""
+    refine: bool
+    """False when there is nothing to refine (a pixel upscaler at denoise 0): `pixels` are the result."""
+
+
+def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationRequest, *, models_dir,
+                              codec: CodecOptions, cache=None) -> Upscaled:
+    """Stage-2 input: the latents upscaled, or the decoded drafts upscaled in pixels and encoded again; `cache`
+    (the manager's `caches.upscalers`) keeps the upscaler model."""
     tw, th = hires_target(req.width, req.height, req.hires.scale)
     if is_latent(req.hires.upscaler):
         size = (th // model.vae_scale, tw // model.vae_scale)
-        return upscale_latents(latents.float(), size, req.hires.upscaler).to(latents.dtype), None
-    drafts = vae_io.to_pil(vae_io.decode(model, latents, **decode_opts))
+        return Upscaled(upscale_latents(latents.float(), size, req.hires.upscaler).to(latents.dtype), None, True)
+    drafts = vae_io.to_pil(codec.decode(model, latents))
     big = [upscale_image(im, req.hires.upscaler, size=(tw, th), models_dir=models_dir, device=model.device,
                          dtype=model.dtype, cache=cache) for im in drafts]
     if hires_denoise(req) == 0:
-        return latents, big  # nothing to refine: the pixels are the result (no VAE round trip)
+        return Upscaled(None, big, False)  # nothing to refine: the pixels are the result (no VAE round trip)
     pixels = torch.cat([vae_io.from_pil(im, tw, th, model.device, model.dtype) for im in big])
-    return vae_io.encode(model, pixels, **encode_opts), big
+    return Upscaled(codec.encode(model, pixels), big, True)
 
 
 def refine_spec(req: GenerationRequest, stage1: StageSpec, init_latents: torch.Tensor, **overrides) -> StageSpec:

@@ -1,0 +1,77 @@
+"""app.py and cli.py build their ModelManager + Engine through one factory (`pipelines.factory`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.engine import Engine
+from pipelines.factory import EngineOptions, build_engine
+from pipelines.serving.workers import WorkerPool
+
+MACHINE = ["--device", "cpu", "--dtype", "fp32", "--attention", "sdpa", "--offload"]
+
+
+def _manager_settings(engine: Engine) -> tuple:
+    m = engine.manager
+    return m.models_dir, m._device_arg, m._dtype_arg, m.attention, m.compile_unet, m.offload, engine.outputs_dir
+
+
+def _args(tmp_path):
+    from app import ui_parser
+    from cli import build_parser
+
+    common = [*MACHINE, "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out")]
+    return ui_parser().parse_args(common), build_parser().parse_args(["generate", *common])
+
+
+def test_app_and_cli_options_are_the_same_but_for_model_paths(tmp_path):
+    app_args, cli_args = _args(tmp_path)
+    app, cli = EngineOptions.from_args(app_args), EngineOptions.from_args(cli_args, allow_paths=True)
+    assert app.offload and app.device == "cpu" and app.dtype == "fp32"
+    assert EngineOptions(**{**vars(app), "allow_paths": True}) == cli
+
+
+def test_app_and_cli_build_the_same_kind_of_engine_from_the_same_args(tmp_path):
+    app_args, cli_args = _args(tmp_path)
+    pool = build_engine(app_args, pool=True)
+    engine = build_engine(cli_args, allow_paths=True)
+    assert isinstance(pool, WorkerPool) and len(pool) == 1 and type(engine) is Engine
+    (worker,) = pool.workers
+    assert type(worker.engine) is Engine and worker.name == "0:cpu"
+    assert _manager_settings(worker.engine) == _manager_settings(engine)
+    assert (worker.engine.allow_paths, engine.allow_paths) == (False, True)
+    assert worker.engine.manager is not engine.manager and worker.engine.manager.current is None  # nothing loaded
+
+
+def test_several_devices_give_a_pool_from_either_entry_point(tmp_path):
+    opts = EngineOptions(models_dir=tmp_path, outputs_dir=None, devices="cpu,cpu", split="on", dtype="fp32")
+    pool = build_engine(opts)
+    assert isinstance(pool, WorkerPool) and len(pool) == 2 and pool.split == "on"
+    managers = [w.engine.manager for w in pool.workers]
+    assert managers[0] is not managers[1] and {m._dtype_arg for m in managers} == {"fp32"}
+
+
+@pytest.mark.parametrize("entry", ["app", "cli"])
+def test_app_and_cli_call_the_factory(tmp_path, monkeypatch, entry):
+    import pipelines.factory as factory
+
+    calls = []
+    real = factory.build_engine
+
+    def spy(args, **kwargs):
+        calls.append(kwargs)
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(factory, "build_engine", spy)
+    app_args, cli_args = _args(tmp_path)
+    if entry == "app":
+        from app import build_demo
+
+        app_args.model = "tiny"
+        build_demo(app_args)
+        assert calls == [{"pool": True}]
+    else:
+        from cli import _engine
+
+        assert type(_engine(cli_args)) is Engine
+        assert calls == [{"allow_paths": True}]
