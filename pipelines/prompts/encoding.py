@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule, prompts_per_step
+from pipelines.prompts.parser import BREAK, Timeline, parse_weighted, prompt_schedule, prompts_per_step
 
 if TYPE_CHECKING:
     import torch
@@ -314,7 +314,7 @@ class PromptEncoder:
         return self._encode(text, emphasis, max(1, min_chunks))
 
     def encode_per_step(self, text: str, steps: int, *, emphasis: Emphasis = "a1111", min_chunks: int = 1,
-                        timeline: str = "a1111", first_pass_steps: int | None = None) -> list[EncodedPrompt]:
+                        timeline: Timeline = "a1111", first_pass_steps: int | None = None) -> list[EncodedPrompt]:
         """One encoding per step (see `prompts_per_step`, which `timeline` and `first_pass_steps` go to), all
         padded to the same chunk count."""
         texts = prompts_per_step(text, steps, timeline=timeline, first_pass_steps=first_pass_steps)
