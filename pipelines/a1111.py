@@ -91,11 +91,15 @@ def param_pairs(line: str) -> list[tuple[str, str]]:
             out.append((m[1], m[2]))
             pos = m.end()
             continue
-        ws_end = _WS_RUN.match(line, pos).end()
+        ws_match = _WS_RUN.match(line, pos)
+        assert ws_match is not None  # \s* matches the empty string anywhere
+        ws_end = ws_match.end()
         if ws_end > pos:  # every start in the whitespace lands on ws_end, like a start at ws_end itself
             pos = ws_end + 1
             continue
-        run_end = _KEY_RUN.match(line, pos).end()
+        key_match = _KEY_RUN.match(line, pos)
+        assert key_match is not None  # [...]* matches the empty string anywhere
+        run_end = key_match.end()
         pos = run_end if run_end > pos and line[run_end:run_end + 1] != ":" else pos + 1
     return out
 

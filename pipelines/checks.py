@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pipelines.errors import ValidationError
 from pipelines.fields import FieldSpec, bounds, choices, is_optional, kind_of
@@ -34,7 +34,7 @@ def check_field(name: str, value: Any, tp: Any, fs: FieldSpec, limits: Limits) -
         return None
     kind = kind_of(tp, fs)
     if kind == "choice":
-        return _choice(name, value, choices(tp))
+        return _choice(name, value, cast("tuple[str, ...]", choices(tp)))  # kind "choice" <=> choices(tp) is not None
     if kind == "bool":
         if not isinstance(value, bool):
             raise ValidationError(name, value, "must be true or false")

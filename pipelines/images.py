@@ -24,7 +24,7 @@ def from_pil(image: Image.Image, width: int | None = None, height: int | None = 
     when both are given and differ, on `device` in `dtype` (unchanged where None)."""
     image = image.convert("RGB")
     if width is not None and height is not None and image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.float32)
     if value_range == "signed":
         array = array / 127.5 - 1.0

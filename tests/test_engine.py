@@ -138,7 +138,7 @@ def test_fp16_nan_guard_decodes_again_in_fp32(engine, manager, req_factory, monk
     model = manager.get("tiny")
     calls = []
 
-    def fake_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget):
+    def fake_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget, replicas=None):
         calls.append(vae.dtype)
         if vae.dtype != torch.float32:
             return torch.full((1, 3, 64, 64), float("nan"))

@@ -8,7 +8,7 @@ dict {component: value}; `Form.values` turns it into {field name: value} and `Fo
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 
@@ -129,7 +129,7 @@ def choice(name: str, value: Any, label: str, *, widget: type = gr.Radio, **kw: 
     """A Literal field as a radio (or `widget`): its choices and info from the schema."""
     ff = _field(name)
     kw.setdefault("info", ff.spec.help)
-    return widget(list(choices(ff.type)), value=value, label=label, **kw)
+    return widget(list(cast("tuple[Any, ...]", choices(ff.type))), value=value, label=label, **kw)
 
 
 def checkbox(name: str, value: Any, label: str, **kw: Any) -> gr.Checkbox:

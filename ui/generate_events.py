@@ -207,7 +207,7 @@ def _wire_run(tab: GenerateTab, backend: Any, gpu: GpuCalls) -> Any:
     # drops a cancelled event's later outputs, so the images a stop after the last step saves would not show); the
     # run then says "Stopped." or shows its images itself. A run still waiting in the queue is cancelled, and
     # "Stopped." is said in a follow-up event: said in the cancelling event, an update in flight could land after it.
-    quick = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    quick: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     # a hidden counter whose change cancels (a State's change fires only after queued events, and Stop must not queue)
     queued_stop = gr.Number(0, precision=0, visible="hidden", interactive=False, elem_id="queued-stop")
     b["stop"].click(on_stop, inputs=[queued_stop], outputs=[queued_stop], **quick)

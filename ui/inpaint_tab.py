@@ -9,7 +9,7 @@ alpha as the mask (`pipelines.edit.inpaint.editor_images`).
 from __future__ import annotations
 
 from types import MethodType
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 from gradio.data_classes import FileData
@@ -32,7 +32,7 @@ def undecoded(editor: gr.ImageEditor) -> gr.ImageEditor:
     uploaded (a FileData that Gradio has checked is an upload) is passed as its path, and the canvas exports the
     editor posts to its `accept_blobs` route (bytes, each at most the app's max_file_size) are written unchanged
     to Gradio's cache. The backend then opens them with its header checks."""
-    editor.convert_and_format_image = MethodType(_as_file, editor)
+    cast(Any, editor).convert_and_format_image = MethodType(_as_file, editor)  # an instance attribute, as before
     return editor
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ class Runs:
         return True
 
 
-def _iterate(stream: Stream, values: dict[str, Any], control: RunControl | None = None) -> Iterator[Any]:
+def _iterate(stream: Stream, values: dict[str, Any], control: RunControl | None = None) -> Generator[Any, None, None]:
     """`stream(values)` as a generator that closes the backend's stream when it is closed itself."""
     events = stream(values)
     if control is not None:
@@ -165,7 +165,7 @@ def _iterate(stream: Stream, values: dict[str, Any], control: RunControl | None 
 
 
 def stream_events(stream: Stream, values: dict[str, Any], action: str,
-                  control: RunControl | None = None) -> Iterator[Any]:
+                  control: RunControl | None = None) -> Generator[Any, None, None]:
     """Progress ... Done from the backend, with errors as gr.Error; a backend-side cancel ends quietly."""
     with user_errors(action), closing(_iterate(stream, values, control)) as events:
         try:

@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ class RunStream:
     a CancelledError before the last denoising step ended (nothing saved), else the "finishing" Progress and the
     Done (A1111's Interrupt). `close()` stops the run and drops the rest, as closing the generator did."""
 
-    def __init__(self, events: Iterator[Progress | Done], cancel: threading.Event):
+    def __init__(self, events: Generator[Progress | Done, None, None], cancel: threading.Event):
         self._events, self._cancel = events, cancel
 
     def __iter__(self) -> RunStream:

@@ -175,6 +175,7 @@ class WorkerPool(EngineFacade):
             replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on",
                                     vaes=[m.vae for m in models], controlnets=[w.controlnets for w in workers])
             result = main.generate(req, callback=callback, cancel=cancel, unet=replicas, **kw)
+        assert replicas.vae_replicas is not None  # vaes=[...] above holds one VAE per worker (at least one)
         calls, tiles = "+".join(map(str, replicas.calls)), replicas.vae_replicas.calls
         result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls),
                             vae_tiles_per_worker=list(tiles))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipelines.images import from_pil, to_pil  # noqa: F401 - callers' vae_io.from_pil / vae_io.to_pil
 from pipelines.vae.lanes import Dealer
-from pipelines.vae.tiling import tiled_decode, tiled_encode
+from pipelines.vae.tiling import Mode, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _vae_factor(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: str,
+def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, tile_mode: Mode,
                  host_budget: int | None, replicas: Dealer | None = None) -> torch.Tensor:
     if tiled:
         return tiled_decode(vae, z, tile_size=tile, overlap=overlap, mode=tile_mode, host_budget=host_budget,
@@ -40,7 +40,7 @@ def _decode_once(vae, z: torch.Tensor, tiled: bool, tile: int, overlap: int, til
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor, *, mode: str = "full", tiled: bool = False, tile: int = 64,
-           overlap: int = 16, tile_mode: str = "exact", host_budget: int | None = None,
+           overlap: int = 16, tile_mode: Mode = "exact", host_budget: int | None = None,
            report: DecodeReport | None = None, replicas: Dealer | None = None) -> torch.Tensor:
     """Diffusion latents -> [-1,1] images. mode: full | taesd; tile_mode: exact | stream, host_budget: bytes of
     canvases a streamed decode may keep layer by layer (`pipelines.vae.tiling.tiled_decode`); `replicas`: a tiled
@@ -76,7 +76,7 @@ def _fp32_decode(vae, z, tiled, tile, overlap, tile_mode, host_budget):
 
 @torch.no_grad()
 def encode(model, images: torch.Tensor, *, tiled: bool = False, tile_px: int = 512, overlap_px: int = 64,
-           tile_mode: str = "exact", host_budget: int | None = None, replicas: Dealer | None = None) -> torch.Tensor:
+           tile_mode: Mode = "exact", host_budget: int | None = None, replicas: Dealer | None = None) -> torch.Tensor:
     """[-1,1] images -> diffusion latents (distribution mode, scaled), one image at a time; `replicas` as in
     `decode`."""
     vae = model.vae
@@ -101,4 +101,4 @@ def preview(model, denoised: torch.Tensor) -> Image.Image:
         return to_pil(model.taesd.decode(x.to(model.taesd.dtype), return_dict=False)[0])[0]
     rgb = torch.einsum("bchw,cr->brhw", x.float().cpu(), _APPROX_RGB)
     img = to_pil(rgb.clamp(-1, 1))[0]
-    return img.resize((img.width * 8, img.height * 8), Image.NEAREST)
+    return img.resize((img.width * 8, img.height * 8), Image.Resampling.NEAREST)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,7 @@ class Moments:
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
+        assert self.m2 is not None  # set with the mean
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
@@ -73,6 +75,7 @@ class Moments:
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, biased variance) per [B, groups], float64."""
+        assert self.mean is not None and self.m2 is not None  # at least one part merged
         return self.mean, self.m2 / self.n
 
 
@@ -88,7 +91,7 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, t
     return y.to(x.dtype)
 
 
-def _resnet_stages(res: nn.Module, resample: nn.Module | None, scale: float) -> list[Stage]:
+def _resnet_stages(res: Any, resample: nn.Module | None, scale: float) -> list[Stage]:
     """ResnetBlock2D split at its two GroupNorms; an up/downsampler after it is fused into the second half."""
     if getattr(res, "time_emb_proj", None) is not None or res.upsample is not None or res.downsample is not None:
         raise ValidationError("vae", type(res).__name__, "has a resnet layout tiled VAE does not support")
@@ -97,6 +100,7 @@ def _resnet_stages(res: nn.Module, resample: nn.Module | None, scale: float) -> 
         return res.conv1(res.nonlinearity(h))
 
     def second(h: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        assert skip is not None  # this stage keeps the resnet's input (uses_skip)
         h = res.conv2(res.dropout(res.nonlinearity(h)))
         shortcut = res.conv_shortcut(skip) if res.conv_shortcut is not None else skip
         out = (shortcut + h) / res.output_scale_factor
@@ -113,7 +117,7 @@ def _resnet_stages(res: nn.Module, resample: nn.Module | None, scale: float) -> 
     ]
 
 
-def _block_stages(blocks: nn.ModuleList, samplers: str, scale: float) -> list[Stage]:
+def _block_stages(blocks: Any, samplers: str, scale: float) -> list[Stage]:
     """Stages of every resnet in up/down blocks, with the block's resampler fused into its last resnet."""
     stages: list[Stage] = []
     for block in blocks:
@@ -127,7 +131,7 @@ def _block_stages(blocks: nn.ModuleList, samplers: str, scale: float) -> list[St
     return stages
 
 
-def decoder_stages(decoder: nn.Module) -> list[Stage]:
+def decoder_stages(decoder: Any) -> list[Stage]:
     """The decoder's up path (after the mid-block) as GroupNorm-delimited stages."""
     if not isinstance(decoder.conv_norm_out, nn.GroupNorm):
         raise ValidationError("vae", type(decoder.conv_norm_out).__name__, "must use GroupNorm (AutoencoderKL)")
@@ -140,7 +144,7 @@ def decoder_stages(decoder: nn.Module) -> list[Stage]:
     return stages + [Stage(decoder.conv_norm_out, out, 1, 1, channels=channels)]
 
 
-def encoder_stages(encoder: nn.Module) -> list[Stage]:
+def encoder_stages(encoder: Any) -> list[Stage]:
     """The encoder's conv_in and down path (before the mid-block) as GroupNorm-delimited stages."""
 
     def conv_in(h: torch.Tensor, _skip: torch.Tensor | None) -> torch.Tensor:

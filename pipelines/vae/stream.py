@@ -89,6 +89,7 @@ def _tile(
     for i, stage in enumerate(stages):
         if gather is not None and i == gather:
             rows, cols = _core_slice(core, y0, x0, r)
+            assert stage.norm is not None  # gather: a GroupNorm stage
             return tile_moments(x[..., rows, cols], stage.norm.num_groups)
         inp = x
         if stage.norm is not None:
@@ -108,7 +109,11 @@ def run_streamed(
     `h` (on any device) is at `res` x latent resolution; the output canvas is allocated on `h`'s device. With
     `Lanes`, every sweep's tiles are spread over their devices (`pipelines.vae.lanes`), else all run on `device`.
     """
-    lanes = stages if isinstance(stages, Lanes) else Lanes.one(stages, device)
+    if isinstance(stages, Lanes):
+        lanes = stages
+    else:
+        assert device is not None  # a plain stage list runs on `device`
+        lanes = Lanes.one(stages, device)
     path = lanes.first
     stats: Stats = {}
     for j, stage in enumerate(path):
@@ -133,9 +138,12 @@ def run_streamed(
     canvas, span = Canvas(h.device, h.shape[-2] // res * r, h.shape[-1] // res * r), window(cores, pad)
 
     def final(own: list[Stage], dev: torch.device, core: Tile) -> None:
-        canvas.put(_tile(own, h, core, res, pad, stats, dev, span=span), core.y * r, core.x * r)
+        out = _tile(own, h, core, res, pad, stats, dev, span=span)
+        assert isinstance(out, torch.Tensor)  # no gather: the core's output
+        canvas.put(out, core.y * r, core.x * r)
 
     lanes.map(final, cores)
+    assert canvas.tensor is not None  # at least one core was put
     return canvas.tensor
 
 

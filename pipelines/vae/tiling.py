@@ -40,10 +40,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile, plan_tiles
@@ -85,8 +84,12 @@ def _run_stage(
         x0, x1 = crop_span(core.x * res, (core.x + core.w) * res, stage.halo, width, cols)
         x = h[..., y0:y1, x0:x1].to(device)
         if stage.norm is not None:
+            assert stats is not None  # a GroupNorm stage gets the whole image's statistics
             x = group_norm(x, stage.norm, stats)
-        s = skip[..., y0:y1, x0:x1].to(device) if stage.uses_skip else None
+        s = None
+        if stage.uses_skip:
+            assert skip is not None  # the stage before kept its input
+            s = skip[..., y0:y1, x0:x1].to(device)
         y = stage.body(x, s)
         r = int(res * stage.scale)
         oy, ox = int((core.y * res - y0) * stage.scale), int((core.x * res - x0) * stage.scale)
@@ -98,7 +101,9 @@ def _run_stage(
     moments = Moments(next_groups) if next_groups else None
     if moments is not None:
         for part in parts:
+            assert part is not None  # next_groups set: every tile returns its moments
             moments.merge(part)
+    assert canvas.tensor is not None  # at least one core was put
     return canvas.tensor, moments
 
 
@@ -107,7 +112,11 @@ def run_stages(
 ) -> torch.Tensor:
     """Run stages layer by layer over all tiles; `h` lives on the store device at `res` x latent resolution. With
     `Lanes` the tiles of each stage are spread over their devices (`pipelines.vae.lanes`), else all run on `device`."""
-    lanes = stages if isinstance(stages, Lanes) else Lanes.one(stages, device)
+    if isinstance(stages, Lanes):
+        lanes = stages
+    else:
+        assert device is not None  # a plain stage list runs on `device`
+        lanes = Lanes.one(stages, device)
     skip: torch.Tensor | None = None
     stats = None
     path = lanes.first
@@ -130,7 +139,7 @@ def _default_store(device: torch.device, store_device: torch.device | str | None
     return torch.device("cpu") if device.type != "cpu" else device
 
 
-def decode_splits(vae: nn.Module, latent_h: int, latent_w: int, batch: int = 1) -> list[Split]:
+def decode_splits(vae: Any, latent_h: int, latent_w: int, batch: int = 1) -> list[Split]:
     """The store-device bytes of a tiled decode at this size for each hand-over between the layer-wise and the
     streamed runner (`pipelines.vae.stream.splits`); the last is the layer-wise run. From the VAE's own stages,
     so it fits any AutoencoderKL (SD's at 4096² in fp16: ~17 GB layer-wise, ~6 GB streaming from 2048² up)."""
@@ -168,7 +177,7 @@ def _check_args(x: torch.Tensor, tile_size: int, overlap: int, multiple: int, wh
         raise ValidationError("mode", mode, "must be 'exact' (layer by layer) or 'stream' (tile by tile)")
 
 
-def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def plain_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Exactly what `vae.decode(latents).sample` computes without diffusers' own tiling or slicing."""
     z = vae.post_quant_conv(latents) if vae.post_quant_conv is not None else latents
     return vae.decoder(z)
@@ -176,7 +185,7 @@ def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_cores(
-    vae: nn.Module, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
+    vae: Any, latents: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
     mode: Mode = "exact", host_budget: int | None = None, replicas: Dealer | None = None,
 ) -> torch.Tensor:
     """Decode with the given latent core partition: whole mid-block, up path over the cores (by `mode`; with
@@ -192,7 +201,7 @@ def decode_cores(
 
 @torch.no_grad()
 def tiled_decode(
-    vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16,
+    vae: Any, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16,
     *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
     replicas: Dealer | None = None,
 ) -> torch.Tensor:
@@ -213,12 +222,12 @@ def tiled_decode(
     return decode_cores(vae, latents, cores, store_device, mode, host_budget, replicas)
 
 
-def _downscale(vae: nn.Module) -> int:
+def _downscale(vae: Any) -> int:
     """Pixel-to-latent scale factor of the VAE (8 for Stable Diffusion)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def plain_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def plain_encode(vae: Any, images: torch.Tensor) -> torch.Tensor:
     """Exactly what `vae.encode(images).latent_dist.mode()` computes without diffusers' tiling or slicing."""
     h = vae.encoder(images)
     moments = vae.quant_conv(h) if vae.quant_conv is not None else h
@@ -227,7 +236,7 @@ def plain_encode(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_cores(
-    vae: nn.Module, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
+    vae: Any, images: torch.Tensor, cores: list[Tile], store_device: torch.device | str | None = None,
     mode: Mode = "exact", host_budget: int | None = None, replicas: Dealer | None = None,
 ) -> torch.Tensor:
     """Encode with the given latent core partition; returns the latent distribution's mode (its mean). With
@@ -244,7 +253,7 @@ def encode_cores(
 
 @torch.no_grad()
 def tiled_encode(
-    vae: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: int = 64,
+    vae: Any, images: torch.Tensor, tile_size: int = 512, overlap: int = 64,
     *, store_device: torch.device | str | None = None, mode: Mode = "exact", host_budget: int | None = None,
     replicas: Dealer | None = None,
 ) -> torch.Tensor:
