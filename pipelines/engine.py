@@ -24,6 +24,7 @@ from pipelines.denoise.schedulers import check_sampler
 from pipelines.denoise.stages import PromptCache
 from pipelines.errors import OutOfMemoryError, ValidationError
 from pipelines.job import Job, loop_finished
+from pipelines.lru import LRUCache
 from pipelines.models.manager import LoadedModel, ModelManager
 from pipelines.models.upscalers import concrete_upscaler, resolve_upscaler
 from pipelines.outputs import GenerationResult, Outcome, Saved, finish
@@ -75,7 +76,7 @@ class Engine:
         self.allow_paths = allow_paths  # only the CLI may name model files by path
         self.default_model = DEFAULT_MODEL
         self.gpu_lock = threading.Lock()
-        self.prompt_cache = PromptCache()
+        self.prompt_cache: LRUCache = PromptCache()  # or a SharedPromptCache (pipelines.serving.workers)
         self.embeddings = EmbeddingLibrary(self.manager.models_dir / "embeddings")  # textual inversions
         self.stage1_cache = Stage1Cache(2)  # stage-1 latents (on CPU) of the last two two-stage requests
         self._saved: list[Saved] = []  # the images this run saved so far: a retry keeps them

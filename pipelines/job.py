@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.denoise.loop import LoopStats, StepInfo, TileSpec
-from pipelines.denoise.stages import PromptCache, StageSpec, run_stage
+from pipelines.denoise.stages import StageSpec, run_stage
+from pipelines.lru import LRUCache
 from pipelines.planner import Plan
 from pipelines.request import GenerationRequest, TileConfig
 from pipelines.vae import io as vae_io
@@ -54,7 +55,7 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     """`time.perf_counter()` when the attempt began (before the model loads): the result's "seconds"."""
 
-    def run_stage(self, spec: StageSpec, cache: PromptCache) -> torch.Tensor:
+    def run_stage(self, spec: StageSpec, cache: LRUCache) -> torch.Tensor:
         """One stage's final latents, with this job's hooks and statistics."""
         return run_stage(self.model, spec, cache=cache, callback=self.callback, cancel=self.cancel,
                          stats=self.stats, unet=self.unet).latents

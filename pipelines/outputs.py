@@ -109,6 +109,7 @@ def _image(out: Outcome, i: int) -> Image.Image:
     if out.images is not None:
         return out.images[i]
     job = out.job
+    assert out.latents is not None  # an Outcome has images or latents
     decoded = out.codec.decode(job.model, out.latents[i:i + 1], mode=job.req.vae_decode, report=job.report)
     return vae_io.to_pil(decoded)[0]
 

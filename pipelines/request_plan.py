@@ -66,8 +66,8 @@ def plan_request(manager: Any, req: GenerationRequest, model: Any = None, *, wid
                  height: int | None = None, allow_paths: bool = False) -> Plan:
     """The plan of `req` at its size (or `width` x `height`, a hires stage's), on the loaded `model` when given,
     else on the model `manager` would load for it."""
-    source = None if model else manager.resolve(req.model, allow_paths=allow_paths)
-    family = model.family if model else source.family
+    source = None if model is not None else manager.resolve(req.model, allow_paths=allow_paths)
+    family = model.family if source is None else source.family
     budget = int(req.tiling.memory_budget_gb * 1e9) if req.tiling.memory_budget_gb else None
     if budget is None and model is not None:
         budget = free_device_memory(model.device)

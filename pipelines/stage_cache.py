@@ -37,9 +37,9 @@ def content_hash(value: Any) -> str | None:
         digest.update(f"torch {array.dtype} {tuple(array.shape)}".encode())
         digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     elif isinstance(value, np.ndarray):
-        array = np.ascontiguousarray(value)
-        digest.update(f"numpy {array.dtype} {array.shape}".encode())
-        digest.update(array.tobytes())
+        contiguous = np.ascontiguousarray(value)
+        digest.update(f"numpy {contiguous.dtype} {contiguous.shape}".encode())
+        digest.update(contiguous.tobytes())
     else:
         raise Uncachable(f"cannot hash the contents of a {type(value).__name__}")
     return digest.hexdigest()

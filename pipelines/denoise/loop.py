@@ -24,7 +24,7 @@ from pipelines.denoise.guidance import apply_cfg
 from pipelines.denoise.regions import tiles_touching
 from pipelines.errors import CancelledError
 from pipelines.prompts.composable import combine_parts, is_plain, needs_uncond_for
-from pipelines.tiling import Tile, accumulate, finish, grid_offset, new_canvas, plan_tiles, tile_weights
+from pipelines.tiling import BlendMode, Tile, accumulate, finish, grid_offset, new_canvas, plan_tiles, tile_weights
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TileSpec:
 
     size: int
     overlap: int
-    blend: str = "gaussian"
+    blend: BlendMode = "gaussian"
     batch: int = 4
     shift: bool = False
 
@@ -198,7 +198,7 @@ def _tiles_for_step(inp: LoopInputs, step: int) -> list[Tile]:
     return inp.tile_filter(tiles) if inp.tile_filter is not None else tiles
 
 
-def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: list[Tile], n_img: int) -> torch.Tensor:
+def _with_extra_channels(inp: LoopInputs, model_in: torch.Tensor, tiles: Sequence[Tile], n_img: int) -> torch.Tensor:
     """The UNet input with `inp.extra_channels` under each tile appended (diffusers' order: latents first)."""
     if inp.extra_channels is None:
         return model_in
@@ -284,7 +284,8 @@ def _split_parts(out: torch.Tensor, c: Conditioning, do_cfg: bool):
     return uncond, combine_parts(uncond, parts, c.weights)
 
 
-def _run_tiles(inp: LoopInputs, call: StepCall, view: View, canvas: tuple | None = None):
+def _run_tiles(inp: LoopInputs, call: StepCall, view: View,
+               canvas: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Model outputs (cond, uncond or None) on the canvas, blended over the view's tiles (MultiDiffusion). A
     regional view adds into the shared `canvas` with weight x its mask (`_run_views`) and returns (None, None)."""
     x_in, tiles, do_cfg = call.x_in, view.tiles, call.do_cfg
@@ -302,12 +303,13 @@ def _run_tiles(inp: LoopInputs, call: StepCall, view: View, canvas: tuple | None
         out_u, out_c = _split_parts(out, view.cond, do_cfg)
         if single:
             return out_c, out_u
+        assert canvas is not None  # the view's own canvas, or the shared one of the regional views
         weight = tile_weights(group[0].h, group[0].w, spec.blend if spec else "average", device=x_in.device)
         for j, tl in enumerate(group):
             sl = slice(j * b, (j + 1) * b)
             w = weight if view.mask is None else weight * view.mask[tl.slices]
-            accumulate(*canvas, tl, torch.cat([out_c[sl], out_u[sl]]) if do_cfg else out_c[sl], w)
-    return _finish_canvas(canvas, call) if own else (None, None)
+            accumulate(canvas[0], canvas[1], tl, torch.cat([out_c[sl], out_u[sl]]) if do_cfg else out_c[sl], w)
+    return _finish_canvas(canvas, call) if own and canvas is not None else (None, None)
 
 
 def _run_views(inp: LoopInputs, call: StepCall, cond: Conditioning, tiles: list[Tile]):

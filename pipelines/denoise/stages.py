@@ -84,7 +84,7 @@ def _timeline_options(spec: StageSpec) -> dict[str, Any]:
     return {"timeline": spec.prompt_timeline, "first_pass_steps": spec.first_pass_steps}
 
 
-def build_conditioning(model, spec: StageSpec, cache: PromptCache, steps: int) -> Callable[[int], Conditioning]:
+def build_conditioning(model, spec: StageSpec, cache: LRUCache, steps: int) -> Callable[[int], Conditioning]:
     """Per-step conditioning: prompt scheduling resolved per step, every distinct text encoded once (cached)."""
     enc = _encoder_for(model, spec.clip_skip, spec.embeddings)
     pos, neg = stage_prompts(spec, steps)
@@ -148,7 +148,7 @@ def _negative_encodings(model, spec: StageSpec, encoded: dict, zeros: Callable[[
     if zeros_for_empty_negative(model, spec.negative_prompt):
         return {"": zeros()}
     return encoded
-def region_views(model, spec: StageSpec, cache: PromptCache, steps: int) -> tuple[torch.Tensor | None, list]:
+def region_views(model, spec: StageSpec, cache: LRUCache, steps: int) -> tuple[torch.Tensor | None, list]:
     """(base mask, RegionViews) of the stage's regional prompts at its size; (None, []) without regions."""
     if not spec.regions:
         return None, []
@@ -199,7 +199,7 @@ def _step_accepts_generator(sched) -> bool:
     return "generator" in inspect.signature(sched.step).parameters
 
 
-def run_stage(model, spec: StageSpec, *, cache: PromptCache, callback: Callable[[StepInfo], None] | None = None,
+def run_stage(model, spec: StageSpec, *, cache: LRUCache, callback: Callable[[StepInfo], None] | None = None,
               cancel=None, stats: LoopStats | None = None, unet=None) -> StageResult:
     """Run one txt2img/img2img stage and return the final latents (not decoded)."""
     stats = stats if stats is not None else LoopStats()

@@ -94,11 +94,11 @@ def _crop(image: Image.Image, work: InpaintWork, resample: int) -> Image.Image:
 def _latent_mask(job: Job, work: InpaintWork, codec: CodecOptions) -> LatentMask:
     """The processing-size mask in latent space; the masked image's latents for a 9-channel UNet."""
     model, req, unet = job.model, job.req, job.unet
-    mask = _crop(work.repaint, work, Image.BILINEAR)
+    mask = _crop(work.repaint, work, Image.Resampling.BILINEAR)
     masked = None
     if is_inpainting_unet(unet if unet is not None and hasattr(unet, "config") else model.unet):
         keep = torch.from_numpy(np.asarray(mask, dtype=np.float32) < 127.5)  # diffusers: image * (mask < 0.5)
-        pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), *work.size, model.device, model.dtype)
+        pixels = vae_io.from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), *work.size, model.device, model.dtype)
         masked = codec.encode(model, pixels * keep.to(pixels.device, pixels.dtype))
     return LatentMask(latent_mask(mask, model.vae_scale, req.inpaint.soft_inpainting), masked,
                       content=req.inpaint.masked_content, soft=req.inpaint.soft_inpainting,
@@ -140,7 +140,7 @@ def _inpaint_pass(engine: Engine, job: Job) -> tuple[list[Image.Image], Any, Cod
     pw, ph = work.size
     plan = engine.plan(req, model, width=pw, height=ph)
     codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.unet)
-    pixels = vae_io.from_pil(_crop(work.start, work, Image.LANCZOS), pw, ph, model.device, model.dtype)
+    pixels = vae_io.from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), pw, ph, model.device, model.dtype)
     spec = StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=pw, height=ph, steps=req.steps,
         sampler=req.sampler, cfg=req.cfg, seeds=job.seeds, emphasis=req.emphasis, clip_skip=req.clip_skip,

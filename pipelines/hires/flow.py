@@ -59,10 +59,11 @@ def generate(engine: Engine, job: Job) -> GenerationResult:
     if req.init_image is not None:
         pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
         spec.init_latents = codec.encode(model, pixels)
-    latents = draft(engine, job, spec)
+    drafted = draft(engine, job, spec)
+    latents: torch.Tensor | None = drafted
     images, warnings = None, []
     if req.hires.enabled:
-        stage2 = refine(engine, job, spec, latents)
+        stage2 = refine(engine, job, spec, drafted)
         plan, codec, latents, images = stage2.plan, stage2.codec, stage2.latents, stage2.images
         warnings = [stage2.note] if stage2.note else []
     loop_finished(job.cancel)  # from here on the images are finished work: a cancel no longer discards them
@@ -111,6 +112,7 @@ def refine(engine: Engine, job: Job, spec: StageSpec, latents: torch.Tensor) -> 
                                    cache=engine.manager.caches.upscalers)
     if not up.refine:
         return Stage2(plan, codec, None, up.pixels)
+    assert up.latents is not None  # an upscale to refine has its latents
     control = engine._control_inputs(model, req, tw, th)
     tile_unit, note = tile_control(engine, job, latents, up.pixels, codec)
     spec2 = refine_spec(req, spec, up.latents, tiles=tile_spec(plan, req.tiling, job.low_memory),
@@ -138,6 +140,6 @@ def tile_control(engine: Engine, job: Job, latents: torch.Tensor, big: list[Imag
     width, height = hires_target(req.width, req.height, req.hires.scale)
     if big is None:  # latent upscaler: the draft's pixels, resized
         drafts = vae_io.to_pil(codec.decode(model, latents))
-        big = [d.resize((width, height), Image.LANCZOS) for d in drafts]
+        big = [d.resize((width, height), Image.Resampling.LANCZOS) for d in drafts]
     maps = torch.cat([vae_io.from_pil(b, width, height, model.device, model.dtype) for b in big])
     return (ControlInput(cn, (maps + 1) / 2, req.hires.control_tile),), None
