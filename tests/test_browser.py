@@ -121,6 +121,14 @@ def open_advanced(page, tab: str = "Sampling") -> None:
     page.locator("#advanced").get_by_role("tab", name=tab).first.click()
 
 
+def set_run(page, steps: int, size: int) -> None:
+    """Open the Sampling tab and set the run's steps and its square size."""
+    open_advanced(page)
+    set_number(page, "steps", steps)
+    set_number(page, "width", size)
+    set_number(page, "height", size)
+
+
 def gallery_sources(page) -> list[str]:
     return page.locator("#gallery img").evaluate_all(
         "imgs => imgs.filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)")
@@ -166,10 +174,7 @@ def test_generate_in_the_browser(page, app):
 
 def test_stop_cancels_within_two_steps_and_the_next_run_works(page, app):
     _, engine, counter = app
-    open_advanced(page)
-    set_number(page, "steps", 150)
-    set_number(page, "width", 64)
-    set_number(page, "height", 64)
+    set_run(page, 150, 64)
     page.locator("#prompt textarea").fill("a long run to stop")
     before_src, saved_before = gallery_sources(page), saved_pngs(engine)
     counter.delay, start_steps, start_finished = STEP_DELAY_S, counter.steps, counter.finished
@@ -220,10 +225,7 @@ def test_stop_after_the_last_step_shows_the_saved_images(page, app, monkeypatch)
 
     monkeypatch.setattr(engine, "_finish", finish_after_stop)
     counter.delay = 0.0
-    open_advanced(page)
-    set_number(page, "steps", 3)
-    set_number(page, "width", 64)
-    set_number(page, "height", 64)
+    set_run(page, 3, 64)
     page.locator("#prompt textarea").fill("kept after the stop")
     before_src, saved_before = gallery_sources(page), saved_pngs(engine)
     page.click("#generate")
@@ -339,10 +341,7 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
     try:
         page.goto(app[0])  # a fresh page: earlier tests leave a preset's hires, a control image, ... in the form
         page.wait_for_selector("#generate")
-        open_advanced(page)
-        set_number(page, "steps", 2)
-        set_number(page, "width", 128)
-        set_number(page, "height", 128)
+        set_run(page, 2, 128)
         open_advanced(page, "Inpaint")
         page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
         # paint only once the editor shows the photo: a stroke drawn earlier lands on the editor's empty default

@@ -156,19 +156,35 @@ def test_uploaded_path_follows_gradios_rule(server_files, in_upload_folder):
         open_upload({"path": str(inside), "meta": META}, "init_image")  # no app is serving a request here
 
 
-BOMB_CHECK = textwrap.dedent("""
-    import json, sys
+BOMB_PRELUDE = textwrap.dedent("""
+    import json, sys, tempfile
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import gradio as gr
-    from gradio.data_classes import ImageData
     import pipelines.control  # noqa: F401 - imported before measuring (torch)
     from pipelines.serving.service import Backend
-    from ui.upscale_tab import build_upscale_tab, upscale_updates
 
     def hwm_mb():
         status = Path("/proc/self/status").read_text().splitlines()
         return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
+""")
+"""A bomb check's start: the repo importable, torch imported before measuring, the peak-RSS reader `hwm_mb`."""
+
+
+def run_bomb_check(script: str, tmp_path: Path) -> dict:
+    """Run `script` (after BOMB_PRELUDE) in a fresh process on a 144 MP palette PNG of ~20 KB; its JSON result."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("P", (12000, 12000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 300_000
+    out = subprocess.run([sys.executable, "-c", BOMB_PRELUDE + script, str(ROOT), str(bomb)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+BOMB_CHECK = textwrap.dedent("""
+    from gradio.data_classes import ImageData
+    from ui.upscale_tab import build_upscale_tab, upscale_updates
 
     class NoEngine:  # the upscale must stop at the header check, before any engine work
         def upscale(self, *a, **k):
@@ -193,13 +209,7 @@ BOMB_CHECK = textwrap.dedent("""
 
 
 def test_upscale_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
-    bomb = tmp_path / "bomb.png"
-    Image.new("P", (12000, 12000)).save(bomb, optimize=True)  # 144 MP in ~20 KB
-    assert bomb.stat().st_size < 300_000
-    out = subprocess.run([sys.executable, "-c", BOMB_CHECK, str(ROOT), str(bomb)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_bomb_check(BOMB_CHECK, tmp_path)
     tab, old = result["tab"], result["pil"]
     assert tab["type"] == "str" and "12000x12000 = 144 MP" in tab["message"], tab  # the header check said no
     assert tab["grown_mb"] < 100, tab  # peak RSS growth (VmHWM), in a fresh process
@@ -207,21 +217,11 @@ def test_upscale_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
 
 
 INPAINT_BOMB_CHECK = textwrap.dedent("""
-    import json, sys, tempfile
-    from pathlib import Path
-    sys.path.insert(0, sys.argv[1])
-    import gradio as gr
     from gradio.components.image_editor import EditorData, EditorDataBlobs
     from gradio.data_classes import FileData
-    import pipelines.control  # noqa: F401 - imported before measuring (torch)
-    from pipelines.serving.service import Backend
     from tests.test_ui import FakeBackend
     from ui.app import create_demo
     from ui.generate_events import generate_updates
-
-    def hwm_mb():
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024
 
     class NoEngine:  # the run must stop at the header check, before any engine work
         default_model = "tiny"
@@ -263,12 +263,7 @@ INPAINT_BOMB_CHECK = textwrap.dedent("""
 
 def test_inpaint_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
     """The brush editor hands over its upload and canvas exports undecoded; the header check refuses the bomb."""
-    bomb = tmp_path / "bomb.png"
-    Image.new("P", (12000, 12000)).save(bomb, optimize=True)  # 144 MP in ~20 KB
-    out = subprocess.run([sys.executable, "-c", INPAINT_BOMB_CHECK, str(ROOT), str(bomb)], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_bomb_check(INPAINT_BOMB_CHECK, tmp_path)
     for name in ("files", "blobs"):
         tab = result[name]
         assert tab["types"] == ["str"] and "12000x12000 = 144 MP" in tab["message"], (name, tab)
