@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.fields import bounds, choices, kind_of, python_type
-from pipelines.request import ControlUnit, FlatField, GenerationRequest, UpscaleRequest, schema_fields
+from pipelines.request.fields import bounds, choices, kind_of, python_type
+from pipelines.request.schema import ControlUnit, FlatField, GenerationRequest, UpscaleRequest, schema_fields
 
 log = logging.getLogger("tessera.cli")
 
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_control(spec: str, model: str | None, i: int) -> ControlUnit:
-    from pipelines.control import load_control_image
+    from pipelines.control.images import load_control_image
 
     parts = spec.split(":")
     if len(parts) < 2 or len(parts) > 5 or not parts[0] or not parts[1]:
@@ -167,7 +167,7 @@ def _parse_control(spec: str, model: str | None, i: int) -> ControlUnit:
 
 def _load_image(path: str, name: str):
     """An image file as a checked RGB PIL image; errors name `name` (not "control image")."""
-    from pipelines.control import load_control_image
+    from pipelines.control.images import load_control_image
 
     try:
         return load_control_image(Path(path))
@@ -181,7 +181,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora:
         values["loras"] = tuple(args.lora)
     if args.region:
-        from pipelines.denoise.region_spec import parse_region_cli
+        from pipelines.request.regions import parse_region_cli
 
         values["regions"] = tuple(parse_region_cli(text) for text in args.region)
     if getattr(args, "outpaint", None):
@@ -196,8 +196,9 @@ def _engine(args: argparse.Namespace):
 
 
 def _request(args: argparse.Namespace):
-    from pipelines.presets import PRESETS_DIR, load_preset
-    from pipelines.request import check_name, from_flat
+    from pipelines.request.checks import check_name
+    from pipelines.request.presets import PRESETS_DIR, load_preset
+    from pipelines.request.schema import from_flat
 
     base = GenerationRequest()
     if args.preset:
@@ -225,7 +226,7 @@ def _request(args: argparse.Namespace):
 
 def _check_control_model(model: str, i: int, models_dir: Path) -> None:
     """A --control-model name, refused naming the option and listing every choice (the built-in tiny one too)."""
-    from pipelines.control import list_controlnets, resolve_controlnet
+    from pipelines.control.models import list_controlnets, resolve_controlnet
     from pipelines.control.units import TINY_CONTROLNET
 
     if model == TINY_CONTROLNET:

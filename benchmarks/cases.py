@@ -39,11 +39,12 @@ from benchmarks.speedups import (
     loop_plain,
     throughput_variants,
 )
-from pipelines.denoise.guidance import parse_cfg, scales_for_steps, unet_evaluations
 from pipelines.denoise.stages import PromptCache, StageSpec, build_conditioning, img2img_schedule
 from pipelines.engine import Engine
-from pipelines.presets import PRESETS_DIR, load_preset
-from pipelines.request import TileConfig, from_flat, hires_target
+from pipelines.request.cfg import parse_cfg, scales_for_steps, unet_evaluations
+from pipelines.request.presets import PRESETS_DIR, load_preset
+from pipelines.request.schema import TileConfig, from_flat
+from pipelines.request.validation import hires_target
 from pipelines.vae import io as vae_io
 from pipelines.vae.tiling import tiled_decode
 
@@ -210,7 +211,7 @@ def prompt_encode(ctx: Context, s: Sizes) -> Run:
 
 def _tile_controlnet(ctx: Context):
     """The tile ControlNet the engine's refine would use (same cached module), or None when it has none."""
-    from pipelines.control import load_controlnet
+    from pipelines.control.models import load_controlnet
     from pipelines.control.units import tile_model_name
     from pipelines.errors import ModelError, ValidationError
 

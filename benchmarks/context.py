@@ -21,7 +21,7 @@ from pipelines.denoise.stages import initial_noise
 from pipelines.engine import Engine
 from pipelines.models.manager import LoadedModel, ModelManager
 from pipelines.models.tiny import TINY_MODELS
-from pipelines.request import GenerationRequest
+from pipelines.request.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from benchmarks.context import Context
 from benchmarks.measure import Measurement
 from benchmarks.settings import CFG, NEGATIVE, PROMPT, SAMPLER, SEED, Sizes
 from pipelines.denoise.feature_cache import CacheSettings, full_steps, plan_passes
-from pipelines.denoise.guidance import needs_uncond
 from pipelines.denoise.stages import PromptCache, StageSpec, build_conditioning, initial_noise, run_stage
 from pipelines.denoise.unet_split import shallow_fraction
 from pipelines.engine import Engine
+from pipelines.request.cfg import needs_uncond
 
 CACHE_INTERVAL = 3
 THROUGHPUT_BATCHES = (1, 4, 8)

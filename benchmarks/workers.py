@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.request import GenerationRequest
+from pipelines.request.schema import GenerationRequest
 from pipelines.serving.multi_device import expected_speedup
 from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
 

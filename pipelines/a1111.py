@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from pipelines.denoise.schedulers import SAMPLERS
-from pipelines.request import UpscaleRequest, schema_fields, unit_fields
+from pipelines.request.schema import UpscaleRequest, schema_fields, unit_fields
 
 log = logging.getLogger(__name__)
 

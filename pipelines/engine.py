@@ -22,36 +22,32 @@ from PIL import Image
 from pipelines.denoise.loop import StepInfo
 from pipelines.denoise.schedulers import check_sampler
 from pipelines.denoise.stages import PromptCache
+from pipelines.edit.inpaint import check_mask
 from pipelines.errors import OutOfMemoryError, ValidationError
-from pipelines.job import Job, loop_finished
+from pipelines.job import Job
 from pipelines.lru import LRUCache
 from pipelines.models.manager import LoadedModel, ModelManager
-from pipelines.models.upscalers import concrete_upscaler, resolve_upscaler
+from pipelines.models.upscalers import concrete_upscaler, is_latent, resolve_upscaler
 from pipelines.outputs import GenerationResult, Outcome, Saved, finish
 from pipelines.planner import Plan
-from pipelines.process import preload_libraries, prepare_process
+from pipelines.process import prepare_process
 from pipelines.prompts.embeddings import EmbeddingLibrary
-from pipelines.request import (
-    DEFAULT_MODEL,
-    GenerationRequest,
-    Limits,
-    UpscaleRequest,
-    resolve_seed,
-    validate,
-)
-from pipelines.request_plan import max_and_parts, plan_request
+from pipelines.request.limits import Limits
+from pipelines.request.schema import DEFAULT_MODEL, GenerationRequest, UpscaleRequest
+from pipelines.request.validation import resolve_seed, validate
+from pipelines.request_plan import plan_request
 from pipelines.stage_cache import Stage1Cache
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[StepInfo], None]
 
-__all__ = ["Engine", "GenerationResult", "loop_finished", "max_and_parts", "preload_libraries"]
 
 
 def _check_control_names(unit, i: int, models_dir: Path) -> None:
     """A unit's preprocessor and ControlNet names, refused before any model loads (no paths outside models/)."""
-    from pipelines.control import PREPROCESSORS, resolve_controlnet
+    from pipelines.control.models import resolve_controlnet
+    from pipelines.control.preprocessors import PREPROCESSORS
     from pipelines.control.units import TINY_CONTROLNET
 
     if unit.type not in PREPROCESSORS:
@@ -88,8 +84,14 @@ class Engine:
 
     # ---------------------------------------------------------------- checks
     def check(self, req: GenerationRequest) -> GenerationRequest:
-        """Validate a request completely (fields, names of sampler/model/upscaler) without loading anything."""
+        """Validate a request completely without loading anything: its fields (`validate`, once), then what needs
+        pixels or the model files (the mask against the image, the upscaler kind, names of sampler/model/upscaler)."""
         req = validate(req, self.limits)
+        if req.mask is not None:
+            check_mask(req.mask, req.init_image, req.inpaint.soft_inpainting)
+        if (req.mask is not None or any(req.inpaint.outpaint)) and req.hires.enabled and is_latent(req.hires.upscaler):
+            raise ValidationError("hires_upscaler", req.hires.upscaler, "must be a pixel upscaler (lanczos or a "
+                                                                        "model file) when inpainting")
         req = replace(req, sampler=check_sampler(req.sampler))
         if req.hires.sampler is not None:
             req = replace(req, hires=replace(req.hires, sampler=check_sampler(req.hires.sampler, "hires_sampler")))

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.engine import Engine
 from pipelines.models.manager import ModelManager
-from pipelines.request import Limits
+from pipelines.request.limits import Limits
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pipelines.denoise.loop import LoopStats, StepInfo, TileSpec
 from pipelines.denoise.stages import StageSpec, run_stage
 from pipelines.lru import LRUCache
 from pipelines.planner import Plan
-from pipelines.request import GenerationRequest, TileConfig
+from pipelines.request.schema import GenerationRequest, TileConfig
 from pipelines.vae import io as vae_io
 
 if TYPE_CHECKING:

@@ -44,12 +44,12 @@ from pipelines.a1111 import (
     quote,
     sampler_of,
 )
-from pipelines.denoise.guidance import GuidanceSchedule, format_cfg, parse_cfg
-from pipelines.denoise.region_spec import regions_to_json, validate_regions
 from pipelines.denoise.schedulers import schedule_type
 from pipelines.errors import ValidationError
 from pipelines.image_info import PNG_KEY, exif_info, png_info, read_parameters
-from pipelines.request import ControlUnit, GenerationRequest, UpscaleRequest, flatten, from_flat
+from pipelines.request.cfg import GuidanceSchedule, format_cfg, parse_cfg
+from pipelines.request.regions import regions_to_json, validate_regions
+from pipelines.request.schema import ControlUnit, GenerationRequest, UpscaleRequest, flatten, from_flat
 
 log = logging.getLogger(__name__)
 

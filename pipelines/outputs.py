@@ -19,7 +19,7 @@ from pipelines.hires.refine import hires_denoise
 from pipelines.job import CodecOptions, Job
 from pipelines.metadata import infotext
 from pipelines.planner import Plan
-from pipelines.request import GenerationRequest
+from pipelines.request.schema import GenerationRequest
 from pipelines.saving import save_png
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
 from pipelines.vae import io as vae_io

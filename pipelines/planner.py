@@ -184,7 +184,7 @@ class ModelFootprint:
 
 @dataclass(frozen=True)
 class RegionLayout:
-    """Regional prompts (`pipelines.denoise.region_spec.Region`s) over a `canvas`-sized stage 1."""
+    """Regional prompts (`pipelines.request.regions.Region`s) over a `canvas`-sized stage 1."""
 
     regions: Sequence = ()
     base: str = "rest"

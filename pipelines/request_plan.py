@@ -22,7 +22,7 @@ from pipelines.planner import (
     free_device_memory,
     plan_generation,
 )
-from pipelines.request import GenerationRequest, TileConfig
+from pipelines.request.schema import GenerationRequest, TileConfig
 from pipelines.vae.tiling import decode_splits
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipelines.denoise.feature_cache import cache_settings
 from pipelines.lru import LRUCache
-from pipelines.request import GenerationRequest
+from pipelines.request.schema import GenerationRequest
 
 
 class Uncachable(TypeError):

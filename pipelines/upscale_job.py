@@ -9,19 +9,21 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import ValidationError
 from pipelines.metadata import upscale_infotext
-from pipelines.request import GenerationRequest, UpscaleRequest
+from pipelines.request.schema import GenerationRequest, UpscaleRequest
+from pipelines.request.validation import upscale_target, validate_upscale
 from pipelines.saving import save_png
-from pipelines.validation import upscale_target, validate_upscale
 
 if TYPE_CHECKING:
-    from pipelines.engine import Callback, Engine, GenerationResult
+    from pipelines.engine import Callback, Engine
+    from pipelines.outputs import GenerationResult
 
 
 def run_upscale(engine: Engine, req: UpscaleRequest, *, callback: Callback | None = None, cancel: Any = None,
                 save: bool = True) -> GenerationResult:
     """Upscale `req.image` with a pixel upscaler, then (denoise > 0) refine it with `engine.generate`."""
-    from pipelines.engine import GenerationResult, loop_finished
+    from pipelines.job import loop_finished
     from pipelines.models.upscalers import concrete_upscaler, is_latent, resolve_upscaler, upscale_image
+    from pipelines.outputs import GenerationResult
 
     req = validate_upscale(req, engine.limits)
     models_dir = engine.manager.models_dir

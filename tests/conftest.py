@@ -67,7 +67,7 @@ def engine(manager, tmp_path):
 
 def tiny_request(**kw):
     """A small, fast request on the tiny model (64x64, 3 steps) with overrides."""
-    from pipelines.request import GenerationRequest
+    from pipelines.request.schema import GenerationRequest
 
     base = dict(model="tiny", prompt="a red fox in the snow", width=64, height=64, steps=3, seed=42,
                 sampler="DPM++ 2M Karras")
@@ -107,7 +107,8 @@ def assert_valid_png(path, size: tuple[int, int] = (64, 64)) -> str:
     """The file is a complete PNG of `size` with a `parameters` text that parses back; returns that text."""
     from PIL import Image
 
-    from pipelines.metadata import read_parameters, request_from_infotext
+    from pipelines.image_info import read_parameters
+    from pipelines.metadata import request_from_infotext
 
     with Image.open(path) as img:
         img.verify()  # checks every chunk's CRC: a truncated file fails here

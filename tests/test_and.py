@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.denoise.guidance import apply_cfg, parse_cfg, scales_for_steps
+from pipelines.denoise.guidance import apply_cfg
 from pipelines.denoise.loop import Conditioning, ControlInput, LoopInputs, LoopStats, denoise
 from pipelines.denoise.stages import run_stage
 from pipelines.errors import ValidationError
-from pipelines.prompts.composable import MAX_AND_PARTS, check_and_parts, split_and
+from pipelines.prompts.composable import split_and
+from pipelines.request.cfg import parse_cfg, scales_for_steps
+from pipelines.request.checks import MAX_AND_PARTS, check_and_parts
 from tests.conftest import stage_spec
 
 
@@ -80,12 +82,13 @@ def test_part_limit_has_a_clear_message():
 
 
 def test_request_validation_refuses_too_many_parts():
-    from pipelines.request import GenerationRequest, validate
+    from pipelines.request.schema import GenerationRequest
+    from pipelines.request.validation import validate
 
     with pytest.raises(ValidationError, match="`prompt` may have at most"):
         validate(GenerationRequest(prompt=" AND ".join("abcdefghij")))
     with pytest.raises(ValidationError, match="`hires_prompt` may have at most"):
-        from pipelines.request import HiresConfig
+        from pipelines.request.schema import HiresConfig
 
         validate(GenerationRequest(hires=HiresConfig(scale=2, prompt=" AND ".join("abcdefghij"))))
 
@@ -210,9 +213,9 @@ def test_sdxl_parts_get_their_own_pooled_embedding(manager, engine):
 
 def test_planner_counts_the_rows_of_and_parts():
     """Activations grow with the UNet rows: [uncond, 3 parts] is 4 rows per sample, not 2."""
-    from pipelines.engine import max_and_parts
     from pipelines.planner import ModelFootprint, PlanInput, TilingAsk, plan_generation
-    from pipelines.request import GenerationRequest
+    from pipelines.request.schema import GenerationRequest
+    from pipelines.request_plan import max_and_parts
 
     kw = dict(budget_bytes=None, family="sd1", model=ModelFootprint(weights=0),
               tiling=TilingAsk(force="off", vae_tiling="on"))

@@ -13,8 +13,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from pipelines.metadata import request_from_infotext
-from pipelines.presets import load_presets
-from pipelines.request import hires_target
+from pipelines.request.presets import load_presets
+from pipelines.request.validation import hires_target
 from tests.conftest import running_app
 
 pytestmark = pytest.mark.xdist_group("gradio-app")

@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 
 from pipelines.errors import CancelledError
-from pipelines.request import HiresConfig
+from pipelines.request.schema import HiresConfig
 from pipelines.serving.service import Backend, Done, Progress, RunToken
 from tests.conftest import running_app
 from ui.runner import deliver

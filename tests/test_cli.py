@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.metadata import read_parameters, request_from_infotext
+from pipelines.image_info import read_parameters
+from pipelines.metadata import request_from_infotext
 
 ROOT = Path(__file__).resolve().parent.parent
 

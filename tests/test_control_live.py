@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.denoise.loop import ControlInput, TileSpec
 from pipelines.denoise.stages import StageSpec, run_stage
-from pipelines.request import ControlUnit
+from pipelines.request.schema import ControlUnit
 
 
 def _maps() -> dict[str, Image.Image]:
@@ -28,7 +28,7 @@ def _arr(img: Image.Image) -> np.ndarray:
 
 
 def test_tiny_controlnet_conditioning_embedding_is_not_zero(manager):
-    from pipelines.control import load_controlnet
+    from pipelines.control.models import load_controlnet
     from pipelines.models.tiny import ensure_tiny_controlnet
 
     manager.get("tiny")

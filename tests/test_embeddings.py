@@ -225,8 +225,9 @@ def test_replacing_a_file_re_encodes(manager, tmp_path: Path) -> None:
 
 
 def test_engine_counter_metadata_and_errors(tiny_cache, tmp_path: Path, req_factory) -> None:
+    from pipelines.a1111 import parse_infotext
     from pipelines.engine import Engine
-    from pipelines.metadata import parse_infotext, request_from_infotext
+    from pipelines.metadata import request_from_infotext
     from pipelines.models.manager import ModelManager
 
     folder = tmp_path / "models" / "embeddings"

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pipelines.denoise.schedulers import sampler_names
-from pipelines.metadata import read_parameters, request_from_infotext
+from pipelines.image_info import read_parameters
+from pipelines.metadata import request_from_infotext
 
 
 def _arr(img: Image.Image) -> np.ndarray:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pipelines.denoise.feature_cache import CacheSettings, full_steps, plan_passes
-from pipelines.denoise.guidance import needs_uncond, parse_cfg, scales_for_steps
 from pipelines.denoise.loop import TileSpec
 from pipelines.denoise.stages import StageSpec, run_stage
 from pipelines.denoise.unet_split import SplitUNet, branch_count, shallow_fraction
 from pipelines.errors import ValidationError
+from pipelines.request.cfg import needs_uncond, parse_cfg, scales_for_steps
 from tests.conftest import stage_spec
 
 
@@ -223,7 +223,7 @@ def test_real_unet_cached_run_with_controlnet_and_tiles(tiny, engine):
 
 def test_request_fields_validated_and_round_trip_through_metadata(req_factory):
     from pipelines.metadata import infotext, request_from_infotext
-    from pipelines.request import validate
+    from pipelines.request.validation import validate
 
     req = validate(req_factory(feature_cache="on", feature_cache_interval="4", feature_cache_branch=1,
                                feature_cache_schedule="nonuniform"))
@@ -258,7 +258,7 @@ def test_settings_reach_cli_api_ui_and_the_draft_preset(tmp_path):
     import gradio as gr
 
     import cli
-    from pipelines.presets import load_presets
+    from pipelines.request.presets import load_presets
     from ui.advanced import build_advanced
     from ui.api import GENERATE_PARAMS
     from ui.components import Form
@@ -269,7 +269,7 @@ def test_settings_reach_cli_api_ui_and_the_draft_preset(tmp_path):
     assert {cli._FIELDS[k]: getattr(args, k) for k in names} == dict(zip(names, ("on", 4, 2, "nonuniform"),
                                                                          strict=True))
     assert all(n in GENERATE_PARAMS for n in names)
-    from pipelines.request import GenerationRequest, flatten
+    from pipelines.request.schema import GenerationRequest, flatten
 
     form = Form()
     with gr.Blocks():
@@ -283,7 +283,7 @@ def test_settings_reach_cli_api_ui_and_the_draft_preset(tmp_path):
 def test_hires_refine_gets_a_fresh_cache_per_stage(engine, req_factory):
     import numpy as np
 
-    from pipelines.request import HiresConfig
+    from pipelines.request.schema import HiresConfig
 
     kw = dict(seed=9, steps=2, hires=HiresConfig(scale=1.5, steps=2, denoise=0.5))
     off = engine.generate(req_factory(**kw), save=False)

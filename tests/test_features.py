@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.metadata import read_parameters, request_from_infotext
-from pipelines.request import ControlUnit, HiresConfig, TileConfig
+from pipelines.image_info import read_parameters
+from pipelines.metadata import request_from_infotext
+from pipelines.request.schema import ControlUnit, HiresConfig, TileConfig
 
 
 def _arr(img: Image.Image) -> np.ndarray:
@@ -195,7 +196,7 @@ def test_hires_denoise_zero_returns_the_upscaled_draft(engine, req_factory):
 
 
 def test_latent_upscaler_defaults_to_high_denoise_and_warns_below(engine, req_factory):
-    from pipelines.hires import hires_denoise
+    from pipelines.hires.refine import hires_denoise
 
     assert hires_denoise(req_factory(hires=HiresConfig(scale=2, upscaler="latent"))) >= 0.5
     res = engine.generate(req_factory(hires=HiresConfig(scale=1.5, upscaler="latent", denoise=0.2, steps=2)),
@@ -288,7 +289,7 @@ def test_control_bad_upload_and_unknown_model(engine, req_factory):
 
 
 def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
-    from pipelines.metadata import parse_infotext
+    from pipelines.a1111 import parse_infotext
     from pipelines.serving.service import Backend
 
     backend = Backend(engine)
@@ -330,7 +331,7 @@ def test_ui_and_api_control_units_act_together_and_name_their_fields(engine):
 
 
 def _png_with(text: str) -> bytes:
-    from pipelines.metadata import png_info
+    from pipelines.image_info import png_info
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=png_info(text))

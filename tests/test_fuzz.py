@@ -22,12 +22,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipelines.denoise.guidance import GuidanceSchedule, parse_cfg
 from pipelines.errors import TesseraError, ValidationError
 from pipelines.metadata import request_from_infotext
 from pipelines.prompts.encoding import PromptEncoder
 from pipelines.prompts.parser import parse_weighted, prompts_per_step
-from pipelines.request import GenerationRequest, flat_fields, from_flat, validate
+from pipelines.request.cfg import GuidanceSchedule, parse_cfg
+from pipelines.request.schema import GenerationRequest, flat_fields, from_flat
+from pipelines.request.validation import validate
 from pipelines.serving.service import Backend
 from tests.conftest import tiny_request
 

@@ -7,18 +7,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.denoise.guidance import (
+from pipelines.denoise.guidance import apply_cfg, plot_schedule
+from pipelines.errors import ValidationError
+from pipelines.request.cfg import (
     GuidanceSchedule,
-    apply_cfg,
     format_cfg,
     needs_uncond,
     parse_cfg,
-    plot_schedule,
     progress_of,
     scales_for_steps,
     unet_evaluations,
 )
-from pipelines.errors import ValidationError
 
 G = GuidanceSchedule
 

@@ -89,7 +89,7 @@ def test_cli_bad_text_exits_2_with_one_line(tmp_path, tiny_cache, args, option):
 # ---------------------------------------------------------------- the plan before the model is loaded
 
 def _plan_req(model: str):
-    from pipelines.request import TileConfig
+    from pipelines.request.schema import TileConfig
     from tests.conftest import tiny_request
 
     return tiny_request(model=model, width=256, height=256, tiling=TileConfig(memory_budget_gb=64))
@@ -125,7 +125,7 @@ def test_catalogue_estimate_uses_the_models_own_size_without_download(tmp_path, 
 def test_local_folder_size_is_read_from_its_files(tmp_path, tiny_dir, manager):
     import shutil
 
-    from pipelines.models.manager import Source
+    from pipelines.models.loading import Source
     from pipelines.models.sizes import known_sizes
     from pipelines.request_plan import model_sizes
 
@@ -141,7 +141,7 @@ def test_single_file_size_counts_every_tensor(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.models.manager import Source
+    from pipelines.models.loading import Source
     from pipelines.models.sizes import known_sizes
 
     path = tmp_path / "model.safetensors"

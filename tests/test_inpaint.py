@@ -24,7 +24,7 @@ from pipelines.edit.inpaint import (
     prepare_mask,
 )
 from pipelines.errors import ValidationError
-from pipelines.request import GenerationRequest, InpaintConfig, TileConfig
+from pipelines.request.schema import GenerationRequest, InpaintConfig, TileConfig
 
 
 class PointwiseUNet:
@@ -352,7 +352,8 @@ def test_a_mask_that_is_not_an_image_is_refused(tmp_path):
     InpaintConfig(masked_content="latent nothing", mask_blur=0, outpaint_right=8, outpaint_bottom=16),
 ])
 def test_metadata_round_trip_of_every_inpaint_option(config):
-    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
+    from pipelines.a1111 import parse_infotext
+    from pipelines.metadata import infotext, request_from_infotext
 
     req = GenerationRequest(model="tiny", prompt="fix the face", width=512, height=512, strength=0.6, seed=3,
                             mask=_rect_mask(8, 8, (0, 0, 3, 3)), inpaint=config)
@@ -379,7 +380,7 @@ def test_a1111_inpaint_infotext_is_read():
 
 
 def test_controlnet_with_a_mask_gets_the_crop_for_only_masked(tiny, engine):
-    from pipelines.request import ControlUnit
+    from pipelines.request.schema import ControlUnit
 
     image, mask = _image(128, 96, seed=6), _rect_mask(128, 96, (70, 40, 100, 70))
     seen = []
@@ -403,7 +404,7 @@ def test_controlnet_with_a_mask_gets_the_crop_for_only_masked(tiny, engine):
 def test_hires_refine_repaints_under_the_scaled_mask(tiny, engine):
     """Inpaint at 64², upscale 2x (Lanczos), refine under the same mask at 128²: outside the scaled blurred mask
     the result is the Lanczos-upscaled input, inside it changed again."""
-    from pipelines.request import HiresConfig
+    from pipelines.request.schema import HiresConfig
 
     image, mask = _image(64, 64, seed=8), _rect_mask(64, 64, (16, 16, 40, 40))
     req = GenerationRequest(model="tiny", prompt="x", width=64, height=64, steps=2, seed=1, init_image=image,

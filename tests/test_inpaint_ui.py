@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipelines.edit.inpaint import prepare_mask
-from pipelines.request import flat_fields
+from pipelines.request.schema import flat_fields
 from tests.test_ui import FakeBackend
 
 INPAINT_FIELDS = ("mask_blur", "masked_content", "inpaint_area", "inpaint_padding", "inpaint_size", "mask_mode",
@@ -28,7 +28,7 @@ def _mask(w=64, h=64) -> Image.Image:
 
 def test_inpaint_fields_are_flat_request_fields():
     assert set(INPAINT_FIELDS) <= set(flat_fields())
-    from pipelines.request import InpaintConfig
+    from pipelines.request.schema import InpaintConfig
 
     assert InpaintConfig().outpaint == (0, 0, 0, 0)
 

@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from pipelines.denoise.guidance import parse_cfg, scales_for_steps
 from pipelines.denoise.loop import ControlInput, TileSpec
 from pipelines.denoise.schedulers import sampler_names
 from pipelines.denoise.stages import StageSpec, run_stage
+from pipelines.request.cfg import parse_cfg, scales_for_steps
 from tests.conftest import stage_spec
 
 

@@ -11,21 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pipelines.a1111 import PARAM_RE, param_pairs, parse_infotext
 from pipelines.denoise.schedulers import SAMPLERS
 from pipelines.errors import ValidationError
-from pipelines.metadata import (
-    PARAM_RE,
-    VERSION,
-    control_settings,
-    exif_info,
-    infotext,
-    param_pairs,
-    parse_infotext,
-    png_info,
-    read_parameters,
-    request_from_infotext,
-)
-from pipelines.request import ControlUnit, GenerationRequest, HiresConfig, TileConfig
+from pipelines.image_info import exif_info, png_info, read_parameters
+from pipelines.metadata import VERSION, control_settings, infotext, request_from_infotext
+from pipelines.request.schema import ControlUnit, GenerationRequest, HiresConfig, TileConfig
 
 UPSCALERS = ("lanczos", "latent", "latent-bicubic", "latent-nearest-exact", "latent-antialiased", "4x-UltraSharp.pth")
 

@@ -23,7 +23,7 @@ BIG = {"width": 256, "height": 256, "steps": 2, "tile_mode": "on", "tile_size": 
 
 
 def _request(**kw):
-    from pipelines.request import from_flat
+    from pipelines.request.schema import from_flat
 
     return from_flat({**BIG, **kw}, tiny_request(), source="the test")
 
@@ -105,7 +105,7 @@ def test_controlnet_units_run_on_each_device_with_the_same_result(pool, tmp_path
 
     rng = np.random.default_rng(0)
     edges = Image.fromarray((rng.random((256, 256)) > 0.5).astype(np.uint8) * 255).convert("RGB")
-    from pipelines.request import ControlUnit, from_flat
+    from pipelines.request.schema import ControlUnit, from_flat
 
     req = from_flat({"control": (ControlUnit(image=edges, type="none", scale=0.8),)},
                     _request(width=192, height=192, seed=3, tile_size=16, tile_overlap=8))

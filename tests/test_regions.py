@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from pipelines.denoise.loop import TileSpec
-from pipelines.denoise.region_spec import (
+from pipelines.denoise.regions import latent_box, paste_region_noise, region_masks, views_per_step
+from pipelines.denoise.stages import run_stage
+from pipelines.errors import ValidationError
+from pipelines.request.regions import (
     Region,
     parse_region_cli,
     preview_regions,
@@ -20,9 +23,6 @@ from pipelines.denoise.region_spec import (
     rows_from_regions,
     validate_regions,
 )
-from pipelines.denoise.regions import latent_box, paste_region_noise, region_masks, views_per_step
-from pipelines.denoise.stages import run_stage
-from pipelines.errors import ValidationError
 from pipelines.tiling import plan_tiles
 from tests.conftest import stage_spec
 
@@ -238,7 +238,8 @@ def test_bad_regions_get_a_clear_message(value, message):
 
 
 def test_request_validates_regions_and_base():
-    from pipelines.request import GenerationRequest, validate
+    from pipelines.request.schema import GenerationRequest
+    from pipelines.request.validation import validate
 
     req = validate(GenerationRequest(regions='[{"x":0,"y":0,"w":0.5,"h":1,"prompt":"a cat"}]'))
     assert req.regions == (Region(0.0, 0.0, 0.5, 1.0, "a cat"),)
@@ -249,8 +250,10 @@ def test_request_validates_regions_and_base():
 
 
 def test_infotext_records_regions_and_reads_them_back():
-    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
-    from pipelines.request import GenerationRequest, validate
+    from pipelines.a1111 import parse_infotext
+    from pipelines.metadata import infotext, request_from_infotext
+    from pipelines.request.schema import GenerationRequest
+    from pipelines.request.validation import validate
 
     req = validate(GenerationRequest(prompt="a park", width=512, height=384, region_base="background", regions=(
         {"x": 0, "y": 0, "w": 0.5, "h": 1, "prompt": "a cat, (red:1.2)", "negative_prompt": "dog", "feather": 12},
@@ -267,7 +270,7 @@ def test_cli_region_option(tmp_path):
                                           "--region", "256,0,256,256:a [b:c:0.5] dog", "--region-base",
                                           "background"])
     req = cli._request(args)
-    from pipelines.request import validate
+    from pipelines.request.validation import validate
 
     assert validate(req).regions == (Region(0.0, 0.0, 0.5, 1.0, "a cat", weight=1.5),
                                      Region(256.0, 0.0, 256.0, 256.0, "a [b:c:0.5] dog"))
@@ -281,8 +284,9 @@ def test_cli_region_option(tmp_path):
 def test_engine_runs_regions_in_both_stages_and_records_them(engine, req_factory):
     """Two-stage run on the tiny model: each stage runs the base view and the region view every step (so
     4 + 4 UNet calls for 2 + 2 steps), and the PNG's parameters carry the regions back."""
-    from pipelines.metadata import read_parameters, request_from_infotext
-    from pipelines.request import HiresConfig
+    from pipelines.image_info import read_parameters
+    from pipelines.metadata import request_from_infotext
+    from pipelines.request.schema import HiresConfig
 
     req = req_factory(steps=2, hires=HiresConfig(scale=2.0, steps=2, upscaler="latent", denoise=0.6),
                       regions=({"x": 0, "y": 0, "w": 32, "h": 64, "prompt": "a cat", "seed": 5},))

@@ -7,7 +7,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from pipelines.denoise.region_spec import Region
+from pipelines.request.regions import Region
 from tests.test_ui import FakeBackend, by_label, handler, initial_data
 
 ROWS = [[0, 0, 0.5, 1, "a cat", "", 1.5, 8, -1], [None, None, None, None, "", "", None, None, None],

@@ -18,7 +18,8 @@ from PIL import Image
 
 from pipelines import saving
 from pipelines.errors import CancelledError, OutOfMemoryError
-from pipelines.metadata import read_parameters, request_from_infotext
+from pipelines.image_info import read_parameters
+from pipelines.metadata import request_from_infotext
 from pipelines.saving import save_png
 from pipelines.serving.service import Backend, Done, Progress
 from pipelines.vae import io as vae_io

@@ -14,16 +14,16 @@ from PIL import Image
 
 import cli
 from pipelines.errors import ValidationError
-from pipelines.fields import bounds, choices, is_optional, kind_of, python_type, spec
-from pipelines.request import (
+from pipelines.request.fields import bounds, choices, is_optional, kind_of, python_type, spec
+from pipelines.request.schema import (
     ControlUnit,
     GenerationRequest,
     UpscaleRequest,
     from_flat,
     schema_fields,
     unit_fields,
-    validate,
 )
+from pipelines.request.validation import validate
 from tests.test_ui import FakeBackend
 from ui import api
 from ui.components import range_text, ui_fields, ui_range
@@ -176,7 +176,7 @@ def test_validation_uses_the_schema_ranges_and_choices():
 
 
 def test_one_tile_size_range_and_one_canny_range_everywhere(forms):
-    from pipelines.control import preprocess
+    from pipelines.control.preprocessors import preprocess
 
     generate, _ = forms
     tile = schema_fields()["tile_size"]

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from pipelines.engine import Engine
 from pipelines.errors import OfflineError
-from pipelines.models.loading import family_of_file
-from pipelines.models.manager import SINGLE_FILE_CONFIGS, ModelManager, Source
+from pipelines.models.loading import SINGLE_FILE_CONFIGS, Source, family_of_file
+from pipelines.models.manager import ModelManager
 from tests.ldm_export import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, export_ldm_checkpoint, ldm_state_dict
 
 FILE = "tiny-ldm.safetensors"

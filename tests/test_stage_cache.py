@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.request import ControlUnit, GenerationRequest, HiresConfig
+from pipelines.request.schema import ControlUnit, GenerationRequest, HiresConfig
 from pipelines.stage_cache import Stage1Cache, Uncachable, content_hash, stage1_key
 
 MODEL = SimpleNamespace(name="tiny", loras=())

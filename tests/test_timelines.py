@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from pipelines.errors import ValidationError
 from pipelines.prompts.parser import prompt_schedule, prompts_per_step
-from pipelines.request import GenerationRequest, HiresConfig, validate
+from pipelines.request.schema import GenerationRequest, HiresConfig
+from pipelines.request.validation import validate
 
 # (prompt, steps, expected with A1111's default, expected with the legacy rule); one pass, no hires
 SINGLE_PASS = [
@@ -100,7 +101,7 @@ def test_unknown_timeline_and_request_validation() -> None:
 
 def test_refine_spec_uses_the_hires_form() -> None:
     from pipelines.denoise.stages import StageSpec, stage_prompts
-    from pipelines.hires import refine_spec
+    from pipelines.hires.refine import refine_spec
 
     req = GenerationRequest(prompt="a [b:1.5] c", steps=20, hires=HiresConfig(scale=2, steps=10, denoise=0.5))
     stage1 = StageSpec(prompt=req.prompt, negative_prompt="[x:y:1.5]", width=64, height=64, steps=20,
@@ -139,7 +140,8 @@ def test_engine_two_stage_run_schedules_each_pass(engine, req_factory, monkeypat
 def test_prompt_timeline_in_cli_api_ui_and_metadata(tmp_path) -> None:
     """The field reaches the request from every entry point, and the infotext writes and reads it as A1111 does."""
     from cli import _values, build_parser
-    from pipelines.metadata import infotext, parse_infotext, request_from_infotext
+    from pipelines.a1111 import parse_infotext
+    from pipelines.metadata import infotext, request_from_infotext
     from tests.test_ui import FakeBackend, by_label, handler, initial_data
     from ui.api import GENERATE_PARAMS
     from ui.app import create_demo

@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import ValidationError
-from pipelines.request import GenerationRequest, flatten
+from pipelines.request.schema import GenerationRequest, flatten
 from pipelines.serving.service import Done, Progress  # the contract's event types (torch-free)
 
 ROOT = Path(__file__).resolve().parent.parent

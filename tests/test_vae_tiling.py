@@ -10,16 +10,9 @@ from torch import nn
 
 from pipelines.errors import ValidationError
 from pipelines.tiling import Tile
-from pipelines.vae.stages import decoder_stages, encoder_stages
+from pipelines.vae.stages import decoder_stages, encoder_stages, tile_cores
 from pipelines.vae.stream import choose, margin, splits
-from pipelines.vae.tiling import (
-    decode_cores,
-    decode_splits,
-    encode_cores,
-    tile_cores,
-    tiled_decode,
-    tiled_encode,
-)
+from pipelines.vae.tiling import decode_cores, decode_splits, encode_cores, tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipelines.models import caches as caches_mod
 from pipelines.models import upscalers
 from pipelines.models.caches import WeightCaches, module_bytes
 from pipelines.models.manager import ModelManager
-from pipelines.request import ControlUnit, TileConfig
+from pipelines.request.schema import ControlUnit, TileConfig
 from tests.conftest import tiny_request
 
 

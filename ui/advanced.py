@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import gradio as gr
 
-from pipelines.request import ControlUnit
+from pipelines.request.schema import ControlUnit
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 from ui.components import Form, checkbox, choice, field_info, hint, optional_field, slider
-from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.inpaint_tab import build_inpaint
 
 CFG_HELP = field_info("cfg") + " interval() turns guidance off outside the window, saving half the UNet work there."
@@ -190,7 +190,7 @@ REGION_HELP = ("One row per region: a rectangle in fractions of the image (all o
 def build_regions(form: Form, values: dict[str, Any]) -> SimpleNamespace:
     """The Regions accordion: a table of rectangles and prompts (`regions`), where the base prompt acts
     (`region_base`), and a preview of the boxes drawn on the canvas; returns the preview widgets."""
-    from pipelines.denoise.region_spec import rows_from_regions
+    from pipelines.request.regions import rows_from_regions
 
     with gr.Accordion("Regions", open=False, elem_id="regions-box"):
         hint("Regional prompts: each rectangle gets its own prompt; the main prompt covers the rest (or everything, "

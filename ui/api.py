@@ -20,10 +20,10 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from pipelines.fields import kind_of, python_type
-from pipelines.request import FlatField, GenerationRequest, UpscaleRequest, schema_fields, unit_fields
+from pipelines.request.fields import kind_of, python_type
+from pipelines.request.schema import FlatField, GenerationRequest, UpscaleRequest, schema_fields, unit_fields
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
-from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 

@@ -12,9 +12,9 @@ from typing import Any, cast
 
 import gradio as gr
 
-from pipelines.fields import bounds, choices, is_optional, kind_of
-from pipelines.request import FlatField, GenerationRequest, schema_fields, unit_fields
-from ui.control_units import UI_CONTROL_UNITS, control_name
+from pipelines.request.fields import bounds, choices, is_optional, kind_of
+from pipelines.request.schema import FlatField, GenerationRequest, schema_fields, unit_fields
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 
 # Request fields a preset does not touch unless it names them: what the user is working on.
 USER_FIELDS = frozenset({"prompt", "negative_prompt", "model", "width", "height", "seed", "batch_size", "strength",
@@ -70,7 +70,7 @@ def widget_value(component: gr.components.Component, value: Any) -> Any:
     """A backend value as the widget shows it: LoRA tuples and numbers in text boxes as text, None as "", regions
     as the table's rows."""
     if isinstance(component, gr.Dataframe):
-        from pipelines.denoise.region_spec import rows_from_regions
+        from pipelines.request.regions import rows_from_regions
 
         return rows_from_regions(value or ()) or None
     if isinstance(value, list | tuple):
@@ -166,7 +166,7 @@ def request_value(name: str, value: Any) -> Any:
         items = tuple(s.strip() for s in (value or "").split(",") if s.strip()) if isinstance(value, str) else value
         return items or None
     if name == "regions" and isinstance(value, list):  # the Regions table's rows (the API sends JSON text)
-        from pipelines.denoise.region_spec import regions_from_rows
+        from pipelines.request.regions import regions_from_rows
 
         return regions_from_rows(value) or None
     if isinstance(value, str) and not value.strip() and name not in ("prompt", "negative_prompt"):

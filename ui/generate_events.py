@@ -13,8 +13,8 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 from ui.components import knob_values, request_value
-from ui.control_units import UI_CONTROL_UNITS, control_name
 from ui.generate_tab import GenerateTab
 from ui.runner import (
     GpuCalls,

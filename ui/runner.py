@@ -21,7 +21,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import CancelledError, TesseraError
-from ui.uploads import open_upload  # noqa: F401 - its old home: API image parameters, uploads only
 
 log = logging.getLogger(__name__)
 

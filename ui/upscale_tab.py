@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.request import UpscaleRequest
+from pipelines.request.schema import UpscaleRequest
 from ui.components import Form, field_info, hint, number_box, slider
 from ui.runner import GpuCalls, Stream, done_text, is_done, progress_text, result_files, stream_events
 

@@ -51,7 +51,7 @@ PREPROCESSORS: tuple[str, ...] = ("none", "canny", *ANNOTATORS)
 def _threshold(field: str, value: object) -> int:
     """A canny threshold as an int in the request's range (`CANNY_RANGE`, A1111's 1-255); whole floats (from UI
     sliders) are accepted."""
-    from pipelines.request import CANNY_RANGE
+    from pipelines.request.schema import CANNY_RANGE
 
     lo, hi = CANNY_RANGE
     if isinstance(value, float) and value.is_integer():

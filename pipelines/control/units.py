@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from pipelines.control import load_control_image, load_controlnet, prepare_control_image, preprocess
+from pipelines.control.images import load_control_image, prepare_control_image
+from pipelines.control.models import load_controlnet
+from pipelines.control.preprocessors import preprocess
 from pipelines.denoise.loop import ControlInput
 from pipelines.models.tiny import ensure_tiny_controlnet
-from pipelines.request import ControlUnit
+from pipelines.request.schema import ControlUnit
 
 if TYPE_CHECKING:
     from pipelines.models.caches import WeightCaches

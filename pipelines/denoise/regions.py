@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipelines.denoise.region_spec import Region
+from pipelines.request.regions import Region
 from pipelines.tiling import Tile
 
 

@@ -15,7 +15,6 @@ from typing import Any, cast
 import torch
 
 from pipelines.denoise.feature_cache import CacheSettings, make_feature_cache
-from pipelines.denoise.guidance import parse_cfg, scales_for_steps
 from pipelines.denoise.loop import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.denoise.regions import RegionView, paste_region_noise, region_masks
 from pipelines.denoise.schedulers import make_scheduler
@@ -23,6 +22,7 @@ from pipelines.lru import LRUCache
 from pipelines.prompts.composable import split_and
 from pipelines.prompts.encoding import Emphasis, EncodedPrompt, PromptEncoder
 from pipelines.prompts.parser import prompts_per_step
+from pipelines.request.cfg import parse_cfg, scales_for_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class StageSpec:
     tiles: TileSpec | None = None
     control: Sequence[ControlInput] = ()
     feature_cache: CacheSettings | None = None  # DeepCache settings; None = off
-    regions: Sequence = ()  # `pipelines.denoise.region_spec.Region`s: regional prompts
+    regions: Sequence = ()  # `pipelines.request.regions.Region`s: regional prompts
     region_base: str = "rest"  # rest | background: where the base prompt acts (`pipelines.denoise.regions`)
     region_canvas: tuple[int, int] | None = None  # stage-1 (width, height) the regions refer to; None = this size
     inpaint: Any = None  # a pipelines.edit.inpaint.LatentMask: the mask's loop hooks (with init_latents)

@@ -46,7 +46,7 @@ def load_mask(value: Any, name: str = "mask") -> Image.Image:
 
     The header checks (format, 64 MP) of `load_control_image` run before any pixel is decoded.
     """
-    from pipelines.control import load_control_image
+    from pipelines.control.images import load_control_image
 
     try:
         return load_control_image(value).convert("L")  # grey -> RGB -> grey keeps every level
@@ -72,7 +72,7 @@ def editor_images(value: Any, name: str = "inpaint_editor") -> tuple[Image.Image
 
 
 def _background(value: Any, name: str) -> Image.Image:
-    from pipelines.control import load_control_image
+    from pipelines.control.images import load_control_image
 
     try:
         return load_control_image(value)
@@ -82,7 +82,7 @@ def _background(value: Any, name: str) -> Image.Image:
 
 def _layer_alpha(path: Any, name: str) -> Image.Image:
     """A painted layer's alpha channel, with the header checks of uploads (format, 64 MP) before decoding."""
-    from pipelines.control import CONTROL_FORMATS, MAX_CONTROL_PIXELS
+    from pipelines.control.images import CONTROL_FORMATS, MAX_CONTROL_PIXELS
 
     fix = f"layers must be PNG/JPEG/WebP images of at most {MAX_CONTROL_PIXELS // 2**20} MP"
     try:

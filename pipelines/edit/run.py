@@ -35,7 +35,7 @@ from pipelines.edit.inpaint import (
 )
 from pipelines.job import CodecOptions, Job, tile_spec
 from pipelines.outputs import GenerationResult, Outcome
-from pipelines.request import GenerationRequest
+from pipelines.request.schema import GenerationRequest
 from pipelines.tiling import plan_tiles
 from pipelines.vae import io as vae_io
 
@@ -163,8 +163,9 @@ def _inpaint_pass(engine: Engine, job: Job) -> tuple[list[Image.Image], Any, Cod
 def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork) -> GenerationRequest:
     """The refine of an inpainted image: its pixels upscaled (`image`), the same mask scaled with them (already
     inverted and outpainted), the hires settings as the stage's own, no second hires or outpaint."""
-    from pipelines.hires import hires_denoise
-    from pipelines.request import HiresConfig, hires_target
+    from pipelines.hires.refine import hires_denoise
+    from pipelines.request.schema import HiresConfig
+    from pipelines.request.validation import hires_target
 
     h = req.hires
     tw, th = hires_target(*work.original.size, h.scale)
@@ -182,7 +183,7 @@ def _hires(engine: Engine, job: Job, images: list[Image.Image], work: InpaintWor
            ) -> tuple[list[Image.Image], Any, CodecOptions]:
     """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
     from pipelines.models.upscalers import upscale_image
-    from pipelines.request import hires_target
+    from pipelines.request.validation import hires_target
 
     req, model = job.req, job.model
     size = hires_target(*work.original.size, req.hires.scale)

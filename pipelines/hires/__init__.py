@@ -5,15 +5,3 @@ weights.
 - `flow`: a whole txt2img/img2img run on the engine: the draft (cached by `pipelines.stage_cache`), then, with
   hires on, the upscale, the tile ControlNet and the refine; the outputs (`pipelines.outputs`) at the end.
 """
-
-from pipelines.hires.refine import (
-    DEFAULT_DENOISE,
-    Upscaled,
-    hires_denoise,
-    hires_warning,
-    refine_spec,
-    upscale_latents_or_pixels,
-)
-
-__all__ = ["DEFAULT_DENOISE", "Upscaled", "hires_denoise", "hires_warning", "refine_spec",
-           "upscale_latents_or_pixels"]

@@ -27,8 +27,8 @@ from pipelines.hires.refine import hires_warning, refine_spec, upscale_latents_o
 from pipelines.job import CodecOptions, Job, loop_finished, tile_spec
 from pipelines.outputs import GenerationResult, Outcome
 from pipelines.planner import Plan
-from pipelines.prompts.embeddings import ti_hashes
-from pipelines.request import hires_target
+from pipelines.prompts.encoding import ti_hashes
+from pipelines.request.validation import hires_target
 from pipelines.stage_cache import stage1_key
 from pipelines.vae import io as vae_io
 
@@ -126,7 +126,7 @@ def tile_control(engine: Engine, job: Job, latents: torch.Tensor, big: list[Imag
     model, req = job.model, job.req
     if not req.hires.control_tile:
         return (), None
-    from pipelines.control import load_controlnet
+    from pipelines.control.models import load_controlnet
     from pipelines.control.units import tile_model_name
     from pipelines.errors import ModelError
 

@@ -12,7 +12,8 @@ from PIL import Image
 from pipelines.denoise.stages import StageSpec
 from pipelines.job import CodecOptions
 from pipelines.models.upscalers import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
-from pipelines.request import GenerationRequest, hires_target
+from pipelines.request.schema import GenerationRequest
+from pipelines.request.validation import hires_target
 from pipelines.vae import io as vae_io
 
 log = logging.getLogger(__name__)

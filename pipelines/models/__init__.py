@@ -1,19 +1,3 @@
-"""Models: the manager that owns every loaded weight (`manager`), tiny test models (`tiny`), upscalers
-(`upscalers`) and size estimates (`sizes`).
-
-The package re-exports what the old flat module ``pipelines.models`` (now `manager`) offered.
+"""Models: the manager that owns every loaded weight (`manager`), the loaders (`loading`), tiny test models
+(`tiny`), upscalers (`upscalers`) and size estimates (`sizes`). Import from the submodules.
 """
-
-from pipelines.models.manager import (  # noqa: F401 - the old module's names
-    CATALOGUE,
-    DTYPES,
-    LOAD_LOCK,
-    LORA_CATALOGUE,
-    SINGLE_FILE_CONFIGS,
-    TAESD_CATALOGUE,
-    LoadedModel,
-    ModelManager,
-    Source,
-    pick_device,
-    warm_up,
-)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipelines.errors import ModelError, OfflineError, ValidationError
 from pipelines.models.tiny import ensure_tiny
-from pipelines.request import DEFAULT_MODEL
+from pipelines.request.schema import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from pipelines.errors import ModelError, ValidationError
 from pipelines.models.caches import WeightCaches
-from pipelines.models.loading import (  # noqa: F401 - DTYPES, TAESD_CATALOGUE, SINGLE_FILE_CONFIGS, pick_device and
-    DTYPES,  # warm_up lived here before the loaders got their own module; they stay importable from here
+from pipelines.models.loading import (
+    DTYPES,
     SINGLE_FILE_CONFIGS,
     TAESD_CATALOGUE,
     Source,
@@ -35,7 +35,8 @@ from pipelines.models.loading import (  # noqa: F401 - DTYPES, TAESD_CATALOGUE, 
 )
 from pipelines.models.tiny import TINY_MODELS
 from pipelines.optional import require
-from pipelines.request import DEFAULT_MODEL, parse_lora
+from pipelines.request.schema import DEFAULT_MODEL
+from pipelines.request.validation import parse_lora
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipelines.errors import ValidationError
+from pipelines.request.checks import AND_RE as _RE_AND
 
 if TYPE_CHECKING:
     import torch
 
-MAX_AND_PARTS = 8  # each part is one more UNet evaluation per step and tile
-_RE_AND = re.compile(r"\bAND\b")  # A1111 re_AND
 _RE_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # A1111 re_weight
 
 
@@ -45,16 +44,6 @@ def split_and(text: str) -> list[tuple[str, float]]:
     if len(out) == 1 and not weighted:
         return [(text, 1.0)]
     return out
-
-
-def check_and_parts(field: str, text: str, limit: int = MAX_AND_PARTS) -> None:
-    """Refuse a prompt with more AND parts than `limit` (each costs one UNet evaluation per step)."""
-    if not isinstance(text, str):
-        return
-    n = len(_RE_AND.split(text))
-    if n > limit:
-        raise ValidationError(field, f"<prompt with {n} AND parts>",
-                              f"may have at most {limit} parts joined by AND; merge some parts or drop some")
 
 
 def is_plain(weights: Sequence[float]) -> bool:

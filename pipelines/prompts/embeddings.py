@@ -219,24 +219,3 @@ class Embeddings:
             return None
         parts = [f"{n.replace(':', '').replace(',', '')}: {self.library.short_hash(self.files[n])}" for n in names]
         return ", ".join(parts) or None
-
-
-def ti_hashes(tokenizer: Any, req: Any, embeddings: Embeddings | None) -> dict[str, str]:
-    """{"TI hashes": "name: hash, ..."} for the embeddings a `GenerationRequest`'s prompts use (both passes of a
-    two-stage run, every scheduled variant), as A1111 writes it into the infotext; {} when none is used."""
-    from pipelines.prompts.encoding import embeddings_in
-    from pipelines.prompts.parser import prompts_per_step
-
-    if embeddings is None or not embeddings.files:
-        return {}
-    texts: dict[str, None] = {}
-    for text in (req.prompt, req.negative_prompt):
-        texts.update(dict.fromkeys(prompts_per_step(text, req.steps, timeline=req.prompt_timeline)))
-    h = req.hires
-    if h.enabled:
-        for text in (req.prompt if h.prompt is None else h.prompt,
-                     req.negative_prompt if h.negative_prompt is None else h.negative_prompt):
-            texts.update(dict.fromkeys(prompts_per_step(text, h.steps or req.steps, timeline=req.prompt_timeline,
-                                                        first_pass_steps=req.steps)))
-    text = embeddings.hashes_text(embeddings_in(tokenizer, list(texts), embeddings.counts))
-    return {"TI hashes": text} if text else {}

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule
+from pipelines.prompts.parser import BREAK, parse_weighted, prompt_schedule, prompts_per_step
 
 if TYPE_CHECKING:
     import torch
@@ -209,6 +209,24 @@ def embeddings_in(tokenizer: Any, texts: list[str], embeddings: Mapping[str, int
         for _, _, fixes in _chunk(tokenizer, text, embeddings).chunks:
             names.update((name, None) for _, name in fixes)
     return list(names)
+
+
+def ti_hashes(tokenizer: Any, req: Any, embeddings: Embeddings | None) -> dict[str, str]:
+    """{"TI hashes": "name: hash, ..."} for the embeddings a `GenerationRequest`'s prompts use (both passes of a
+    two-stage run, every scheduled variant), as A1111 writes it into the infotext; {} when none is used."""
+    if embeddings is None or not embeddings.files:
+        return {}
+    texts: dict[str, None] = {}
+    for text in (req.prompt, req.negative_prompt):
+        texts.update(dict.fromkeys(prompts_per_step(text, req.steps, timeline=req.prompt_timeline)))
+    h = req.hires
+    if h.enabled:
+        for text in (req.prompt if h.prompt is None else h.prompt,
+                     req.negative_prompt if h.negative_prompt is None else h.negative_prompt):
+            texts.update(dict.fromkeys(prompts_per_step(text, h.steps or req.steps, timeline=req.prompt_timeline,
+                                                        first_pass_steps=req.steps)))
+    text = embeddings.hashes_text(embeddings_in(tokenizer, list(texts), embeddings.counts))
+    return {"TI hashes": text} if text else {}
 
 
 # ---------------------------------------------------------------- weighted, chunked encoding

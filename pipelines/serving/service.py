@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.errors import TesseraError, ValidationError
-from pipelines.request import (
+from pipelines.request.schema import (
     CONTROL_FIELDS,
     ControlUnit,
     GenerationRequest,
@@ -127,7 +127,7 @@ class Backend:
     # ------------------------------------------------------------ requests
     def request(self, values: dict[str, Any]) -> GenerationRequest:
         """Flat UI/API values (None = preset/default) -> a validated request."""
-        from pipelines.presets import load_presets
+        from pipelines.request.presets import load_presets
 
         values = {k: v for k, v in values.items() if v is not None and not (isinstance(v, str) and v == "" and
                                                                               k not in ("prompt", "negative_prompt"))}
@@ -228,7 +228,7 @@ class Backend:
     # ------------------------------------------------------------ small services
     def describe(self, values: dict[str, Any]) -> str:
         """What these settings will do, with the planner's estimate (markdown)."""
-        from pipelines.presets import load_presets
+        from pipelines.request.presets import load_presets
 
         try:
             req = self.request(values)
@@ -240,8 +240,8 @@ class Backend:
             lines.append(f"**{preset}**: {load_presets()[preset].description}")
         stage = f"{req.width}×{req.height}, {req.steps} steps {req.sampler}, CFG `{req.cfg}`"
         if req.hires.enabled:
-            from pipelines.hires import hires_denoise
-            from pipelines.request import hires_target
+            from pipelines.hires.refine import hires_denoise
+            from pipelines.request.validation import hires_target
 
             tw, th = hires_target(req.width, req.height, req.hires.scale)
             stage += (f" → {req.hires.upscaler} ×{req.hires.scale:g} to {tw}×{th}, refine "
@@ -256,7 +256,7 @@ class Backend:
     def region_preview(self, regions: Any, width: Any, height: Any) -> Image.Image:
         """The canvas with the regions' boxes drawn and labelled (the UI's Regions preview); bad rows raise the
         request's ValidationError."""
-        from pipelines.denoise.region_spec import preview_regions, validate_regions
+        from pipelines.request.regions import preview_regions, validate_regions
 
         w, h = int(width or 512), int(height or 512)
         return preview_regions(validate_regions(regions, w, h, self.engine.limits.max_prompt_chars), w, h)
@@ -269,12 +269,14 @@ class Backend:
             return ""
 
     def cfg_plot(self, cfg: str, steps: int) -> Image.Image:
-        from pipelines.denoise.guidance import parse_cfg, plot_schedule
+        from pipelines.denoise.guidance import plot_schedule
+        from pipelines.request.cfg import parse_cfg
 
         return plot_schedule(parse_cfg(cfg), max(1, int(steps or 1)))
 
     def read_info(self, image) -> tuple[str, dict]:
-        from pipelines.metadata import read_parameters, request_from_infotext
+        from pipelines.image_info import read_parameters
+        from pipelines.metadata import request_from_infotext
 
         if image is None:
             raise ValidationError("image", None, "is required: upload a PNG made by Tessera or A1111")
@@ -290,10 +292,11 @@ class Backend:
         return control_map(unit, self.engine.manager.models_dir, self.engine.manager.caches)
 
     def choices(self) -> dict[str, Any]:
-        from pipelines.control import PREPROCESSORS, list_controlnets
+        from pipelines.control.models import list_controlnets
+        from pipelines.control.preprocessors import PREPROCESSORS
         from pipelines.denoise.schedulers import sampler_names
         from pipelines.models.upscalers import LATENT_MIN_DENOISE, list_upscalers
-        from pipelines.presets import load_presets
+        from pipelines.request.presets import load_presets
 
         models_dir = self.engine.manager.models_dir
         defaults = flatten(GenerationRequest(model=self.engine.default_model))
@@ -308,7 +311,7 @@ class Backend:
         }
 
     def preset_values(self, name: str) -> dict[str, Any]:
-        from pipelines.presets import load_presets
+        from pipelines.request.presets import load_presets
 
         presets = load_presets()
         if name not in presets:
@@ -332,7 +335,7 @@ def safe_preview(engine, denoised) -> Image.Image | None:
 def _control_values(text: str) -> dict[str, Any]:
     """The ControlNet units' settings an infotext records, as the UI's flat values (images are not recorded);
     a preprocessor this app does not have is left out (the unit keeps its own)."""
-    from pipelines.control import PREPROCESSORS
+    from pipelines.control.preprocessors import PREPROCESSORS
     from pipelines.metadata import control_settings
 
     out: dict[str, Any] = {}
@@ -366,7 +369,7 @@ def _control_unit(values: dict[str, Any], names: dict[str, str]) -> ControlUnit:
 
 def _image(value: Any, name: str) -> Image.Image:
     """An upload (PIL image, numpy array, file path) -> a checked RGB PIL image."""
-    from pipelines.control import load_control_image
+    from pipelines.control.images import load_control_image
 
     if value is None:
         raise ValidationError(name, None, "is required: upload an image")

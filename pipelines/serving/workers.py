@@ -154,7 +154,7 @@ class WorkerPool(EngineFacade):
             return False
         if self.split == "on":
             return True
-        from pipelines.request import hires_target
+        from pipelines.request.validation import hires_target
 
         req = self.first.check(req)
         current = self.first.manager.current

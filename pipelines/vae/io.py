@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from pipelines.images import from_pil, to_pil  # noqa: F401 - callers' vae_io.from_pil / vae_io.to_pil
+from pipelines.images import to_pil
 from pipelines.vae.lanes import Dealer
 from pipelines.vae.tiling import Mode, tiled_decode, tiled_encode
 

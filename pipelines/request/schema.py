@@ -1,7 +1,7 @@
 """The one description of a generation: frozen dataclasses whose fields carry their schema, and flat names.
 
-Each field is declared once with `spec(...)` (`pipelines.fields`): its type (choices as `Literal[...]`), range,
-unit and one help sentence. Validation (`pipelines.validation`), the UI's widgets, the CLI's options, the API's
+Each field is declared once with `spec(...)` (`pipelines.request.fields`): its type (choices as `Literal[...]`), range,
+unit and one help sentence. Validation (`pipelines.request.validation`), the UI's widgets, the CLI's options, the API's
 parameters, preset keys and infotext keys are derived from these declarations.
 
 Field names are shared by presets (`presets/*.json`), the CLI (`--hires-scale` = `hires_scale`), the Gradio
@@ -15,9 +15,9 @@ import dataclasses
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
-from pipelines.denoise.region_spec import Region
 from pipelines.errors import ValidationError
-from pipelines.fields import FieldSpec, hints, spec, spec_of
+from pipelines.request.fields import FieldSpec, hints, spec, spec_of
+from pipelines.request.regions import Region
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -330,29 +330,3 @@ def from_flat(values: dict[str, Any], base: GenerationRequest | None = None, *, 
     if isinstance(top.get("loras"), list):
         top["loras"] = tuple(top["loras"])
     return replace(base, **top)
-
-
-# Validation lives in `pipelines.validation`; these names stay importable from here, as before.
-from pipelines.validation import (  # noqa: E402
-    Limits,
-    check_name,
-    check_text,
-    hires_target,
-    parse_lora,
-    resolve_seed,
-    validate,
-    validate_control,
-    validate_feature_cache,
-    validate_hires,
-    validate_inpaint,
-    validate_tiling,
-    validate_upscale,
-)
-
-__all__ = [
-    "CONTROL_FIELDS", "DEFAULT_MODEL", "INPAINT_AREAS", "MASKED_CONTENT", "MASK_MODES", "ControlUnit", "FlatField",
-    "GenerationRequest", "HiresConfig", "InpaintConfig", "Limits", "TileConfig", "UpscaleRequest", "check_name",
-    "check_text", "flat_fields", "flatten", "from_flat", "hires_target", "parse_lora", "resolve_seed",
-    "schema_fields", "unit_fields", "validate", "validate_control", "validate_feature_cache", "validate_hires",
-    "validate_inpaint", "validate_tiling", "validate_upscale",
-]

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ValidationError
-from pipelines.request import GenerationRequest, from_flat
+from pipelines.request.schema import GenerationRequest, from_flat
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 TIER_ORDER = ("draft", "fast", "balanced", "quality", "ultra")
 META_KEYS = ("description", "label")
 

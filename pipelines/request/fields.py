@@ -2,7 +2,7 @@
 
 A field is declared with `spec(default, help, ...)`: a `dataclasses.field` whose metadata holds a `FieldSpec`.
 Its annotation gives the type; choices are a `Literal[...]` read back with `get_args` (as `denoise/guidance.py`
-does with `Kind`). Validation (`pipelines.validation`), the UI's widgets (`ui.components`), the CLI's options
+does with `Kind`). Validation (`pipelines.request.validation`), the UI's widgets (`ui.components`), the CLI's options
 (`cli.py`), the API's parameters (`ui.api`), preset keys and infotext keys (`pipelines.metadata`) are all
 derived from these declarations, so a new field is added in one place (docs/ARCHITECTURE.md, "How to add a field").
 """
@@ -14,6 +14,8 @@ import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
+
+from pipelines.request.limits import Limits
 
 Kind = Literal["choice", "bool", "int", "float", "text", "name", "cfg", "loras", "regions", "image", "units"]
 
@@ -109,8 +111,6 @@ def bounds(fs: FieldSpec, limits: Any = None) -> tuple[float, float] | None:
     if fs.range is None:
         return None
     if limits is None:
-        from pipelines.checks import Limits
-
         limits = Limits()
     lo, hi = (getattr(limits, x) if isinstance(x, str) else x for x in fs.range)
     return lo, hi

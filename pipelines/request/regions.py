@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.errors import ValidationError
-from pipelines.prompts.composable import check_and_parts
+from pipelines.request.checks import check_and_parts
 
 MAX_REGIONS = 16
 MAX_WEIGHT = 10.0

@@ -1,30 +1,19 @@
 """Value checks shared by every request field: numbers, ranges, choices, texts and names, each raising
-`ValidationError(field, value, fix)`; `check_field` applies the ones a field's schema (`pipelines.fields`) asks for.
+`ValidationError(field, value, fix)`; `check_field` applies the ones a field's schema (`pipelines.request.fields`) asks for.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, cast
 
 from pipelines.errors import ValidationError
-from pipelines.fields import FieldSpec, bounds, choices, is_optional, kind_of
+from pipelines.request.fields import FieldSpec, bounds, choices, is_optional, kind_of
+from pipelines.request.limits import Limits
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Server-side input limits, enforced for every entry point (UI, API, CLI)."""
-
-    min_side: int = 64
-    max_side: int = 8192  # tiled diffusion makes large sizes possible; keep a sane upper bound
-    max_pixels: int = 8192 * 8192
-    max_steps: int = 150
-    max_batch: int = 16
-    max_prompt_chars: int = 10_000
-    max_hires_scale: float = 8.0
-    max_loras: int = 32
+MAX_AND_PARTS = 8  # each AND part is one more UNet evaluation per step and tile
+AND_RE = re.compile(r"\bAND\b")  # A1111 re_AND: the word that joins composable parts
 
 
 def check_field(name: str, value: Any, tp: Any, fs: FieldSpec, limits: Limits) -> Any:
@@ -150,7 +139,7 @@ def check_name(name: str, value: Any, what: str = "a name from the list") -> str
 
 def _cfg_text(name: str, value: Any) -> str:
     """A guidance schedule (number or text) checked by `parse_cfg`, as its text; errors name `name`."""
-    from pipelines.denoise.guidance import parse_cfg
+    from pipelines.request.cfg import parse_cfg
 
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValidationError(name, value, "must be a number or a schedule like linear(4,9)")
@@ -162,3 +151,13 @@ def _cfg_text(name: str, value: Any) -> str:
     except ValidationError as err:
         raise ValidationError(name, value, err.fix) from None
     return text
+
+
+def check_and_parts(field: str, text: str, limit: int = MAX_AND_PARTS) -> None:
+    """Refuse a prompt with more AND parts than `limit` (each costs one UNet evaluation per step)."""
+    if not isinstance(text, str):
+        return
+    n = len(AND_RE.split(text))
+    if n > limit:
+        raise ValidationError(field, f"<prompt with {n} AND parts>",
+                              f"may have at most {limit} parts joined by AND; merge some parts or drop some")

@@ -1,4 +1,4 @@
-"""Validation of a request, once, at the boundary: each field as its schema says (`pipelines.checks.check_field`),
+"""Validation of a request, once, at the boundary: each field as its schema says (`pipelines.request.checks.check_field`),
 then the rules that join fields (sizes × pixels, overlap < tile, start ≤ end, inpainting's needs).
 """
 
@@ -7,20 +7,20 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from pipelines.checks import (
-    Limits,
-    _float,
-    _in_range,
-    check_field,
-    check_name,
-    check_text,
-)
-from pipelines.denoise.region_spec import validate_regions
 from pipelines.errors import ValidationError
-from pipelines.prompts.composable import check_and_parts
+from pipelines.request.checks import _float, _in_range, check_and_parts, check_field, check_name, check_text
+from pipelines.request.limits import Limits
+from pipelines.request.regions import validate_regions
 
 if TYPE_CHECKING:
-    from pipelines.request import ControlUnit, GenerationRequest, HiresConfig, InpaintConfig, TileConfig, UpscaleRequest
+    from pipelines.request.schema import (
+        ControlUnit,
+        GenerationRequest,
+        HiresConfig,
+        InpaintConfig,
+        TileConfig,
+        UpscaleRequest,
+    )
 
 __all__ = ["Limits", "check_name", "check_text", "hires_target", "parse_lora", "resolve_seed", "validate",
            "validate_control", "validate_feature_cache", "validate_hires", "validate_inpaint", "validate_tiling",
@@ -31,7 +31,7 @@ def _group(obj: Any, group: str | None, limits: Limits, skip: tuple[str, ...] = 
            ) -> dict[str, Any]:
     """The flat fields of `group` (None = the top level of `cls`, by default GenerationRequest) of a request,
     checked by their schema: {field: value}."""
-    from pipelines.request import GenerationRequest, schema_fields
+    from pipelines.request.schema import GenerationRequest, schema_fields
 
     return {ff.field.name: check_field(ff.name, getattr(obj, ff.field.name), ff.type, ff.spec, limits)
             for ff in schema_fields(cls or GenerationRequest).values() if ff.group == group and ff.name not in skip}
@@ -94,7 +94,7 @@ def validate_tiling(t: TileConfig) -> TileConfig:
 
 def validate_control(u: ControlUnit, i: int) -> ControlUnit:
     """Check one ControlNet unit's fields (the images and the model files are checked when loaded)."""
-    from pipelines.request import unit_fields
+    from pipelines.request.schema import unit_fields
 
     p = f"control[{i}]."
     if u.image is None:
@@ -130,10 +130,6 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
             raise ValidationError("init_image", None, "is required to inpaint: upload the image the mask is for")
         side = next(n for n, v in sides.items() if v)
         raise ValidationError(side, sides[side], "needs an init_image to extend: upload the image to outpaint")
-    if req.mask is not None:
-        from pipelines.edit.inpaint import check_mask
-
-        check_mask(req.mask, req.init_image, out.soft_inpainting)
     ow, oh = width + out.outpaint_left + out.outpaint_right, height + out.outpaint_top + out.outpaint_bottom
     if max(ow, oh) > limits.max_side or ow * oh > limits.max_pixels:
         side = next(n for n, v in sides.items() if v)
@@ -141,11 +137,6 @@ def validate_inpaint(req: GenerationRequest, width: int, height: int, limits: Li
                                                  f"{limits.max_pixels} pixel limit; extend by less")
     scale = _float("hires_scale", req.hires.scale)
     if scale not in (0.0, 1.0):  # the refine repaints under the same mask, scaled (`pipelines.edit.run`)
-        from pipelines.models.upscalers import is_latent
-
-        if is_latent(req.hires.upscaler):
-            raise ValidationError("hires_upscaler", req.hires.upscaler, "must be a pixel upscaler (lanczos or a "
-                                                                        "model file) when inpainting")
         tw, th = hires_target(ow, oh, scale)
         if max(tw, th) > limits.max_side or tw * th > limits.max_pixels:
             raise ValidationError("hires_scale", scale, f"makes {tw}x{th} after outpainting, over the "
@@ -157,7 +148,7 @@ def validate_upscale(req: UpscaleRequest, limits: Limits | None = None) -> Upsca
     """Check an upscale request like a generation's fields: the image, then each field by its schema."""
     from PIL import Image
 
-    from pipelines.request import UpscaleRequest, schema_fields
+    from pipelines.request.schema import UpscaleRequest, schema_fields
 
     limits = limits or Limits()
     if not isinstance(req.image, Image.Image):
