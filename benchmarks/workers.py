@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from pipelines.factory import build_pool
 from pipelines.request.schema import GenerationRequest
 from pipelines.serving.multi_device import expected_speedup
-from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
+from pipelines.serving.workers import WorkerPool, parse_devices
 
 log = logging.getLogger(__name__)
 

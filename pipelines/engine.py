@@ -19,24 +19,29 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines.denoise.executor import SERIAL, TileExecutor
 from pipelines.denoise.loop import StepInfo
 from pipelines.denoise.schedulers import check_sampler
 from pipelines.denoise.stages import PromptCache
 from pipelines.edit.inpaint import check_mask
+from pipelines.edit.run import run_inpaint
 from pipelines.errors import OutOfMemoryError, ValidationError
-from pipelines.job import Job
+from pipelines.hires.flow import generate
+from pipelines.job import Job, loop_finished
 from pipelines.lru import LRUCache
 from pipelines.models.manager import LoadedModel, ModelManager
-from pipelines.models.upscalers import concrete_upscaler, is_latent, resolve_upscaler
-from pipelines.outputs import GenerationResult, Outcome, Saved, finish
+from pipelines.models.upscalers import concrete_upscaler, resolve_upscaler
+from pipelines.outputs import GenerationResult, Saved, finish
 from pipelines.planner import Plan
 from pipelines.process import prepare_process
 from pipelines.prompts.embeddings import EmbeddingLibrary
+from pipelines.request.hires import is_latent
 from pipelines.request.limits import Limits
 from pipelines.request.schema import DEFAULT_MODEL, GenerationRequest, UpscaleRequest
-from pipelines.request.validation import resolve_seed, validate
+from pipelines.request.validation import resolve_seed, validate, validate_upscale
 from pipelines.request_plan import plan_request
 from pipelines.stage_cache import Stage1Cache
+from pipelines.upscale_job import check_upscaler, refine_request, upscale_pixels, upscaled_result
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +116,12 @@ class Engine:
 
     # ---------------------------------------------------------------- public entry points
     def generate(self, req: GenerationRequest, *, callback: Callback | None = None, cancel=None,
-                 save: bool = True, unet=None) -> GenerationResult:
+                 save: bool = True, unet=None, executor: TileExecutor = SERIAL) -> GenerationResult:
         """Generate (txt2img, img2img, two-stage), save each image as soon as it is decoded, return the result."""
         req = self.check(req)
         req = replace(req, seed=resolve_seed(req.seed))
-        attempt = partial(self._generate, req, callback=callback, cancel=cancel, save=save, unet=unet)
+        attempt = partial(self._generate, req, callback=callback, cancel=cancel, save=save, unet=unet,
+                          executor=executor)
         with self.gpu_lock:  # released on success, error and cancel alike
             try:
                 return self._with_fallback(attempt)
@@ -149,43 +155,44 @@ class Engine:
         return result
 
     # ---------------------------------------------------------------- internals
-    def _generate(self, req: GenerationRequest, *, callback, cancel, save: bool, unet, low_memory: bool
+    def _generate(self, req: GenerationRequest, *, callback, cancel, save: bool, unet, executor, low_memory: bool
                   ) -> GenerationResult:
         """One attempt: load the model, then the run for the request's kind (inpainting, or txt2img/img2img with
         an optional hires stage)."""
         started = time.perf_counter()
         model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
-        job = Job(model, req, [req.seed + i for i in range(req.batch_size)], callback=callback, cancel=cancel,
-                  unet=unet, low_memory=low_memory, save=save, started=started)
-        if req.inpainting:  # a mask or outpainting: prepared, run and pasted back by `pipelines.edit.run`
-            from pipelines.edit.run import run_inpaint
+        job = Job(model, req, [req.seed + i for i in range(req.batch_size)], manager=self.manager,
+                  prompt_cache=self.prompt_cache, stage1_cache=self.stage1_cache,
+                  embeddings=self.embeddings.snapshot(), planner=self._plan_stage, callback=callback,
+                  cancel=cancel, unet=unet, executor=executor, low_memory=low_memory, save=save, started=started)
+        # a mask or outpainting: prepared, run and pasted back by `pipelines.edit.run`; else the two-stage flow
+        outcome = run_inpaint(job) if req.inpainting else generate(job)
+        result = finish(outcome, self._saved, self.outputs_dir)
+        result.warnings.extend(outcome.warnings)
+        result.stats["seconds"] = round(time.perf_counter() - started, 3)
+        result.stats["plan"] = outcome.plan.describe() + outcome.plan_note
+        return result
 
-            return run_inpaint(self, job)
-        from pipelines.hires.flow import generate
-
-        return generate(self, job)
-
-    def _control_inputs(self, model, req: GenerationRequest, width: int, height: int) -> tuple:
-        """The request's ControlNet units prepared at this size (`pipelines.control.units.prepare_units`)."""
-        if not req.control:
-            return ()
-        from pipelines.control.units import prepare_units
-
-        return prepare_units(model, req.control, width, height, self.manager.models_dir, self.manager.caches)
-
-    def _finish(self, outcome: Outcome) -> GenerationResult:
-        """Decode, score, describe and save the run's images (`pipelines.outputs.finish`)."""
-        return finish(outcome, self._saved, self.outputs_dir)
+    def _plan_stage(self, req: GenerationRequest, model: LoadedModel, width: int | None, height: int | None) -> Plan:
+        return self.plan(req, model, width=width, height=height)
 
     def upscale(self, image: Image.Image | UpscaleRequest, *, callback: Callback | None = None, cancel=None,
                 save: bool = True, **fields: Any) -> GenerationResult:
         """Upscale an image with a pixel upscaler, then (denoise > 0) refine it with img2img (`pipelines.upscale_job`).
 
         `image` is an `UpscaleRequest`, or an image with the request's fields as keywords (upscaler=, scale=, ...)."""
-        from pipelines.upscale_job import run_upscale
-
         req = image if isinstance(image, UpscaleRequest) else UpscaleRequest(image=image, **fields)
-        return run_upscale(self, req, callback=callback, cancel=cancel, save=save)
+        req = validate_upscale(req, self.limits)
+        upscaler = check_upscaler(req, self.manager.models_dir)
+        if not req.denoise:
+            loop_finished(cancel)  # no denoising loop: the upscale is not interrupted, so it is delivered
+        device, dtype = self.manager.device_dtype
+        with self.gpu_lock:
+            big = upscale_pixels(req, upscaler, self.manager.models_dir, device, dtype, self.manager.caches.upscalers)
+        if req.denoise:
+            return self.generate(refine_request(req, big, self.default_model), callback=callback, cancel=cancel,
+                                 save=save)
+        return upscaled_result(req, big, upscaler, self.outputs_dir, save)
 
     # ---------------------------------------------------------------- small services for the UI
     def count_tokens(self, model_name: str, text: str) -> str:

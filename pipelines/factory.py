@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.engine import Engine
 from pipelines.models.manager import ModelManager
 from pipelines.request.limits import Limits
+from pipelines.serving.workers import WorkerPool, parse_devices, pool_of
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,18 @@ def engine_for(options: EngineOptions, device: str, *, limits: Limits | None = N
                   allow_paths=options.allow_paths)
 
 
+def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_dir: Path | str | None = "outputs",
+               *, dtype: str = "auto", attention: str = "sdpa", compile_unet: bool = False, offload: bool = False,
+               limits: Limits | None = None, split: str = "auto", allow_paths: bool = False) -> WorkerPool:
+    """One ModelManager + Engine per device (nothing is loaded until a job needs it), served as a `WorkerPool`."""
+    options = EngineOptions(models_dir=models_dir, outputs_dir=outputs_dir, dtype=dtype, attention=attention,
+                            compile_unet=compile_unet, offload=offload, allow_paths=allow_paths)
+    return pool_of([engine_for(options, device, limits=limits) for device in devices], devices, split=split)
+
+
 def build_engine(args: argparse.Namespace | EngineOptions, *, allow_paths: bool = False, pool: bool = False) -> Any:
     """The engine the options ask for: one Engine, or a `WorkerPool` of one Engine per device when there are
     several devices or `pool` is set (the UI always serves through a pool)."""
-    from pipelines.serving.workers import WorkerPool, build_pool, parse_devices
-
     options = args if isinstance(args, EngineOptions) else EngineOptions.from_args(args, allow_paths=allow_paths)
     devices = parse_devices(options.devices, options.device)
     if len(devices) > 1:
@@ -72,4 +80,4 @@ def build_engine(args: argparse.Namespace | EngineOptions, *, allow_paths: bool 
                           attention=options.attention, compile_unet=options.compile_unet, offload=options.offload,
                           split=options.split, allow_paths=options.allow_paths)
     engine = engine_for(options, devices[0])
-    return WorkerPool([engine], [f"0:{devices[0]}"]) if pool else engine
+    return pool_of([engine], devices[:1]) if pool else engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from typing import Any
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
@@ -20,6 +21,18 @@ def png_info(params: str) -> PngInfo:
     info = PngInfo()
     info.add_text(PNG_KEY, params)
     return info
+
+
+def write_png(image: Image.Image, params: str, fh: Any) -> None:
+    """The one PNG writer: `image` with its `parameters` text into the open binary file `fh`."""
+    image.save(fh, format="PNG", pnginfo=png_info(params))
+
+
+def png_bytes(image: Image.Image, params: str) -> bytes:
+    """`write_png` into memory (the Ray replicas send their images as PNG bytes)."""
+    buf = io.BytesIO()
+    write_png(image, params, buf)
+    return buf.getvalue()
 
 
 def exif_info(params: str) -> Image.Exif:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipelines.denoise.loop import LoopStats, StepInfo, TileSpec
+from pipelines.control.units import prepare_units
+from pipelines.denoise.executor import SERIAL, TileExecutor
+from pipelines.denoise.loop import ControlInput, LoopStats, StepInfo, TileSpec
 from pipelines.denoise.stages import StageSpec, run_stage
 from pipelines.lru import LRUCache
 from pipelines.planner import Plan
@@ -22,7 +24,12 @@ from pipelines.request.schema import GenerationRequest, TileConfig
 from pipelines.vae import io as vae_io
 
 if TYPE_CHECKING:
-    from pipelines.models.manager import LoadedModel
+    from pipelines.models.manager import LoadedModel, ModelManager
+    from pipelines.prompts.embeddings import Embeddings
+    from pipelines.stage_cache import Stage1Cache
+
+Planner = Callable[[GenerationRequest, "LoadedModel", "int | None", "int | None"], Plan]
+"""(request, model, width, height) -> the stage's Plan (`Engine.plan`); None sizes = the request's own."""
 
 LOW_MEMORY_TILE = 64  # latent px: the UNet tile of the out-of-memory retry
 LOW_MEMORY_VAE_TILE = 32  # latent px: the VAE tile of the out-of-memory retry
@@ -38,12 +45,24 @@ class Job:
     """The checked request, its seed resolved."""
     seeds: list[int]
     """One seed per image: seed, seed + 1, ..."""
+    manager: ModelManager
+    """The one owner of weights: the models folder and the ControlNet/upscaler caches the stages load through."""
+    prompt_cache: LRUCache
+    """Encoded prompts, shared across runs (and across the workers of one device type)."""
+    stage1_cache: Stage1Cache
+    """Stage-1 latents of recent two-stage runs (`pipelines.stage_cache`)."""
+    embeddings: Embeddings | None
+    """The textual inversions as they were when the run began (a snapshot: a new file mid-run changes nothing)."""
+    planner: Planner
+    """Plans a stage of this run at a size."""
     callback: Callable[[StepInfo], None] | None = None
     """Called after every denoising step of every stage."""
     cancel: Any = None
     """The run's cancel token (anything with `is_set()`)."""
     unet: Any = None
-    """A stand-in for the model's UNet (a split image's replicas, tests' fakes); None = the model's."""
+    """A stand-in for the model's UNet (tests' fakes); None = the model's."""
+    executor: TileExecutor = SERIAL
+    """Where each step's batches of tiles run: here, or over a split image's devices (`pipelines.serving`)."""
     low_memory: bool = False
     """The out-of-memory retry: small UNet tiles, tile batch 1, a tiled VAE (streamed on a CPU)."""
     save: bool = True
@@ -55,10 +74,21 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     """`time.perf_counter()` when the attempt began (before the model loads): the result's "seconds"."""
 
-    def run_stage(self, spec: StageSpec, cache: LRUCache) -> torch.Tensor:
-        """One stage's final latents, with this job's hooks and statistics."""
-        return run_stage(self.model, spec, cache=cache, callback=self.callback, cancel=self.cancel,
-                         stats=self.stats, unet=self.unet).latents
+    def run_stage(self, spec: StageSpec) -> torch.Tensor:
+        """One stage's final latents, with this job's prompt cache, hooks and statistics."""
+        return run_stage(self.model, spec, cache=self.prompt_cache, callback=self.callback, cancel=self.cancel,
+                         stats=self.stats, unet=self.unet, executor=self.executor).latents
+
+    def plan(self, req: GenerationRequest | None = None, *, width: int | None = None, height: int | None = None
+             ) -> Plan:
+        """The plan of a stage of this run (`req`: the stage's request, default the job's) at its size."""
+        return self.planner(req or self.req, self.model, width, height)
+
+    def control(self, req: GenerationRequest, width: int, height: int) -> tuple[ControlInput, ...]:
+        """`req`'s ControlNet units prepared at this size (`pipelines.control.units.prepare_units`)."""
+        if not req.control:
+            return ()
+        return prepare_units(self.model, req.control, width, height, self.manager.models_dir, self.manager.caches)
 
 
 def loop_finished(cancel: Any) -> None:
@@ -87,13 +117,14 @@ class CodecOptions:
     host_budget: int | None = None
     """Bytes of canvases a streamed VAE may keep layer by layer (None: stream every stage)."""
     replicas: Any = None
-    """A split image's VAE replicas (`pipelines.serving.multi_device.TileReplicas.vae_replicas`): the tiled VAE
+    """A split image's VAE replicas (its executor's `vae_replicas`): the tiled VAE
     then runs across the same devices, with the same pixels. None: one device."""
 
     @classmethod
-    def for_plan(cls, plan: Plan, low_memory: bool, device: torch.device, unet: Any = None) -> CodecOptions:
+    def for_plan(cls, plan: Plan, low_memory: bool, device: torch.device, executor: TileExecutor = SERIAL
+                 ) -> CodecOptions:
         """The plan's VAE settings; the low-memory retry tiles the VAE even where the plan did not. A split
-        image's `unet` (`TileReplicas`) brings its VAE replicas."""
+        image's executor brings its VAE replicas."""
         tile = min(plan.vae_tile_size or LOW_MEMORY_VAE_TILE, LOW_MEMORY_VAE_TILE) if low_memory \
             else plan.vae_tile_size
         # out of memory on a CPU means out of host RAM, where the layer-wise canvases live: stream every stage then
@@ -101,7 +132,7 @@ class CodecOptions:
         return cls(tiled=plan.vae_tiled or low_memory, tile=tile,
                    mode="stream" if retry_stream else plan.vae_mode or "exact",
                    host_budget=None if retry_stream else plan.vae_host_budget,
-                   replicas=getattr(unet, "vae_replicas", None))
+                   replicas=executor.vae_replicas)
 
     def decode_options(self) -> dict[str, Any]:
         """`pipelines.vae.io.decode`'s keywords: tile and overlap in latent pixels."""

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from pipelines.denoise.loop import LoopStats
-from pipelines.hires.refine import hires_denoise
+from pipelines.images import to_pil
 from pipelines.job import CodecOptions, Job
 from pipelines.metadata import infotext
 from pipelines.planner import Plan
+from pipelines.request.hires import hires_denoise
 from pipelines.request.schema import GenerationRequest
 from pipelines.saving import save_png
 from pipelines.tiling import plan_tiles, seam_score, tile_boundaries
@@ -53,6 +54,10 @@ class Outcome:
     """Finished pixels (inpainting's paste-back, a hires upscale without refine)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Infotext keys of the whole run (textual inversions' hashes)."""
+    warnings: Sequence[str] = ()
+    """What the user should know about the run (a stage left out, a setting that had no effect)."""
+    plan_note: str = ""
+    """Appended to the last stage's plan line in the result's stats (inpainting: tiles skipped)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def _image(out: Outcome, i: int) -> Image.Image:
     job = out.job
     assert out.latents is not None  # an Outcome has images or latents
     decoded = out.codec.decode(job.model, out.latents[i:i + 1], mode=job.req.vae_decode, report=job.report)
-    return vae_io.to_pil(decoded)[0]
+    return to_pil(decoded)[0]
 
 
 def finish(out: Outcome, saved: list[Saved], outputs_dir: Path | None) -> GenerationResult:

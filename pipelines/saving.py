@@ -9,7 +9,9 @@ import threading
 import uuid
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
+
+from pipelines.image_info import write_png
 
 _lock = threading.Lock()
 _NAME = re.compile(r"^(\d{5,})-")
@@ -28,12 +30,10 @@ def save_png(image: Image.Image, parameters: str, outputs_dir: Path, seed: int) 
     """Write `image` with its infotext; the file appears complete or not at all and never replaces another."""
     folder = Path(outputs_dir) / dt.date.today().isoformat()
     folder.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
     tmp = folder / f".tmp-{uuid.uuid4().hex}.png"
     try:  # a failed write (disk full, bad image) removes its temporary file too
         with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            write_png(image, parameters, f)
             f.flush()
             os.fsync(f.fileno())
         with _lock:

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import control
+from pipelines.control.images import MAX_CONTROL_PIXELS, crop_box, load_control_image, prepare_control_image
+from pipelines.control.models import CONTROLNET_CATALOGUE, list_controlnets, load_controlnet
+from pipelines.control.preprocessors import preprocess
 from pipelines.errors import ModelError, OfflineError, ValidationError
 from pipelines.lru import LRUCache
 
@@ -38,7 +40,7 @@ def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 @pytest.mark.parametrize(("low", "high"), [(100, 200), (20, 60), (150, 250)])
 def test_canny_matches_opencv(low, high):
     image = photo()
-    out = control.preprocess("canny", image, low=low, high=high)
+    out = preprocess("canny", image, low=low, high=high)
     expected = cv2.Canny(np.asarray(image.convert("L")), low, high)
     assert out.mode == "RGB" and out.size == image.size
     array = np.asarray(out)
@@ -49,37 +51,37 @@ def test_canny_matches_opencv(low, high):
 
 def test_canny_accepts_whole_floats_from_sliders():
     image = photo()
-    assert control.preprocess("canny", image, low=50.0, high=150.0) == control.preprocess("canny", image, low=50, high=150)
+    assert preprocess("canny", image, low=50.0, high=150.0) == preprocess("canny", image, low=50, high=150)
 
 
 def test_canny_thresholds_matter():
     image = photo()
-    loose = np.asarray(control.preprocess("canny", image, low=10, high=30))
-    strict = np.asarray(control.preprocess("canny", image, low=200, high=255))  # the top of A1111's 1-255
+    loose = np.asarray(preprocess("canny", image, low=10, high=30))
+    strict = np.asarray(preprocess("canny", image, low=200, high=255))  # the top of A1111's 1-255
     assert loose.sum() > strict.sum()
 
 
 @pytest.mark.parametrize(("low", "high"), [(-1, 100), (0, 100), (100, 256), (200, 100), (10.5, 100)])
 def test_canny_bad_thresholds(low, high):
     with pytest.raises(ValidationError, match="canny"):
-        control.preprocess("canny", photo(), low=low, high=high)
+        preprocess("canny", photo(), low=low, high=high)
 
 
 def test_none_passes_through():
     image = photo()
-    out = control.preprocess("none", image.convert("RGBA"))
+    out = preprocess("none", image.convert("RGBA"))
     assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(image))
 
 
 def test_unknown_preprocessor():
     with pytest.raises(ValidationError, match="canny"):
-        control.preprocess("sobel", photo())
+        preprocess("sobel", photo())
 
 
 def test_missing_controlnet_aux_names_package_and_file(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # import controlnet_aux -> ImportError
     with pytest.raises(ModelError) as err:
-        control.preprocess("depth", photo(), annotators_dir=tmp_path / "annotators")
+        preprocess("depth", photo(), annotators_dir=tmp_path / "annotators")
     message = str(err.value)
     assert "controlnet-aux" in message
     assert "dpt_hybrid-midas-501f0c75.pt" in message and str(tmp_path / "annotators") in message
@@ -91,7 +93,7 @@ def test_missing_weight_file_names_file(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "controlnet_aux", fake)  # the package is "installed", weights are not
     (tmp_path / "body_pose_model.pth").write_bytes(b"x")
     with pytest.raises(ModelError) as err:
-        control.preprocess("openpose", photo(), annotators_dir=tmp_path)
+        preprocess("openpose", photo(), annotators_dir=tmp_path)
     message = str(err.value)
     assert "hand_pose_model.pth" in message and "facenet.pth" in message
     assert "body_pose_model.pth" not in message and "pip install" not in message
@@ -115,7 +117,7 @@ def test_annotator_uses_local_folder(monkeypatch, tmp_path):
     fake.HEDdetector = FakeHED
     monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
     (tmp_path / "ControlNetHED.pth").write_bytes(b"x")
-    out = control.preprocess("scribble", photo(), annotators_dir=tmp_path)
+    out = preprocess("scribble", photo(), annotators_dir=tmp_path)
     assert out.size == photo().size and seen["path"] == str(tmp_path) and seen["scribble"] is True
 
 
@@ -123,10 +125,10 @@ def test_annotator_uses_local_folder(monkeypatch, tmp_path):
 
 
 def test_prepare_same_aspect_resizes_directly():
-    tensor = control.prepare_control_image(photo(96, 64), 48, 32)
+    tensor = prepare_control_image(photo(96, 64), 48, 32)
     assert tensor.shape == (1, 3, 32, 48) and tensor.dtype == torch.float32
     assert tensor.min() >= 0 and tensor.max() <= 1
-    assert control.crop_box(200, 100, 101, 50) == (0, 0, 200, 100)  # 1% off: no crop
+    assert crop_box(200, 100, 101, 50) == (0, 0, 200, 100)  # 1% off: no crop
 
 
 def x_ramp(width: int, height: int) -> Image.Image:
@@ -138,7 +140,7 @@ def x_ramp(width: int, height: int) -> Image.Image:
 
 def test_prepare_wide_image_takes_centre_crop():
     # 200x100 into 64x64: cover scale -> 128x64, keep the middle half of the width (x 50..150).
-    tensor = control.prepare_control_image(x_ramp(200, 100), 64, 64)
+    tensor = prepare_control_image(x_ramp(200, 100), 64, 64)
     assert tensor.shape == (1, 3, 64, 64)
     red = tensor[0, 0] * 255
     assert red[:, 0].mean() == pytest.approx(50 / 199 * 255, abs=4)
@@ -148,37 +150,37 @@ def test_prepare_wide_image_takes_centre_crop():
 
 
 def test_prepare_tall_image_takes_centre_crop():
-    tensor = control.prepare_control_image(x_ramp(100, 300), 80, 40)  # keep y 125..175
+    tensor = prepare_control_image(x_ramp(100, 300), 80, 40)  # keep y 125..175
     assert tensor.shape == (1, 3, 40, 80)
     green = tensor[0, 1] * 255
     assert green[0].mean() == pytest.approx(125 / 299 * 255, abs=4)
     assert green[-1].mean() == pytest.approx(175 / 299 * 255, abs=4)
-    assert control.crop_box(100, 300, 80, 40) == (0.0, 125.0, 100.0, 175.0)
+    assert crop_box(100, 300, 80, 40) == (0.0, 125.0, 100.0, 175.0)
 
 
 def test_prepare_rejects_bad_size():
     with pytest.raises(ValidationError, match="width"):
-        control.prepare_control_image(photo(), 0, 64)
+        prepare_control_image(photo(), 0, 64)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_load_control_image_formats(tmp_path, fmt):
     path = tmp_path / f"c.{fmt.lower()}"
     photo().convert("RGB").save(path, format=fmt)
-    image = control.load_control_image(path)
+    image = load_control_image(path)
     assert image.mode == "RGB" and image.size == (96, 64)
-    assert control.load_control_image(png_bytes(photo(), fmt)).size == (96, 64)
+    assert load_control_image(png_bytes(photo(), fmt)).size == (96, 64)
 
 
 def test_load_control_image_inputs():
-    assert control.load_control_image(photo().convert("L")).mode == "RGB"
-    assert control.load_control_image(np.zeros((8, 9, 3), np.uint8)).size == (9, 8)
+    assert load_control_image(photo().convert("L")).mode == "RGB"
+    assert load_control_image(np.zeros((8, 9, 3), np.uint8)).size == (9, 8)
 
 
 @pytest.mark.parametrize("data", [b"definitely not an image", b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
 def test_non_image_bytes(data):
     with pytest.raises(ValidationError) as err:
-        control.load_control_image(data)
+        load_control_image(data)
     assert err.value.field == "control image" and "PNG/JPEG/WebP" in str(err.value)
 
 
@@ -187,11 +189,11 @@ def test_truncated_and_wrong_format(tmp_path):
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValidationError, match="cut.jpg"):
-        control.load_control_image(path)
+        load_control_image(path)
     gif = tmp_path / "anim.gif"
     photo().save(gif, format="GIF")
     with pytest.raises(ValidationError, match="GIF"):
-        control.load_control_image(gif)
+        load_control_image(gif)
 
 
 def test_decompression_bomb_rejected_from_header():
@@ -199,8 +201,8 @@ def test_decompression_bomb_rejected_from_header():
     bomb = Image.new("L", (10000, 10000))
     data = png_bytes(bomb)
     with pytest.raises(ValidationError, match="MP"):
-        control.load_control_image(data)
-    assert Image.MAX_IMAGE_PIXELS != control.MAX_CONTROL_PIXELS  # the global limit is left alone
+        load_control_image(data)
+    assert Image.MAX_IMAGE_PIXELS != MAX_CONTROL_PIXELS  # the global limit is left alone
 
 
 # ----- ControlNet models ----------------------------------------------------------------------------
@@ -220,8 +222,8 @@ def cn_models(tiny_dir, tmp_path_factory) -> Path:
 
 
 def test_list_controlnets(cn_models):
-    names = control.list_controlnets(cn_models)
-    assert names[: len(control.CONTROLNET_CATALOGUE)] == list(control.CONTROLNET_CATALOGUE)
+    names = list_controlnets(cn_models)
+    assert names[: len(CONTROLNET_CATALOGUE)] == list(CONTROLNET_CATALOGUE)
     assert {"cn", "single.safetensors", "orphan.safetensors"} <= set(names)
     assert "single.json" not in names
 
@@ -230,25 +232,25 @@ def test_load_tiny_controlnet_folder(cn_models):
     from diffusers import ControlNetModel
 
     cache = LRUCache(2)
-    by_name = control.load_controlnet("cn", models_dir=cn_models, cache=cache)
+    by_name = load_controlnet("cn", models_dir=cn_models, cache=cache)
     assert isinstance(by_name, ControlNetModel)
-    by_path = control.load_controlnet(str(cn_models / "controlnet" / "cn"), models_dir=cn_models, cache=cache)
+    by_path = load_controlnet(str(cn_models / "controlnet" / "cn"), models_dir=cn_models, cache=cache)
     assert by_path is by_name  # same resolved folder: cached
-    assert control.load_controlnet("cn", models_dir=cn_models) is not by_name  # no cache: loaded afresh
-    single = control.load_controlnet("single.safetensors", models_dir=cn_models)
+    assert load_controlnet("cn", models_dir=cn_models) is not by_name  # no cache: loaded afresh
+    single = load_controlnet("single.safetensors", models_dir=cn_models)
     for a, b in zip(single.state_dict().values(), by_name.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_single_file_without_config(cn_models):
     with pytest.raises(ModelError, match="orphan.json"):
-        control.load_controlnet("orphan.safetensors", models_dir=cn_models)
+        load_controlnet("orphan.safetensors", models_dir=cn_models)
 
 
 @pytest.mark.parametrize("spec", ["../controlnet/../x", "/etc", "cn/../../outside", "nope", "lllyasviel/other"])
 def test_rejects_paths_outside_and_unknown(cn_models, spec):
     with pytest.raises(ValidationError) as err:
-        control.load_controlnet(spec, models_dir=cn_models)
+        load_controlnet(spec, models_dir=cn_models)
     assert err.value.field == "controlnet"
 
 
@@ -260,12 +262,12 @@ def test_hub_offline(monkeypatch, cn_models):
     if isinstance(try_to_load_from_cache("lllyasviel/control_v11p_sd15_canny", "config.json"), str):
         pytest.skip("the real ControlNet is in the local hub cache, so offline loading would succeed")
     with pytest.raises(OfflineError, match="offline") as err:
-        control.load_controlnet("canny-sd15", models_dir=cn_models)
+        load_controlnet("canny-sd15", models_dir=cn_models)
     assert "lllyasviel/control_v11p_sd15_canny" in str(err.value)
 
 
 def test_allow_paths_for_trusted_callers(cn_models, tmp_path):
     outside = str(cn_models / "controlnet" / "cn")
     with pytest.raises(ValidationError, match="outside"):
-        control.load_controlnet(outside, models_dir=tmp_path)
-    assert control.load_controlnet(outside, models_dir=tmp_path, allow_paths=True) is not None
+        load_controlnet(outside, models_dir=tmp_path)
+    assert load_controlnet(outside, models_dir=tmp_path, allow_paths=True) is not None

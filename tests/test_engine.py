@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipelines.denoise.schedulers import sampler_names
 from pipelines.image_info import read_parameters
+from pipelines.images import from_pil, to_pil
 from pipelines.metadata import request_from_infotext
 
 
@@ -83,7 +84,7 @@ def test_img2img_strength_zero_is_the_vae_round_trip(engine, manager, req_factor
     assert same.stats["unet_evals"] == 0
     # strength 0 = no denoising: only the VAE round trip remains (the tiny VAE is random, so it is lossy)
     model = manager.get("tiny")
-    trip = vae_io.to_pil(vae_io.decode(model, vae_io.encode(model, vae_io.from_pil(init, 64, 64, "cpu", model.dtype))))
+    trip = to_pil(vae_io.decode(model, vae_io.encode(model, from_pil(init, 64, 64, "cpu", model.dtype))))
     assert np.array_equal(_arr(same.images[0]), _arr(trip[0]))
     half = engine.generate(req_factory(init_image=init, strength=0.5, steps=4), save=False)
     assert half.stats["unet_evals"] == 2 * 4  # `steps` steps actually run, each with CFG

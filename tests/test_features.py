@@ -196,7 +196,7 @@ def test_hires_denoise_zero_returns_the_upscaled_draft(engine, req_factory):
 
 
 def test_latent_upscaler_defaults_to_high_denoise_and_warns_below(engine, req_factory):
-    from pipelines.hires.refine import hires_denoise
+    from pipelines.request.hires import hires_denoise
 
     assert hires_denoise(req_factory(hires=HiresConfig(scale=2, upscaler="latent"))) >= 0.5
     res = engine.generate(req_factory(hires=HiresConfig(scale=1.5, upscaler="latent", denoise=0.2, steps=2)),

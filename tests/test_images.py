@@ -8,19 +8,11 @@ import torch
 from PIL import Image
 
 from pipelines import images
-from pipelines.control import images as control_images
-from pipelines.models import upscalers
-from pipelines.vae import io as vae_io
 
 
 def _photo(w: int = 40, h: int = 24, mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(5)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-
-
-def test_the_old_names_are_the_one_implementation():
-    assert vae_io.to_pil is images.to_pil and vae_io.from_pil is images.from_pil
-    assert upscalers.from_pil is images.from_pil and control_images.from_pil is images.from_pil
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])

@@ -24,6 +24,7 @@ from pipelines.edit.inpaint import (
     prepare_mask,
 )
 from pipelines.errors import ValidationError
+from pipelines.images import from_pil
 from pipelines.request.schema import GenerationRequest, InpaintConfig, TileConfig
 
 
@@ -81,7 +82,7 @@ def _diffusers_vs_loop(model, engine, mask_img: Image.Image, nine: bool):
     from pipelines.vae import io as vae_io
 
     image = _image(64, 64)
-    pixels = vae_io.from_pil(image, 64, 64, "cpu", torch.float32)
+    pixels = from_pil(image, 64, 64, "cpu", torch.float32)
     init = vae_io.encode(model, pixels)
     strength = latent_mask(mask_img, 8)
     masked = vae_io.encode(model, pixels * (strength.repeat_interleave(8, -1).repeat_interleave(8, -2) < 0.5))
@@ -133,7 +134,7 @@ def test_nine_channel_model_is_detected_and_gets_mask_and_masked_latents(manager
     assert torch.equal(x[:, 4], latent_mask(mask, 8)[0, 0].expand(2, -1, -1))  # the mask channel
     from pipelines.vae import io as vae_io
 
-    pixels = vae_io.from_pil(_image(64, 64), 64, 64, "cpu", torch.float32)
+    pixels = from_pil(_image(64, 64), 64, 64, "cpu", torch.float32)
     pixels[..., :32] = 0  # diffusers' masked image: image * (mask < 0.5)
     torch.testing.assert_close(x[:1, 5:], vae_io.encode(model, pixels), atol=1e-5, rtol=0)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.factory import build_pool
 from pipelines.serving.multi_device import TileReplicas, expected_speedup, split_note
-from pipelines.serving.workers import build_pool
 from tests.conftest import tiny_request
 
 # 256² on the tiny model: a 32² latent in 16² tiles (overlap 4), one tile per UNet call -> 9 batches per step.

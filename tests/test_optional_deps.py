@@ -10,6 +10,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
+from pipelines.control.preprocessors import preprocess
 from pipelines.errors import ModelError, TesseraError, ValidationError
 from pipelines.optional import OPTIONAL, MissingDependencyError, require
 
@@ -87,14 +88,14 @@ def test_ui_depth_preview_without_controlnet_aux_is_gr_error(monkeypatch, engine
 def test_controlnet_aux_broken_import_is_one_line(monkeypatch, tmp_path):
     import types
 
-    from pipelines import control, optional
+    from pipelines import optional
 
     def broken(name):
         raise RuntimeError("undefined symbol in _C.so\nmore detail")
 
     monkeypatch.setattr(optional, "importlib", types.SimpleNamespace(import_module=broken))
     with pytest.raises(ModelError) as err:
-        control.preprocess("depth", Image.new("RGB", (64, 64)), annotators_dir=tmp_path)
+        preprocess("depth", Image.new("RGB", (64, 64)), annotators_dir=tmp_path)
     assert str(err.value) == ("depth: controlnet-aux is installed but failed to import: undefined symbol in _C.so; "
                               "reinstall it (pip install -U controlnet-aux)")
 

@@ -142,9 +142,8 @@ def test_a_broken_checkpoint_with_downloadable_configs_is_not_called_offline(tin
     """Configs found (here: the catalogue entry pointed at a local copy), weights of the wrong shape: the error
     names the file's problem, not a download."""
     from pipelines.errors import ModelError
-    from pipelines.models import manager as models
 
-    monkeypatch.setitem(models.SINGLE_FILE_CONFIGS, "sd1", str(_config_only_copy(tiny_dir, ldm_models.parent / "c")))
+    monkeypatch.setitem(SINGLE_FILE_CONFIGS, "sd1", str(_config_only_copy(tiny_dir, ldm_models.parent / "c")))
     state = load_file(str(ldm_models / FILE))
     key = "model.diffusion_model.out.2.weight"
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1, *state[key].shape[2:])

@@ -14,6 +14,8 @@ from pipelines.errors import ModelError, ValidationError
 from pipelines.images import from_pil
 from pipelines.lru import LRUCache
 from pipelines.models import upscalers as upscale
+from pipelines.request.hires import LATENT_MIN_DENOISE, is_latent
+from pipelines.tiling import plan_cores, ramp_weights
 
 NUM_BLOCKS = 1
 
@@ -91,9 +93,9 @@ def test_auto_picks_the_model_that_says_the_scale_then_esrgan_then_lanczos(tmp_p
 
 
 def test_is_latent():
-    assert upscale.is_latent("latent") and upscale.is_latent("latent-nearest-exact")
-    assert not upscale.is_latent("lanczos") and not upscale.is_latent("tiny_x4.pth")
-    assert 0 < upscale.LATENT_MIN_DENOISE < 1
+    assert is_latent("latent") and is_latent("latent-nearest-exact")
+    assert not is_latent("lanczos") and not is_latent("tiny_x4.pth")
+    assert 0 < LATENT_MIN_DENOISE < 1
 
 
 def test_resolve(models_dir):
@@ -150,12 +152,12 @@ def _old_blend(model, x: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
     s = model.scale
     canvas, weight = torch.zeros(1, 3, h * s, w * s), torch.zeros(1, 1, h * s, w * s)
     with torch.inference_mode():
-        for top, bottom in upscale.plan_cores(h, tile):
+        for top, bottom in plan_cores(h, tile):
             y0, y1 = max(0, top - overlap), min(h, bottom + overlap)
-            wy = upscale.ramp_weights(top, bottom, y0, y1, overlap, s)
-            for left, right in upscale.plan_cores(w, tile):
+            wy = ramp_weights(top, bottom, y0, y1, overlap, s)
+            for left, right in plan_cores(w, tile):
                 x0, x1 = max(0, left - overlap), min(w, right + overlap)
-                wt = wy[:, None] * upscale.ramp_weights(left, right, x0, x1, overlap, s)[None, :]
+                wt = wy[:, None] * ramp_weights(left, right, x0, x1, overlap, s)[None, :]
                 canvas[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += model(x[:, :, y0:y1, x0:x1]).float().cpu() * wt
                 weight[:, :, y0 * s:y1 * s, x0 * s:x1 * s] += wt
     return canvas / weight
@@ -186,11 +188,11 @@ def test_receptive_radius_matches_model():
 
 
 def test_ramp_weights_partition_of_unity():
-    cores = upscale.plan_cores(100, 30)
+    cores = plan_cores(100, 30)
     total = torch.zeros(200)
     for start, end in cores:
         lo, hi = max(0, start - 10), min(100, end + 10)
-        total[lo * 2:hi * 2] += upscale.ramp_weights(start, end, lo, hi, 10, 2)
+        total[lo * 2:hi * 2] += ramp_weights(start, end, lo, hi, 10, 2)
     assert torch.allclose(total, torch.ones(200))
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import control
+from pipelines.control.models import load_controlnet
+from pipelines.control.preprocessors import ANNOTATORS, preprocess
 from pipelines.models import caches as caches_mod
 from pipelines.models import upscalers
 from pipelines.models.caches import WeightCaches, module_bytes
@@ -59,7 +60,7 @@ def fake_aux(monkeypatch, tmp_path) -> Path:
     """A stand-in controlnet_aux with the depth, lineart and mlsd detectors, and their weight files in place."""
     fake = type(sys)("controlnet_aux")
     for kind in ("depth", "lineart", "mlsd"):
-        spec = control.ANNOTATORS[kind]
+        spec = ANNOTATORS[kind]
         setattr(fake, spec.cls, _fake_detector(spec.cls))
         for f in spec.files:
             (tmp_path / f).write_bytes(b"x")
@@ -89,17 +90,17 @@ def _photo() -> Image.Image:
 
 def test_unload_frees_every_cached_controlnet_annotator_and_upscaler(aux_models, fake_aux):
     manager = ModelManager(aux_models, device="cpu", dtype="fp32", warmup=False)
-    cn = control.load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets)
+    cn = load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets)
     up = upscalers.load_upscaler(aux_models / "upscalers" / "tiny0_x4.safetensors", cache=manager.caches.upscalers)
-    control.preprocess("depth", _photo(), annotators_dir=fake_aux, cache=manager.caches.annotators)
+    preprocess("depth", _photo(), annotators_dir=fake_aux, cache=manager.caches.annotators)
     (detector,) = manager.caches.annotators.values()
     assert len(manager.caches) == 3
     # the manager counts exactly their parameters and buffers
     expected = tensor_bytes(cn) + tensor_bytes(up.model) + tensor_bytes(detector.net)
     assert manager.auxiliary_bytes() == expected > 0
     # cached: a second request is the same object, not a second load
-    assert control.load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets) is cn
-    control.preprocess("depth", _photo(), annotators_dir=fake_aux, cache=manager.caches.annotators)
+    assert load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets) is cn
+    preprocess("depth", _photo(), annotators_dir=fake_aux, cache=manager.caches.annotators)
     assert type(detector).loads == 1
     refs = [weakref.ref(m) for m in (cn, up, detector)]
     del cn, up, detector
@@ -134,7 +135,7 @@ def test_caches_are_bounded_and_evict_the_least_recently_used(aux_models, fake_a
     gc.collect()
     assert first() is None
     for kind in ("depth", "lineart", "mlsd"):  # three detector classes, room for two
-        control.preprocess(kind, _photo(), annotators_dir=fake_aux, cache=caches.annotators)
+        preprocess(kind, _photo(), annotators_dir=fake_aux, cache=caches.annotators)
     assert len(caches.annotators) == caches_mod.ANNOTATORS == 2
     assert [type(d).__name__ for d in caches.annotators.values()] == ["LineartDetector", "MLSDdetector"]
     assert caches_mod.CONTROLNETS >= 3  # the three units of one job stay loaded together
@@ -143,8 +144,8 @@ def test_caches_are_bounded_and_evict_the_least_recently_used(aux_models, fake_a
 def test_without_a_cache_nothing_is_kept(aux_models, fake_aux):
     path = aux_models / "upscalers" / "tiny0_x4.safetensors"
     assert upscalers.load_upscaler(path) is not upscalers.load_upscaler(path)
-    control.preprocess("depth", _photo(), annotators_dir=fake_aux)
-    control.preprocess("depth", _photo(), annotators_dir=fake_aux)
+    preprocess("depth", _photo(), annotators_dir=fake_aux)
+    preprocess("depth", _photo(), annotators_dir=fake_aux)
     assert sys.modules["controlnet_aux"].MidasDetector.loads == 2
 
 
@@ -167,7 +168,7 @@ def test_auxiliary_bytes_appear_in_the_plan(tiny_cache, tmp_path, aux_models):
     model = manager.get("tiny")
     req = tiny_request(tiling=TileConfig(memory_budget_gb=64))
     before = engine.plan(req, model)
-    cn = control.load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets)
+    cn = load_controlnet("cn", models_dir=aux_models, cache=manager.caches.controlnets)
     after = engine.plan(req, model)
     assert (after.tiled, after.vae_tiled) == (before.tiled, before.vae_tiled)
     assert after.est_peak_bytes - before.est_peak_bytes == tensor_bytes(cn) == manager.auxiliary_bytes()

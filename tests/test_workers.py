@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipelines.errors import CancelledError, ValidationError
-from pipelines.serving.workers import SharedPromptCache, WorkerPool, build_pool, parse_devices
+from pipelines.factory import build_pool
+from pipelines.serving.workers import SharedPromptCache, WorkerPool, parse_devices
 from tests.conftest import tiny_request
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from pipelines.errors import CancelledError, TesseraError
+from pipelines.image_info import write_png
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,9 @@ def result_files(done: Any) -> list[str]:
 
 def temp_png(image: Image.Image, parameters: str) -> str:
     """Write `image` with its `parameters` text chunk to a fresh temporary PNG."""
-    info = PngInfo()
-    info.add_text("parameters", parameters)
     fd, path = tempfile.mkstemp(prefix="tessera-", suffix=".png")
     with os.fdopen(fd, "wb") as fh:
-        image.save(fh, format="PNG", pnginfo=info)
+        write_png(image, parameters, fh)
     return path
 
 

@@ -81,11 +81,13 @@ class FeatureCache:
     steps: int
     settings: CacheSettings = field(default_factory=CacheSettings)
     entries: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    replicas: tuple = ()
+    """A split image's UNet replicas, the canvas device's first (empty: `unet` alone)."""
 
     def __post_init__(self):
-        # A split image's `TileReplicas` (`pipelines.serving.multi_device`): each device's UNet gets its own split
+        # A split image's UNet replicas (its executor's `unets`): each device's UNet gets its own split
         # passes, made here, before the replicas' threads; the entries are shared and moved to the device using them.
-        replicas = [u for u, _ in getattr(self.unet, "replicas", ())] or [self.unet]
+        replicas = list(self.replicas) or [self.unet]
         self._splits = {id(u): _split_of(u, self.settings.branch) for u in replicas}
         self.split = self._splits[id(replicas[0])]
         self.full = full_steps(self.steps, self.settings.interval, self.settings.schedule)
@@ -152,12 +154,13 @@ def cache_settings(req) -> CacheSettings | None:
     return CacheSettings(req.feature_cache_interval, req.feature_cache_branch, req.feature_cache_schedule)
 
 
-def make_feature_cache(unet, steps: int, settings: CacheSettings | None) -> FeatureCache | None:
+def make_feature_cache(unet, steps: int, settings: CacheSettings | None, replicas: Sequence[Any] = ()
+                       ) -> FeatureCache | None:
     """The stage's cache, or None when caching is off (`settings` None) or there are no steps."""
     if settings is None or steps <= 0:
         return None
     try:
-        return FeatureCache(unet, steps, settings)
+        return FeatureCache(unet, steps, settings, replicas=tuple(replicas))
     except ValueError as err:
         count = branch_count(unet) if unsupported_reason(unet) is None else 0
         fix = (f"must be at most {count - 1} for this model" if count else f"cannot be used here ({err}); set "

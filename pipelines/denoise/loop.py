@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from pipelines.denoise.executor import SERIAL, Lane, TileExecutor, to_device
 from pipelines.denoise.guidance import apply_cfg
 from pipelines.denoise.regions import tiles_touching
 from pipelines.errors import CancelledError
@@ -116,6 +117,7 @@ class LoopInputs:
     cancel: Any = None  # anything with is_set()
     vae_scale: int = 8
     feature_cache: Any = None  # a pipelines.denoise.feature_cache.FeatureCache: the UNet calls go through it
+    executor: TileExecutor = SERIAL  # runs each step's batches of tiles (`pipelines.denoise.executor`)
     regions: Sequence[Any] = ()  # `pipelines.denoise.regions.RegionView`s: extra views with their own prompt and mask
     base_mask: torch.Tensor | None = None  # [h, w] weight of the base prompt when regions are set
     # inpainting (`pipelines.edit.inpaint`): a hook after each scheduler step (step index, latents) -> latents, channels
@@ -342,9 +344,7 @@ def _unet_batch(inp: LoopInputs, unet, call: StepCall, view: View, group: Sequen
     model_in = torch.cat([crops] * rows) if rows > 1 else crops
     enc, added = _batch_inputs(cond, n, call.do_cfg)
     t = call.t
-    if device is not None and device != x_in.device:  # a replica on another device (`pipelines.serving.multi_device`)
-        from pipelines.serving.multi_device import to_device
-
+    if device is not None and device != x_in.device:  # a replica on another device (a split image's executor)
         model_in, t, enc, added = to_device((model_in, t, enc, added), device)
     down, mid = _control_residuals(inp, call, UNetRows(model_in, t, enc, added, group, b))
     model_in = _with_extra_channels(inp, model_in, group, b)  # after ControlNet, which takes the latents only
@@ -354,22 +354,16 @@ def _unet_batch(inp: LoopInputs, unet, call: StepCall, view: View, group: Sequen
 
 
 def _batch_outputs(inp: LoopInputs, call: StepCall, view: View, groups: list):
-    """The UNet outputs of each batch of tiles, in order: one after the other on `inp.unet`, or spread over
-    several devices' replicas and gathered here when `inp.unet` is a `TileReplicas` that splits this step."""
-    splits = getattr(inp.unet, "splits", None)
-    if splits is None or not splits(len(groups)):
-        for group in groups:
-            _check_cancel(inp.cancel)
-            yield _unet_batch(inp, None, call, view, group)
-        return
-    _check_cancel(inp.cancel)
+    """The UNet outputs of each batch of tiles, in order, from the loop's executor (`pipelines.denoise.executor`):
+    one after the other on `inp.unet`, or spread over the devices of a split image."""
 
-    def run(index: int, unet, device, group):
+    def run(lane: Lane | None, group):
         _check_cancel(inp.cancel)
-        local = replace(inp, control=inp.unet.control_for(index, inp.control))
-        return _unet_batch(local, unet, call, view, group, device)
+        if lane is None:
+            return _unet_batch(inp, None, call, view, group)
+        return _unet_batch(replace(inp, control=lane.control), lane.unet, call, view, group, lane.device)
 
-    yield from inp.unet.map(run, groups, call.x_in.device)
+    yield from inp.executor.run_batches(run, groups, call.x_in.device, inp.control)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from pipelines.denoise.executor import SERIAL, TileExecutor
 from pipelines.denoise.feature_cache import CacheSettings, make_feature_cache
 from pipelines.denoise.loop import Conditioning, ControlInput, LoopInputs, LoopStats, StepInfo, TileSpec, denoise
 from pipelines.denoise.regions import RegionView, paste_region_noise, region_masks
@@ -200,8 +201,10 @@ def _step_accepts_generator(sched) -> bool:
 
 
 def run_stage(model, spec: StageSpec, *, cache: LRUCache, callback: Callable[[StepInfo], None] | None = None,
-              cancel=None, stats: LoopStats | None = None, unet=None) -> StageResult:
-    """Run one txt2img/img2img stage and return the final latents (not decoded)."""
+              cancel=None, stats: LoopStats | None = None, unet=None, executor: TileExecutor = SERIAL
+              ) -> StageResult:
+    """Run one txt2img/img2img stage and return the final latents (not decoded). `unet`: a stand-in for the
+    model's (tests' fakes); `executor`: where the batches of tiles run (a split image's devices)."""
     stats = stats if stats is not None else LoopStats()
     device, dtype = model.device, model.dtype
     sched = make_scheduler(spec.sampler, model.pipe.scheduler.config)
@@ -226,7 +229,8 @@ def run_stage(model, spec: StageSpec, *, cache: LRUCache, callback: Callable[[St
         scales=scales_for_steps(schedule, len(timesteps)), rescale=schedule.rescale, tiles=spec.tiles,
         control=spec.control, generators=gens if _step_accepts_generator(sched) else None,
         seed=int(spec.seeds[0]), callback=callback, cancel=cancel, vae_scale=model.vae_scale,
-        feature_cache=make_feature_cache(unet or model.unet, len(timesteps), spec.feature_cache),
+        feature_cache=make_feature_cache(unet or model.unet, len(timesteps), spec.feature_cache, executor.unets),
+        executor=executor,
         regions=views, base_mask=base_mask,
         **({} if spec.inpaint is None else spec.inpaint.hooks(sched, timesteps, init, noise)),
     )

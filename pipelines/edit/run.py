@@ -5,14 +5,14 @@
     only masked:   crop the mask's box + padding (A1111's geometry), scale it to the processing size, run, scale back
     paste-back:    original * (1 - blurred mask) + result * blurred mask, exact where the blurred mask is 0
 
-`Engine._generate` hands every request with a mask or an outpaint side to `run_inpaint`, as a `pipelines.job.Job`.
+`Engine._generate` hands every request with a mask or an outpaint side to `run_inpaint`, as a `pipelines.job.Job`,
+and hands the `Outcome` to the outputs.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +33,11 @@ from pipelines.edit.inpaint import (
     prepare_mask,
     processing_size,
 )
+from pipelines.images import from_pil, to_pil
 from pipelines.job import CodecOptions, Job, tile_spec
-from pipelines.outputs import GenerationResult, Outcome
+from pipelines.outputs import Outcome
 from pipelines.request.schema import GenerationRequest
 from pipelines.tiling import plan_tiles
-from pipelines.vae import io as vae_io
-
-if TYPE_CHECKING:
-    from pipelines.engine import Engine
 
 
 @dataclass
@@ -98,7 +95,7 @@ def _latent_mask(job: Job, work: InpaintWork, codec: CodecOptions) -> LatentMask
     masked = None
     if is_inpainting_unet(unet if unet is not None and hasattr(unet, "config") else model.unet):
         keep = torch.from_numpy(np.asarray(mask, dtype=np.float32) < 127.5)  # diffusers: image * (mask < 0.5)
-        pixels = vae_io.from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), *work.size, model.device, model.dtype)
+        pixels = from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), *work.size, model.device, model.dtype)
         masked = codec.encode(model, pixels * keep.to(pixels.device, pixels.dtype))
     return LatentMask(latent_mask(mask, model.vae_scale, req.inpaint.soft_inpainting), masked,
                       content=req.inpaint.masked_content, soft=req.inpaint.soft_inpainting,
@@ -133,37 +130,37 @@ def tiles_note(plan, stats: LoopStats) -> str:
     return f"; inpainting runs {stats.tiles_per_step} of {total} tiles"
 
 
-def _inpaint_pass(engine: Engine, job: Job) -> tuple[list[Image.Image], Any, CodecOptions, InpaintWork]:
+def _inpaint_pass(job: Job) -> tuple[list[Image.Image], Any, CodecOptions, InpaintWork]:
     """One prepared, run and pasted inpainting stage of `job.req`: (images, plan, VAE settings, the work it did)."""
     model, req = job.model, job.req
     work = prepare_work(req, model.native_size)
     pw, ph = work.size
-    plan = engine.plan(req, model, width=pw, height=ph)
-    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.unet)
-    pixels = vae_io.from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), pw, ph, model.device, model.dtype)
+    plan = job.plan(width=pw, height=ph)
+    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.executor)
+    pixels = from_pil(_crop(work.start, work, Image.Resampling.LANCZOS), pw, ph, model.device, model.dtype)
     spec = StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=pw, height=ph, steps=req.steps,
         sampler=req.sampler, cfg=req.cfg, seeds=job.seeds, emphasis=req.emphasis, clip_skip=req.clip_skip,
         init_latents=codec.encode(model, pixels), strength=req.strength,
         tiles=tile_spec(plan, req.tiling, job.low_memory),
-        control=engine._control_inputs(model, _control(req, work), pw, ph),
+        control=job.control(_control(req, work), pw, ph),
         inpaint=_latent_mask(job, work, codec),
-        prompt_timeline=req.prompt_timeline, embeddings=engine.embeddings.snapshot(),
+        prompt_timeline=req.prompt_timeline, embeddings=job.embeddings,
         feature_cache=cache_settings(req), regions=req.regions, region_base=req.region_base,
         region_canvas=(req.width, req.height),
     )
-    latents = job.run_stage(spec, engine.prompt_cache)
+    latents = job.run_stage(spec)
     images = []
     for i in range(len(job.seeds)):
         decoded = codec.decode(model, latents[i:i + 1], mode=req.vae_decode, report=job.report)
-        images.append(_paste(work, vae_io.to_pil(decoded)[0]))
+        images.append(_paste(work, to_pil(decoded)[0]))
     return images, plan, codec, work
 
 
 def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork) -> GenerationRequest:
     """The refine of an inpainted image: its pixels upscaled (`image`), the same mask scaled with them (already
     inverted and outpainted), the hires settings as the stage's own, no second hires or outpaint."""
-    from pipelines.hires.refine import hires_denoise
+    from pipelines.request.hires import hires_denoise
     from pipelines.request.schema import HiresConfig
     from pipelines.request.validation import hires_target
 
@@ -179,7 +176,7 @@ def hires_request(req: GenerationRequest, image: Image.Image, work: InpaintWork)
                    cfg=h.cfg or req.cfg, hires=HiresConfig(), inpaint=config)
 
 
-def _hires(engine: Engine, job: Job, images: list[Image.Image], work: InpaintWork
+def _hires(job: Job, images: list[Image.Image], work: InpaintWork
            ) -> tuple[list[Image.Image], Any, CodecOptions]:
     """Upscale each inpainted image with the hires upscaler, then inpaint it again under the scaled mask."""
     from pipelines.models.upscalers import upscale_image
@@ -189,22 +186,18 @@ def _hires(engine: Engine, job: Job, images: list[Image.Image], work: InpaintWor
     size = hires_target(*work.original.size, req.hires.scale)
     out, plan, codec = [], None, CodecOptions()
     for image, seed in zip(images, job.seeds, strict=True):
-        big = upscale_image(image, req.hires.upscaler, size=size, models_dir=engine.manager.models_dir,
-                            device=model.device, dtype=model.dtype, cache=engine.manager.caches.upscalers)
+        big = upscale_image(image, req.hires.upscaler, size=size, models_dir=job.manager.models_dir,
+                            device=model.device, dtype=model.dtype, cache=job.manager.caches.upscalers)
         sub = replace(hires_request(req, big, work), seed=seed, batch_size=1)
-        done, plan, codec, _ = _inpaint_pass(engine, replace(job, req=sub, seeds=[seed]))
+        done, plan, codec, _ = _inpaint_pass(replace(job, req=sub, seeds=[seed]))
         out += done
     return out, plan, codec
 
 
-def run_inpaint(engine: Engine, job: Job) -> GenerationResult:
-    """Inpaint/outpaint `job.req` on its loaded model (then the hires refine under the same mask, when on); returns
-    the engine's GenerationResult (images saved)."""
-    t0 = time.perf_counter()
-    images, plan, codec, work = _inpaint_pass(engine, job)
+def run_inpaint(job: Job) -> Outcome:
+    """Inpaint/outpaint `job.req` on its loaded model (then the hires refine under the same mask, when on): the
+    pasted-back images and how they were made."""
+    images, plan, codec, work = _inpaint_pass(job)
     if job.req.hires.enabled:
-        images, plan, codec = _hires(engine, job, images, work)
-    result = engine._finish(Outcome(job, plan, codec, images=images))
-    result.stats["seconds"] = round(time.perf_counter() - t0, 3)
-    result.stats["plan"] = plan.describe() + tiles_note(plan, job.stats)
-    return result
+        images, plan, codec = _hires(job, images, work)
+    return Outcome(job, plan, codec, images=images, plan_note=tiles_note(plan, job.stats))

@@ -1,4 +1,4 @@
-"""A txt2img or img2img run on the engine: the draft, then with hires on the upscale and the refine, then outputs.
+"""A txt2img or img2img run: the draft, then with hires on the upscale and the refine, then outputs.
 
     draft     StageSpec from the request (img2img: the init image encoded); its latents cached by content
               (`pipelines.stage_cache`) when hires is on, so changing only stage-2 settings skips it
@@ -7,14 +7,13 @@
               (fed each image's upscaled draft) when asked
     outputs   decode, seam score, infotext, save (`pipelines.outputs`)
 
-`Engine._generate` hands every request without a mask or outpainting to `generate`.
+`Engine._generate` hands every request without a mask or outpainting to `generate`, as a `pipelines.job.Job`, and
+hands the `Outcome` to the outputs.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -23,17 +22,15 @@ from pipelines.denoise.feature_cache import cache_settings
 from pipelines.denoise.loop import ControlInput
 from pipelines.denoise.stages import StageSpec
 from pipelines.errors import ValidationError
-from pipelines.hires.refine import hires_warning, refine_spec, upscale_latents_or_pixels
+from pipelines.hires.refine import refine_spec, upscale_latents_or_pixels
+from pipelines.images import from_pil, to_pil
 from pipelines.job import CodecOptions, Job, loop_finished, tile_spec
-from pipelines.outputs import GenerationResult, Outcome
+from pipelines.outputs import Outcome
 from pipelines.planner import Plan
 from pipelines.prompts.encoding import ti_hashes
+from pipelines.request.hires import hires_warning
 from pipelines.request.validation import hires_target
 from pipelines.stage_cache import stage1_key
-from pipelines.vae import io as vae_io
-
-if TYPE_CHECKING:
-    from pipelines.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -50,77 +47,73 @@ class Stage2:
     """Why the tile ControlNet was left out, for the result's warnings."""
 
 
-def generate(engine: Engine, job: Job) -> GenerationResult:
-    """Run `job` (no mask, no outpainting) on `engine` and return its saved result."""
+def generate(job: Job) -> Outcome:
+    """Run `job` (no mask, no outpainting): its final latents (or pixels) and how they were made."""
     model, req = job.model, job.req
-    plan = engine.plan(req, model)
-    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.unet)
-    spec = draft_spec(engine, job, plan)
+    plan = job.plan()
+    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.executor)
+    spec = draft_spec(job, plan)
     if req.init_image is not None:
-        pixels = vae_io.from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
+        pixels = from_pil(req.init_image, req.width, req.height, model.device, model.dtype)
         spec.init_latents = codec.encode(model, pixels)
-    drafted = draft(engine, job, spec)
+    drafted = draft(job, spec)
     latents: torch.Tensor | None = drafted
     images, warnings = None, []
     if req.hires.enabled:
-        stage2 = refine(engine, job, spec, drafted)
+        stage2 = refine(job, spec, drafted)
         plan, codec, latents, images = stage2.plan, stage2.codec, stage2.latents, stage2.images
         warnings = [stage2.note] if stage2.note else []
     loop_finished(job.cancel)  # from here on the images are finished work: a cancel no longer discards them
     extra = ti_hashes(model.tokenizers[0], req, spec.embeddings)
-    result = engine._finish(Outcome(job, plan, codec, latents=latents, images=images, extra=extra))
-    result.warnings.extend(warnings)
-    result.stats["seconds"] = round(time.perf_counter() - job.started, 3)
-    result.stats["plan"] = plan.describe()
     if (w := hires_warning(req)) is not None:
-        result.warnings.append(w)
-    return result
+        warnings.append(w)
+    return Outcome(job, plan, codec, latents=latents, images=images, extra=extra, warnings=warnings)
 
 
-def draft_spec(engine: Engine, job: Job, plan: Plan) -> StageSpec:
+def draft_spec(job: Job, plan: Plan) -> StageSpec:
     """Stage 1 of the request at its own size: prompts, sampling, the plan's tiles, ControlNet units, regions."""
     req = job.req
     return StageSpec(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
         steps=req.steps, sampler=req.sampler, cfg=req.cfg, seeds=job.seeds, emphasis=req.emphasis,
         clip_skip=req.clip_skip, strength=req.strength, tiles=tile_spec(plan, req.tiling, job.low_memory),
-        control=engine._control_inputs(job.model, req, req.width, req.height),
-        prompt_timeline=req.prompt_timeline, embeddings=engine.embeddings.snapshot(),
+        control=job.control(req, req.width, req.height),
+        prompt_timeline=req.prompt_timeline, embeddings=job.embeddings,
         feature_cache=cache_settings(req),
         regions=req.regions, region_base=req.region_base, region_canvas=(req.width, req.height),
     )
 
 
-def draft(engine: Engine, job: Job, spec: StageSpec) -> torch.Tensor:
-    """Stage-1 latents, from the engine's stage-1 cache when only stage-2 settings changed (hires on, the model's
+def draft(job: Job, spec: StageSpec) -> torch.Tensor:
+    """Stage-1 latents, from the stage-1 cache when only stage-2 settings changed (hires on, the model's
     own UNet)."""
     req, model = job.req, job.model
     key = None
     if req.hires.enabled and job.unet is None:
         emb = spec.embeddings.identity(spec.embeddings.files) if spec.embeddings is not None else ()
         key = stage1_key(req, model, job.seeds, emb)
-    return engine.stage1_cache.latents(key, lambda: job.run_stage(spec, engine.prompt_cache), model.device)
+    return job.stage1_cache.latents(key, lambda: job.run_stage(spec), model.device)
 
 
-def refine(engine: Engine, job: Job, spec: StageSpec, latents: torch.Tensor) -> Stage2:
+def refine(job: Job, spec: StageSpec, latents: torch.Tensor) -> Stage2:
     """The hires stage: plan at the target size, upscale the draft, refine it (unless there is nothing to refine)."""
     model, req = job.model, job.req
     tw, th = hires_target(req.width, req.height, req.hires.scale)
-    plan = engine.plan(req, model, width=tw, height=th)
-    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.unet)
-    up = upscale_latents_or_pixels(model, latents, req, models_dir=engine.manager.models_dir, codec=codec,
-                                   cache=engine.manager.caches.upscalers)
+    plan = job.plan(width=tw, height=th)
+    codec = CodecOptions.for_plan(plan, job.low_memory, model.device, job.executor)
+    up = upscale_latents_or_pixels(model, latents, req, models_dir=job.manager.models_dir, codec=codec,
+                                   cache=job.manager.caches.upscalers)
     if not up.refine:
         return Stage2(plan, codec, None, up.pixels)
     assert up.latents is not None  # an upscale to refine has its latents
-    control = engine._control_inputs(model, req, tw, th)
-    tile_unit, note = tile_control(engine, job, latents, up.pixels, codec)
+    control = job.control(req, tw, th)
+    tile_unit, note = tile_control(job, latents, up.pixels, codec)
     spec2 = refine_spec(req, spec, up.latents, tiles=tile_spec(plan, req.tiling, job.low_memory),
                         control=(*control, *tile_unit))
-    return Stage2(plan, codec, job.run_stage(spec2, engine.prompt_cache), None, note)
+    return Stage2(plan, codec, job.run_stage(spec2), None, note)
 
 
-def tile_control(engine: Engine, job: Job, latents: torch.Tensor, big: list[Image.Image] | None,
+def tile_control(job: Job, latents: torch.Tensor, big: list[Image.Image] | None,
                  codec: CodecOptions) -> tuple[tuple, str | None]:
     """A tile ControlNet unit for the refine, fed each image's upscaled draft; ((), why) if unavailable."""
     model, req = job.model, job.req
@@ -130,16 +123,16 @@ def tile_control(engine: Engine, job: Job, latents: torch.Tensor, big: list[Imag
     from pipelines.control.units import tile_model_name
     from pipelines.errors import ModelError
 
-    models_dir = engine.manager.models_dir
+    models_dir = job.manager.models_dir
     try:
         name, allow = tile_model_name(model, models_dir)
         cn = load_controlnet(name, device=model.device, dtype=model.dtype, models_dir=models_dir, allow_paths=allow,
-                             cache=engine.manager.caches.controlnets)
+                             cache=job.manager.caches.controlnets)
     except (ModelError, ValidationError) as exc:
         return (), f"no tile ControlNet available ({exc}); the refine ran without it"
     width, height = hires_target(req.width, req.height, req.hires.scale)
     if big is None:  # latent upscaler: the draft's pixels, resized
-        drafts = vae_io.to_pil(codec.decode(model, latents))
+        drafts = to_pil(codec.decode(model, latents))
         big = [d.resize((width, height), Image.Resampling.LANCZOS) for d in drafts]
-    maps = torch.cat([vae_io.from_pil(b, width, height, model.device, model.dtype) for b in big])
+    maps = torch.cat([from_pil(b, width, height, model.device, model.dtype) for b in big])
     return (ControlInput(cn, (maps + 1) / 2, req.hires.control_tile),), None

@@ -10,30 +10,15 @@ import torch
 from PIL import Image
 
 from pipelines.denoise.stages import StageSpec
+from pipelines.images import from_pil, to_pil
 from pipelines.job import CodecOptions
-from pipelines.models.upscalers import LATENT_MIN_DENOISE, is_latent, upscale_image, upscale_latents
+from pipelines.models.upscalers import upscale_image, upscale_latents
+from pipelines.request.hires import hires_denoise, is_latent
 from pipelines.request.schema import GenerationRequest
 from pipelines.request.validation import hires_target
-from pipelines.vae import io as vae_io
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DENOISE = 0.35
-
-
-def hires_denoise(req: GenerationRequest) -> float:
-    """The refine strength: the request's, else 0.35 (0.55 for latent upscalers, which blur below 0.5)."""
-    if req.hires.denoise is not None:
-        return req.hires.denoise
-    return max(LATENT_MIN_DENOISE + 0.05, DEFAULT_DENOISE) if is_latent(req.hires.upscaler) else DEFAULT_DENOISE
-
-
-def hires_warning(req: GenerationRequest) -> str | None:
-    """A user-facing warning for settings known to give poor results."""
-    if req.hires.enabled and is_latent(req.hires.upscaler) and hires_denoise(req) < LATENT_MIN_DENOISE:
-        return (f"latent upscaling with denoise {hires_denoise(req):g} < {LATENT_MIN_DENOISE} gives blurry images; "
-                f"raise hires_denoise or use a pixel upscaler")
-    return None
 
 
 @dataclass(frozen=True)
@@ -56,12 +41,12 @@ def upscale_latents_or_pixels(model, latents: torch.Tensor, req: GenerationReque
     if is_latent(req.hires.upscaler):
         size = (th // model.vae_scale, tw // model.vae_scale)
         return Upscaled(upscale_latents(latents.float(), size, req.hires.upscaler).to(latents.dtype), None, True)
-    drafts = vae_io.to_pil(codec.decode(model, latents))
+    drafts = to_pil(codec.decode(model, latents))
     big = [upscale_image(im, req.hires.upscaler, size=(tw, th), models_dir=models_dir, device=model.device,
                          dtype=model.dtype, cache=cache) for im in drafts]
     if hires_denoise(req) == 0:
         return Upscaled(None, big, False)  # nothing to refine: the pixels are the result (no VAE round trip)
-    pixels = torch.cat([vae_io.from_pil(im, tw, th, model.device, model.dtype) for im in big])
+    pixels = torch.cat([from_pil(im, tw, th, model.device, model.dtype) for im in big])
     return Upscaled(codec.encode(model, pixels), big, True)
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.request.hires import LATENT_UPSCALERS, is_latent
 from pipelines.images import from_pil, to_pil
 from pipelines.lru import LRUCache
 from pipelines.tiling import Tile, accumulate, finish, new_canvas, plan_cores, ramp_weights
@@ -43,20 +44,14 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
     "latent-nearest-exact": ("nearest-exact", False),
 }
 """Latent upscaler name -> (torch interpolate mode, antialias); A1111's "Latent (...)" family."""
+assert tuple(LATENT_MODES) == LATENT_UPSCALERS, "one mode per latent upscaler name of the request layer"
 
 AUTO = "auto"
 """The best pixel upscaler at hand: a model file in models/upscalers (`pick_upscaler`), else Lanczos."""
 BUILTIN_UPSCALERS: tuple[str, ...] = (AUTO, "lanczos", *LATENT_MODES)
 MODEL_SUFFIXES = (".safetensors", ".pth")
-LATENT_MIN_DENOISE = 0.5
-"""Below this hires denoising strength a latent upscale stays blurry; the UI warns."""
 
 ProgressFn = Callable[[int, int], None]
-
-
-def is_latent(name: str) -> bool:
-    """True for the upscalers that work on latents (`upscale_latents`) rather than pixels."""
-    return name in LATENT_MODES
 
 
 def _model_files(models_dir: Path) -> list[str]:

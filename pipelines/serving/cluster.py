@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from pipelines import errors
 from pipelines.errors import TesseraError, ValidationError
+from pipelines.image_info import png_bytes
 from pipelines.serving.facade import EngineFacade
 from pipelines.serving.service import Backend, Done, Progress, _image, _Timer, safe_preview
 
@@ -80,14 +81,6 @@ class Failed:
         cls = getattr(errors, self.kind, TesseraError)
         return cls(self.message) if isinstance(cls, type) and issubclass(cls, TesseraError) else TesseraError(
             self.message)
-
-
-def png_bytes(image: Image.Image, parameters: str) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 def _failed(exc: TesseraError) -> Failed:

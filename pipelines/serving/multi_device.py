@@ -5,8 +5,8 @@ step on several devices and accumulating them on the canvas device in the same o
 device; guidance and the scheduler step still run once, on the canvas device (`pipelines.denoise.loop`). DistriFusion
 (Li et al., CVPR 2024) needs stale activations only because it splits a single UNet call; this splits whole calls.
 
-`TileReplicas` is handed to the loop as its UNet: called directly it is the canvas device's UNet, and the loop's
-per-batch call goes through `map` when `splits(n)` says so (at least as many batches as devices, or forced).
+`TileReplicas` is the loop's executor (`pipelines.denoise.executor`): a step's batches go through `map` when
+`splits(n)` says so (at least as many batches as devices, or forced), else one after the other on the canvas device.
 On CUDA each device's batches run on its own stream, in a thread per device (`DeviceReplicas.map`).
 
 The same job's tiled VAE runs across the same devices: `vae_replicas` (each worker's VAE) goes to
@@ -25,13 +25,14 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from pipelines.denoise.executor import BatchRun, Lane, to_device
 from pipelines.lru import LRUCache
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,24 @@ class TileReplicas(DeviceReplicas):
         self.vae_replicas = DeviceReplicas(list(zip(vaes, devices, strict=True))) if vaes else None
         self.controlnets = list(controlnets) if controlnets else [ControlCopies(d) for d in devices]
 
-    # ------------------------------------------------------------ the UNet face (the canvas device's replica)
-    def __call__(self, *args, **kwargs):
-        self.calls[0] += 1
-        return self.replicas[0][0](*args, **kwargs)
+    # ------------------------------------------------------------ the loop's executor (`pipelines.denoise.executor`)
+    @property
+    def unets(self) -> list[Any]:
+        """Each device's UNet, the canvas device's first."""
+        return [unet for unet, _ in self.replicas]
 
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in _OWN:
-            raise AttributeError(name)
-        return getattr(self.replicas[0][0], name)
+    def run_batches(self, run: BatchRun, groups: Sequence[Any], out_device: Any, control: Sequence[Any]
+                    ) -> Iterable[Any]:
+        """A step's batches: spread over the devices when `splits` says so, else one after the other on the canvas
+        device's replica; `calls[i]` counts the batches replica i ran either way."""
+        if not self.splits(len(groups)):
+            unet, device = self.replicas[0]
+            for group in groups:
+                self.calls[0] += 1
+                yield run(Lane(0, unet, None, tuple(control)), group)
+            return
+        yield from self.map(lambda i, unet, device, group: run(Lane(i, unet, device, self.control_for(i, control)),
+                                                               group), groups, out_device)
 
     # ------------------------------------------------------------ splitting
     def splits(self, batches: int) -> bool:
@@ -132,18 +142,6 @@ class TileReplicas(DeviceReplicas):
         return tuple(replace(unit, model=self.controlnets[index].get(unit.model)) for unit in control)
 
 
-_OWN = ("replicas", "calls", "force", "vae_replicas", "controlnets", "_streams", "_next")
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Tensors (also inside lists, tuples and dicts) moved to `device`; anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
 
 def split_note(batches: int, devices: int, force: bool = False, vae_tiled: bool = False) -> str:

@@ -240,7 +240,7 @@ class Backend:
             lines.append(f"**{preset}**: {load_presets()[preset].description}")
         stage = f"{req.width}×{req.height}, {req.steps} steps {req.sampler}, CFG `{req.cfg}`"
         if req.hires.enabled:
-            from pipelines.hires.refine import hires_denoise
+            from pipelines.request.hires import hires_denoise
             from pipelines.request.validation import hires_target
 
             tw, th = hires_target(req.width, req.height, req.hires.scale)
@@ -295,7 +295,8 @@ class Backend:
         from pipelines.control.models import list_controlnets
         from pipelines.control.preprocessors import PREPROCESSORS
         from pipelines.denoise.schedulers import sampler_names
-        from pipelines.models.upscalers import LATENT_MIN_DENOISE, list_upscalers
+        from pipelines.models.upscalers import list_upscalers
+        from pipelines.request.hires import LATENT_MIN_DENOISE
         from pipelines.request.presets import load_presets
 
         models_dir = self.engine.manager.models_dir

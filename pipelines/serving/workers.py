@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
@@ -174,7 +173,7 @@ class WorkerPool(EngineFacade):
                     w.controlnets = ControlCopies(m.device)
             replicas = TileReplicas([(m.unet, m.device) for m in models], force=self.split == "on",
                                     vaes=[m.vae for m in models], controlnets=[w.controlnets for w in workers])
-            result = main.generate(req, callback=callback, cancel=cancel, unet=replicas, **kw)
+            result = main.generate(req, callback=callback, cancel=cancel, executor=replicas, **kw)
         assert replicas.vae_replicas is not None  # vaes=[...] above holds one VAE per worker (at least one)
         calls, tiles = "+".join(map(str, replicas.calls)), replicas.vae_replicas.calls
         result.stats.update(worker="+".join(w.name for w in workers), unet_calls_per_worker=list(replicas.calls),
@@ -233,16 +232,9 @@ class WorkerPool(EngineFacade):
                 self._idle.wait(timeout=0.1)
 
 
-def build_pool(devices: list[str], models_dir: Path | str = "models", outputs_dir: Path | str | None = "outputs",
-               *, dtype: str = "auto", attention: str = "sdpa", compile_unet: bool = False, offload: bool = False,
-               limits=None, split: str = "auto", allow_paths: bool = False) -> WorkerPool:
-    """One ModelManager + Engine per device (nothing is loaded until a job needs it). Workers on devices of one
-    type share the prompt cache."""
-    from pipelines.factory import EngineOptions, engine_for
-
-    options = EngineOptions(models_dir=models_dir, outputs_dir=outputs_dir, dtype=dtype, attention=attention,
-                            compile_unet=compile_unet, offload=offload, allow_paths=allow_paths)
-    engines = [engine_for(options, device, limits=limits) for device in devices]
+def pool_of(engines: list, devices: list[str], *, split: str = "auto") -> WorkerPool:
+    """A pool of one worker per engine (built by `pipelines.factory`); workers on devices of one type share the
+    prompt cache."""
     if len(engines) > 1 and len({d.split(":")[0] for d in devices}) == 1:
         shared = SharedPromptCache()
         for e in engines:
