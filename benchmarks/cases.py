@@ -175,7 +175,7 @@ def diffusers_txt2img(ctx: Context, s: Sizes) -> Run:
 
 
 def diffusers_panorama(ctx: Context, s: Sizes) -> Run:
-    if ctx.model.is_sdxl:
+    if ctx.model.spec.pooled:
         raise NotMeasured("diffusers has no SDXL panorama pipeline")
     pipe = ctx.pipeline(StableDiffusionPanoramaPipeline)
     latents = ctx.noise(s.tiled, s.tiled)
@@ -237,7 +237,7 @@ def diffusers_ultra(ctx: Context, s: Sizes) -> Run:
         i2i = ctx.family_pipeline(StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, sampler2)
         control = {}
     else:
-        i2i = ctx.pipeline(StableDiffusionXLControlNetImg2ImgPipeline if ctx.model.is_sdxl
+        i2i = ctx.pipeline(StableDiffusionXLControlNetImg2ImgPipeline if ctx.model.spec.pooled
                            else StableDiffusionControlNetImg2ImgPipeline, sampler2, controlnet=cn)
         control = {"controlnet_conditioning_scale": req.hires.control_tile}
     total, _ = img2img_schedule(req.hires.steps or req.steps, req.hires.denoise)

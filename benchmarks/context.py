@@ -87,7 +87,7 @@ class Context:
 
     def family_pipeline(self, sd: type, sdxl: type, sampler: str = SAMPLER):
         """The SD or SDXL flavour of a diffusers pipeline, matching the loaded model."""
-        return self.pipeline(sdxl if self.model.is_sdxl else sd, sampler)
+        return self.pipeline(sdxl if self.model.spec.pooled else sd, sampler)
 
 
 @contextlib.contextmanager

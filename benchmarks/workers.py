@@ -63,7 +63,7 @@ def batch_seconds(engine, model_name: str, tile: int, tile_batch: int, repeats: 
     x = torch.randn(2 * tile_batch, c.in_channels, tile, tile, device=dev, dtype=dtype)
     enc = torch.randn(2 * tile_batch, 77, dim, device=dev, dtype=dtype)
     added = None
-    if model.is_sdxl:
+    if model.spec.pooled:
         added = {"text_embeds": torch.randn(2 * tile_batch, 1280, device=dev, dtype=dtype),
                  "time_ids": torch.zeros(2 * tile_batch, 6, device=dev, dtype=dtype)}
     times = []

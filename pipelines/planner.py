@@ -29,21 +29,15 @@ from typing import Literal
 import torch
 
 from pipelines.errors import ValidationError
+from pipelines.families.registry import family as family_spec
 from pipelines.tiling import Tile, plan_tiles
 from pipelines.vae.stream import Split, choose
 
-Family = Literal["sd1", "sdxl"]
 Switch = Literal["auto", "on", "off"]
 VaeMode = Literal["auto", "exact", "stream"]
 
-PARAMS = {  # (unet, vae, text encoders) parameter counts
-    "sd1": (0.86e9, 84e6, 123e6),
-    "sdxl": (2.6e9, 84e6, 817e6),
-}
-UNET_BYTES_PER_LATENT_PX = {"sd1": 80e3, "sdxl": 64e3}  # per sample, at 2 bytes per value
 VAE_BYTES_PER_OUTPUT_PX = 4.5e3  # full decode, at 2 bytes per value
 VAE_MID_BYTES_PER_LATENT_PX = 8e3  # whole-latent mid-block when the VAE is tiled, at 2 bytes per value
-DEFAULT_TILE = {"sd1": 96, "sdxl": 128}  # latent pixels: 768 px and 1024 px, the families' native scales
 DEFAULT_OVERLAP = 32
 DEFAULT_VAE_TILE = 64  # latent pixels = 512 px
 STREAM_MARGIN = 13  # latent px of context a fully streamed VAE tile carries (SD's VAE), when the VAE is not known
@@ -111,14 +105,14 @@ class Plan:
         return f": {streamed}~{split.host_bytes / 1e9:.1f} GB host"
 
 
-def weight_bytes(family: Family, dtype_bytes: int) -> int:
-    """Bytes of UNet + VAE + text-encoder weights."""
-    return int(sum(PARAMS[family]) * dtype_bytes)
+def weight_bytes(family: str, dtype_bytes: int) -> int:
+    """Bytes of UNet + VAE + text-encoder weights (the family's parameter counts, `pipelines.families`)."""
+    return int(sum(family_spec(family).costs.params) * dtype_bytes)
 
 
-def unet_activation_bytes(family: Family, latent_px: int, samples: int, dtype_bytes: int) -> int:
+def unet_activation_bytes(family: str, latent_px: int, samples: int, dtype_bytes: int) -> int:
     """UNet activation estimate: linear in latent pixels x samples per call (SDPA is memory-linear)."""
-    return int(UNET_BYTES_PER_LATENT_PX[family] * latent_px * samples * dtype_bytes / 2)
+    return int(family_spec(family).costs.unet_bytes_per_latent_px * latent_px * samples * dtype_bytes / 2)
 
 
 def vae_activation_bytes(width: int, height: int, dtype_bytes: int, tile: int | None = None) -> int:
@@ -149,7 +143,7 @@ def _validate(width: int, height: int, batch: int, budget_bytes: int | None, fam
         raise ValidationError("batch", batch, "must be an integer >= 1")
     if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
         raise ValidationError("budget_bytes", budget_bytes, "must be a positive integer (bytes), or None for no limit")
-    _check_choice("family", family, tuple(PARAMS))
+    family_spec(family)  # a known family id
     if dtype_bytes not in (1, 2, 4):
         raise ValidationError("dtype_bytes", dtype_bytes, "must be 1, 2 or 4")
 
@@ -197,7 +191,8 @@ class PlanInput:
 
     width: int
     height: int
-    family: Family
+    family: str
+    """The model family's id (`pipelines.families`): its constants when the model's own sizes are not known."""
     budget_bytes: int | None
     """Device memory the run may take; None = no limit."""
     batch: int = 1
@@ -229,7 +224,7 @@ def plan_generation(spec: PlanInput) -> Plan:
         calls = _region_calls(spec.regions, [Tile(0, 0, lh, lw)], width, height, 1)
         return Plan(**common, tiled=False, tile_size=max(lw, lh), overlap=0, tile_batch=1, tiles_per_step=1,
                     est_peak_bytes=base + max(unet_full, vae_act), unet_evals_per_step=calls or 1)
-    size = ask.tile_size if ask.tile_size is not None else DEFAULT_TILE[family]
+    size = ask.tile_size if ask.tile_size is not None else family_spec(family).costs.default_tile
     ov = ask.overlap if ask.overlap is not None else min(DEFAULT_OVERLAP, size // 2)
     tiles = plan_tiles(lh, lw, size, ov)
     tile_px = tiles[0].h * tiles[0].w

@@ -80,7 +80,7 @@ def plan_request(manager: Any, req: GenerationRequest, model: Any = None, *, wid
         sizes = known_sizes(source, dtype_bytes)
     width, height = width or req.width, height or req.height
     return plan_generation(PlanInput(
-        width, height, family="sdxl" if family == "sdxl" else "sd1", budget_bytes=budget, batch=req.batch_size,
+        width, height, family=family, budget_bytes=budget, batch=req.batch_size,
         dtype_bytes=dtype_bytes, cond_rows=1 + max_and_parts(req), tiling=tiling_ask(req.tiling),
         model=ModelFootprint(**sizes, **vae_store(model, width, height, budget)),
         regions=RegionLayout(req.regions, req.region_base, (req.width, req.height))))

@@ -135,7 +135,7 @@ def sd(tiny_dir: Path):
     from pipelines.prompts.encoding import PromptEncoder
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
-    return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], sdxl=False)
+    return PromptEncoder([tokenizer], [CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")], pooled=False)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def sdxl(tiny_sdxl_dir: Path):
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl_dir / name) for name in ("tokenizer", "tokenizer_2")]
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl_dir / "text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2")]
-    return PromptEncoder(tokenizers, encoders, sdxl=True)
+    return PromptEncoder(tokenizers, encoders, pooled=True)
 
 
 def stage_spec(**kw):

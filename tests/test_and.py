@@ -104,7 +104,7 @@ def test_one_part_equals_the_plain_prompt_bit_for_bit(tiny, engine):
     assert torch.equal(ours, weighted_one)
     from pipelines.prompts.encoding import PromptEncoder
 
-    enc = PromptEncoder(tiny.tokenizers, tiny.text_encoders, sdxl=False)
+    enc = PromptEncoder(tiny.tokenizers, tiny.text_encoders, pooled=False)
     from pipelines.prompts.parser import prompts_per_step
 
     texts = prompts_per_step(spec.prompt, 4)
@@ -203,7 +203,7 @@ def test_sdxl_parts_get_their_own_pooled_embedding(manager, engine):
     run_stage(sdxl, spec, cache=engine.prompt_cache, unet=spy)
     from pipelines.prompts.encoding import PromptEncoder
 
-    enc = PromptEncoder(sdxl.tokenizers, sdxl.text_encoders, sdxl=True)
+    enc = PromptEncoder(sdxl.tokenizers, sdxl.text_encoders, pooled=True)
     pooled = [enc.encode(t).pooled for t in ("blur", "a red cat", " a blue dog")]
     added = spy.calls[0]["added"]
     assert added["text_embeds"].shape[0] == 3 and added["time_ids"].shape[0] == 3

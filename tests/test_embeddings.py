@@ -29,7 +29,7 @@ def _write(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
 
 def _with(base: PromptEncoder, folder: Path) -> PromptEncoder:
     """`base`'s tokenizers and encoders with the embeddings in `folder`."""
-    return PromptEncoder(base.tokenizers, base.text_encoders, sdxl=base.sdxl,
+    return PromptEncoder(base.tokenizers, base.text_encoders, pooled=base.pooled,
                          embeddings=EmbeddingLibrary(folder).snapshot())
 
 

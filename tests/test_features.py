@@ -29,7 +29,7 @@ def test_300_token_prompt_last_chunk_matters(engine, manager, req_factory, model
     head = "lorem " * 60  # 300 character tokens: chunk 5 starts after them
     a, b = head + "tail words here", head + "other birds there"
     loaded = manager.get(model)
-    enc = PromptEncoder(loaded.tokenizers, loaded.text_encoders, sdxl=loaded.is_sdxl)
+    enc = PromptEncoder(loaded.tokenizers, loaded.text_encoders, pooled=loaded.spec.pooled)
     assert enc.chunk_count(a) == 5
     img_a = engine.generate(req_factory(model=model, prompt=a), save=False).images[0]
     img_b = engine.generate(req_factory(model=model, prompt=b), save=False).images[0]
@@ -42,7 +42,7 @@ def test_prompt_scheduling_reaches_the_loop(manager, engine):
     from tests.test_loop import PointwiseUNet
 
     model = manager.get("tiny")
-    enc = PromptEncoder(model.tokenizers, model.text_encoders, sdxl=False)
+    enc = PromptEncoder(model.tokenizers, model.text_encoders, pooled=False)
     spy = PointwiseUNet()
     spec = StageSpec(prompt="[cat:dog:0.5] and [red|blue]", negative_prompt="", width=64, height=64, steps=4,
                      sampler="Euler", cfg="5", seeds=[1])

@@ -302,7 +302,7 @@ def test_count_tokens_with_tokenizer_only(sd: PromptEncoder) -> None:
 
 def test_clip_skip_uses_penultimate_layer_with_final_norm(sd: PromptEncoder) -> None:
     tokenizer, encoder = sd.tokenizers[0], sd.text_encoders[0]
-    skip = PromptEncoder([tokenizer], [encoder], sdxl=False, clip_skip=2).encode("abcd").embeds
+    skip = PromptEncoder([tokenizer], [encoder], pooled=False, clip_skip=2).encode("abcd").embeds
     ids = torch.tensor([tokenize_chunks(tokenizer, "abcd")[0].tokens])
     with torch.no_grad():
         hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
@@ -339,16 +339,16 @@ def test_follows_encoder_dtype(tiny_dir: Path) -> None:
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder").to(torch.float64)
-    assert PromptEncoder([tokenizer], [encoder], sdxl=False).encode("(ab:1.3)").embeds.dtype == torch.float64
+    assert PromptEncoder([tokenizer], [encoder], pooled=False).encode("(ab:1.3)").embeds.dtype == torch.float64
 
 
 def test_bad_arguments(sd: PromptEncoder) -> None:
     with pytest.raises(ValueError, match="emphasis"):
         sd.encode("a", emphasis="loud")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="clip_skip"):
-        PromptEncoder(sd.tokenizers, sd.text_encoders, sdxl=False, clip_skip=0)
+        PromptEncoder(sd.tokenizers, sd.text_encoders, pooled=False, clip_skip=0)
     with pytest.raises(ValueError, match="2 item"):
-        PromptEncoder(sd.tokenizers, sd.text_encoders, sdxl=True)
+        PromptEncoder(sd.tokenizers, sd.text_encoders, pooled=True)
 
 
 def test_parser_imports_without_torch() -> None:

@@ -156,7 +156,7 @@ def test_sdxl_region_gets_its_own_pooled_embedding(manager, engine):
     spy = TextUNet()
     run_stage(sdxl, _spec(width=128, height=128, steps=1, regions=(Region(0, 0, 0.5, 0.5, "a blue dog", "ugly"),)),
               cache=engine.prompt_cache, unet=spy)
-    enc = PromptEncoder(sdxl.tokenizers, sdxl.text_encoders, sdxl=True)
+    enc = PromptEncoder(sdxl.tokenizers, sdxl.text_encoders, pooled=True)
     base_call, region_call = spy.calls
     for call, (neg, pos) in ((base_call, ("blur", "a meadow")), (region_call, ("ugly", "a blue dog"))):
         pooled = call["added"]["text_embeds"]

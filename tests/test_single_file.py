@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from pipelines.engine import Engine
 from pipelines.errors import OfflineError
-from pipelines.models.loading import SINGLE_FILE_CONFIGS, Source, family_of_file
+from pipelines.families import sd1
+from pipelines.models.loading import Source, family_of_file
 from pipelines.models.manager import ModelManager
 from tests.ldm_export import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, export_ldm_checkpoint, ldm_state_dict
 
@@ -129,7 +130,7 @@ def test_ldm_single_file_without_configs_offline_is_a_clear_offline_error(ldm_mo
 
     local_cfg = ldm_models / "configs" / "sd1"
     assert str(info.value) == (
-        f"could not load {FILE}: its sd1 component configs come from {SINGLE_FILE_CONFIGS['sd1']} "
+        f"could not load {FILE}: its sd1 component configs come from {sd1.FAMILY.single_file_config} "
         f"(could not download, offline?). Put a diffusers config folder at {local_cfg}."
     )
     # the hub's own offline refusal (diffusers' config snapshot download) is chained for the log, not shown
@@ -143,7 +144,7 @@ def test_a_broken_checkpoint_with_downloadable_configs_is_not_called_offline(tin
     names the file's problem, not a download."""
     from pipelines.errors import ModelError
 
-    monkeypatch.setitem(SINGLE_FILE_CONFIGS, "sd1", str(_config_only_copy(tiny_dir, ldm_models.parent / "c")))
+    monkeypatch.setattr(sd1.FAMILY, "single_file_config", str(_config_only_copy(tiny_dir, ldm_models.parent / "c")))
     state = load_file(str(ldm_models / FILE))
     key = "model.diffusion_model.out.2.weight"
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1, *state[key].shape[2:])

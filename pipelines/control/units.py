@@ -24,9 +24,8 @@ def default_model(unit: ControlUnit, model) -> str:
     """The ControlNet used when the unit names none: the tiny one for tiny models, else `<type>-<family>`."""
     if model.source.kind == "tiny":
         return TINY_CONTROLNET
-    family = "sdxl" if model.is_sdxl else "sd15"
     kind = "canny" if unit.type == "none" else unit.type
-    return f"{kind}-{family}"
+    return f"{kind}-{model.spec.controlnet_suffix}"
 
 
 def _tiny_controlnet_dir(model) -> Path:
@@ -62,13 +61,14 @@ def prepare_units(model, units, width: int, height: int, models_dir: Path,
 
 def tile_model_name(model, models_dir: Path) -> tuple[str, bool]:
     """(spec, allow_paths) of the tile ControlNet for `model`: tiny stand-in, a local tile*, or tile-sd15."""
-    if model.source.kind == "tiny" and not model.is_sdxl:
+    if model.source.kind == "tiny" and model.spec.tile_controlnet is not None:
         return str(_tiny_controlnet_dir(model)), True
     local = sorted(p.name for p in (Path(models_dir) / "controlnet").glob("*tile*"))
     if local:
         return local[0], False
-    if model.is_sdxl:
+    if model.spec.tile_controlnet is None:
         from pipelines.errors import ModelError
 
-        raise ModelError("no SDXL tile ControlNet in the catalogue; put one in models/controlnet/ (name with 'tile')")
-    return "tile-sd15", False
+        raise ModelError(f"no {model.spec.label} tile ControlNet in the catalogue; put one in models/controlnet/ "
+                         "(name with 'tile')")
+    return model.spec.tile_controlnet, False

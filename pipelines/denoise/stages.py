@@ -70,7 +70,7 @@ class StageResult:
 
 
 def _encoder_for(model, clip_skip: int, embeddings=None) -> PromptEncoder:
-    return PromptEncoder(model.tokenizers, model.text_encoders, sdxl=model.is_sdxl, clip_skip=clip_skip,
+    return PromptEncoder(model.tokenizers, model.text_encoders, pooled=model.spec.pooled, clip_skip=clip_skip,
                          embeddings=embeddings)
 
 
@@ -108,9 +108,8 @@ def build_conditioning(model, spec: StageSpec, cache: LRUCache, steps: int) -> C
     uncond = _negative_encodings(model, spec, encoded, lambda: cache.get((*base_key, "", "zeros"), lambda: _zeros(
         encoded[""])))
     time_ids = None
-    if model.is_sdxl:
-        h, w = spec.height, spec.width
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=model.dtype, device=model.device)
+    if (added := model.spec.added_conditioning(spec.width, spec.height)) is not None:
+        time_ids = torch.tensor([added], dtype=model.dtype, device=model.device)
     conds: dict[tuple, Conditioning] = {}
 
     def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -131,11 +130,10 @@ def build_conditioning(model, spec: StageSpec, cache: LRUCache, steps: int) -> C
 
 
 def zeros_for_empty_negative(model, negative_prompt: str) -> bool:
-    """Whether the unconditional pass gets zero embeddings (and a zero pooled embedding) instead of the encoded "":
-    diffusers' SDXL default call (`negative_prompt=None` with the pipeline config's `force_zeros_for_empty_prompt`,
-    set for SDXL base) and A1111 (`sd_models_xl.get_learned_conditioning`: an empty SDXL negative) both do."""
+    """Whether the unconditional pass gets zero embeddings (and a zero pooled embedding) instead of the encoded ""
+    (the family's rule: SDXL base, as diffusers and A1111 do)."""
     config = getattr(model.pipe, "config", {}) or {}
-    return model.is_sdxl and negative_prompt == "" and bool(config.get("force_zeros_for_empty_prompt", False))
+    return model.spec.zeros_for_empty_negative(config, negative_prompt)
 
 
 def _zeros(encoded: EncodedPrompt) -> EncodedPrompt:

@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.families.registry import family as family_spec
+from pipelines.families.registry import family_of_checkpoint, family_of_pipeline
 from pipelines.errors import ModelError, OfflineError, ValidationError
 from pipelines.models.tiny import ensure_tiny
 from pipelines.request.schema import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
-TAESD_CATALOGUE = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 # Single-file checkpoints need component configs; these hub ids provide them (from the local HF cache offline).
-SINGLE_FILE_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
-                       "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -67,7 +66,7 @@ def file_hash(path: Path | None) -> str:
 
 
 def family_of_file(path: Path) -> str:
-    """Guess the architecture of an original-format checkpoint from its tensor names."""
+    """The family id of an original-format checkpoint, from its tensor names (`pipelines.families`)."""
     from safetensors import safe_open
 
     try:
@@ -75,21 +74,12 @@ def family_of_file(path: Path) -> str:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises several types for a broken file
         raise ModelError(f"could not read model file {path.name}: not a valid .safetensors checkpoint ({exc})") from exc
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "sd1"
-    raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no UNet weights found)")
+    return family_of_checkpoint(keys, path.name).name
 
 
 def family_of_pipe(pipe) -> str:
-    """sd1 | sd2 | sdxl of a loaded pipeline (a second text encoder: SDXL; a 1024-wide one: SD2)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    hidden = getattr(getattr(pipe, "text_encoder", None), "config", None)
-    return "sd2" if hidden is not None and getattr(hidden, "hidden_size", 768) == 1024 else "sd1"
+    """The family id of a loaded pipeline (`pipelines.families`)."""
+    return family_of_pipeline(pipe).name
 
 
 def is_download_error(exc: BaseException) -> bool:
@@ -143,12 +133,12 @@ def load_pipeline(name: str, src: Source, models_dir: Path, dtype) -> Any:
 
 def load_single_file(path: Path, models_dir: Path, dtype) -> Any:
     """An original-format checkpoint, with component configs from models/configs/<family> or the hub."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     family = family_of_file(path)
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls = getattr(diffusers, family_spec(family).pipeline_class)
     local_cfg = models_dir / "configs" / family
-    config = str(local_cfg) if local_cfg.is_dir() else SINGLE_FILE_CONFIGS[family]
+    config = str(local_cfg) if local_cfg.is_dir() else family_spec(family).single_file_config
     try:
         return cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=offline())
     except Exception as exc:
@@ -168,10 +158,11 @@ def load_taesd(src: Source, family: str, models_dir: Path, device, dtype) -> Any
     if src.kind == "tiny":
         candidates.append((str(ensure_tiny(src.ref) / "taesd"), {"local_files_only": True}))
     else:
-        local = models_dir / ("taesdxl" if family == "sdxl" else "taesd")
+        hub, folder = family_spec(family).taesd
+        local = models_dir / folder
         if local.is_dir():
             candidates.append((str(local), {"local_files_only": True}))
-        candidates.append((TAESD_CATALOGUE[family], {"local_files_only": offline()}))
+        candidates.append((hub, {"local_files_only": offline()}))
     for ref, kwargs in candidates:
         try:
             return AutoencoderTiny.from_pretrained(ref, dtype=dtype, **kwargs).to(device)
@@ -195,7 +186,7 @@ def load_tokenizer(src: Source, models_dir: Path) -> Any:
         local_cfg = models_dir / "configs" / family
         if local_cfg.is_dir():
             return CLIPTokenizer.from_pretrained(local_cfg / "tokenizer")
-        return CLIPTokenizer.from_pretrained(SINGLE_FILE_CONFIGS[family], subfolder="tokenizer",
+        return CLIPTokenizer.from_pretrained(family_spec(family).single_file_config, subfolder="tokenizer",
                                              local_files_only=offline())
     return None
 
@@ -217,10 +208,11 @@ def _warm_up(model) -> None:
     x = torch.zeros(2, unet.config.in_channels, h, w, device=model.device, dtype=model.dtype)
     enc = torch.zeros(2, 77, unet.config.cross_attention_dim, device=model.device, dtype=model.dtype)
     added = None
-    if model.is_sdxl:
-        pooled = model.pipe.text_encoder_2.config.projection_dim
+    ids = model.spec.added_conditioning(w * 8, h * 8)
+    if model.spec.pooled:
+        pooled = model.text_encoders[-1].config.projection_dim
         added = {"text_embeds": torch.zeros(2, pooled, device=model.device, dtype=model.dtype),
-                 "time_ids": torch.zeros(2, 6, device=model.device, dtype=model.dtype)}
+                 "time_ids": torch.zeros(2, len(ids or ()), device=model.device, dtype=model.dtype)}
     t0 = time.perf_counter()
     t = torch.tensor(999.0, device=model.device)  # a tensor, like the loop passes: a compiled UNet compiles once
     unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)

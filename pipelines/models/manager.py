@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ModelError, ValidationError
+from pipelines.families.base import Family
+from pipelines.families.registry import family as family_spec
 from pipelines.models.caches import WeightCaches
 from pipelines.models.loading import (
     DTYPES,
-    SINGLE_FILE_CONFIGS,
-    TAESD_CATALOGUE,
     Source,
     family_of_pipe,
     file_hash,
@@ -80,8 +80,9 @@ class LoadedModel:
         return self.pipe.vae
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
+    def spec(self) -> Family:
+        """The family's interface (`pipelines.families`): conditioning, added conditioning, files, costs."""
+        return family_spec(self.family)
 
     @property
     def tokenizers(self) -> list:

@@ -282,29 +282,29 @@ class PromptEncoder:
     that of the text around them, like any token's.
     """
 
-    def __init__(self, tokenizers: list, text_encoders: list, *, sdxl: bool, clip_skip: int = 1,
+    def __init__(self, tokenizers: list, text_encoders: list, *, pooled: bool, clip_skip: int = 1,
                  embeddings: Embeddings | None = None):
-        expected = 2 if sdxl else 1
+        expected = 2 if pooled else 1
         if len(tokenizers) != expected or len(text_encoders) != expected:
             raise ValueError(
                 f"`tokenizers` and `text_encoders` must each hold {expected} item(s) for "
-                f"{'SDXL' if sdxl else 'SD 1.x/2.x'}, got {len(tokenizers)} and {len(text_encoders)}"
+                f"{'a pooled (SDXL-like)' if pooled else 'an SD 1.x/2.x'} model, got {len(tokenizers)} and {len(text_encoders)}"
             )
         layers = min(te.config.num_hidden_layers for te in text_encoders)
         if not 1 <= clip_skip <= layers:
             raise ValueError(f"`clip_skip` must be between 1 and {layers}, got {clip_skip}")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
-        self.sdxl, self.clip_skip = sdxl, clip_skip
+        self.pooled, self.clip_skip = pooled, clip_skip
         self.embeddings = embeddings
         self._counts = embeddings.counts if embeddings is not None else None
 
     @classmethod
     def from_pipe(cls, pipe: Any, *, clip_skip: int = 1) -> PromptEncoder:
         """An encoder over a diffusers pipeline's tokenizer(s) and text encoder(s)."""
-        sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
-        encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
-        return cls(tokenizers, encoders, sdxl=sdxl, clip_skip=clip_skip)
+        pooled = getattr(pipe, "text_encoder_2", None) is not None
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if pooled else [pipe.tokenizer]
+        encoders = [pipe.text_encoder, pipe.text_encoder_2] if pooled else [pipe.text_encoder]
+        return cls(tokenizers, encoders, pooled=pooled, clip_skip=clip_skip)
 
     def chunk_count(self, text: str) -> int:
         """How many 77-token chunks `text` (one step's prompt) needs."""
@@ -383,14 +383,14 @@ class PromptEncoder:
             hook = encoder.get_input_embeddings().register_forward_hook(
                 lambda _module, _args, output: self._substitute(index, fixes, output))
         try:
-            out = encoder(ids, output_hidden_states=self.sdxl or self.clip_skip > 1)
+            out = encoder(ids, output_hidden_states=self.pooled or self.clip_skip > 1)
         finally:
             if hook is not None:
                 hook.remove()
-        if self.sdxl:
+        if self.pooled:
             z = out.hidden_states[-(self.clip_skip + 1)]
         elif self.clip_skip > 1:
             z = _final_norm(encoder)(out.hidden_states[-self.clip_skip])
         else:
             z = out.last_hidden_state
-        return z, (out.text_embeds if self.sdxl and index == 1 else None)
+        return z, (out.text_embeds if self.pooled and index == 1 else None)
