@@ -38,7 +38,7 @@ from pipelines.prompts.embeddings import EmbeddingLibrary
 from pipelines.request.hires import is_latent
 from pipelines.request.limits import Limits
 from pipelines.request.schema import DEFAULT_MODEL, GenerationRequest, UpscaleRequest
-from pipelines.request.validation import resolve_seed, validate, validate_upscale
+from pipelines.request.validation import is_checked, mark_checked, resolve_seed, validate, validate_upscale
 from pipelines.request_plan import plan_request
 from pipelines.stage_cache import Stage1Cache
 from pipelines.upscale_job import check_upscaler, refine_request, upscale_pixels, upscaled_result
@@ -90,7 +90,12 @@ class Engine:
     # ---------------------------------------------------------------- checks
     def check(self, req: GenerationRequest) -> GenerationRequest:
         """Validate a request completely without loading anything: its fields (`validate`, once), then what needs
-        pixels or the model files (the mask against the image, the upscaler kind, names of sampler/model/upscaler)."""
+        pixels or the model files (the mask against the image, the upscaler kind, names of sampler/model/upscaler).
+        A request this check returned is returned as it is: each request is validated once on its way from the UI,
+        the API or the CLI to the loop, whichever layers it passes."""
+        under = (self.limits, self.allow_paths, str(self.manager.models_dir))
+        if is_checked(req, under):
+            return req
         req = validate(req, self.limits)
         if req.mask is not None:
             check_mask(req.mask, req.init_image, req.inpaint.soft_inpainting)
@@ -107,7 +112,7 @@ class Engine:
             req = replace(req, hires=replace(req.hires, upscaler=upscaler))
         for i, unit in enumerate(req.control):
             _check_control_names(unit, i, self.manager.models_dir)
-        return req
+        return mark_checked(req, under)
 
     def plan(self, req: GenerationRequest, model: LoadedModel | None = None, *, width: int | None = None,
              height: int | None = None) -> Plan:

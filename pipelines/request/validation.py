@@ -4,6 +4,7 @@ then the rules that join fields (sizes × pixels, overlap < tile, start ≤ end,
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,21 @@ def _group(obj: Any, group: str | None, limits: Limits, skip: tuple[str, ...] = 
 
     return {ff.field.name: check_field(ff.name, getattr(obj, ff.field.name), ff.type, ff.spec, limits)
             for ff in schema_fields(cls or GenerationRequest).values() if ff.group == group and ff.name not in skip}
+
+
+_CHECKED = "_tessera_checked"
+
+
+def mark_checked(req: Any, under: Hashable) -> Any:
+    """Brand `req` (a frozen request) as completely checked under `under` (the checker's limits and settings), so
+    the layers it passes through next do not check it again; any change (`dataclasses.replace`) drops the brand."""
+    object.__setattr__(req, _CHECKED, under)
+    return req
+
+
+def is_checked(req: Any, under: Hashable) -> bool:
+    """Whether `req` itself was checked under `under` (equal limits and settings)."""
+    return getattr(req, _CHECKED, None) == under
 
 
 def validate(req: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
