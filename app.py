@@ -15,6 +15,8 @@ log = logging.getLogger("tessera")
 
 
 def ui_parser() -> argparse.ArgumentParser:
+    from pipelines.factory import add_machine_options
+
     p = argparse.ArgumentParser(prog="python app.py", description="Start the Tessera web UI. "
                                 "Subcommands: generate, upscale (see `python app.py generate --help`).")
     p.add_argument("--model", default=None, help="model loaded first (default: stable-diffusion-v1-5, "
@@ -26,24 +28,14 @@ def ui_parser() -> argparse.ArgumentParser:
                                                  "users in the process list: prefer --auth-file or TESSERA_AUTH)")
     p.add_argument("--auth-file", default=None, metavar="FILE",
                    help="file of user:password lines (several users; blank lines and # comments are skipped)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--models-dir", default="models")
-    p.add_argument("--out", default="outputs")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--offload", action="store_true")
+    add_machine_options(p.add_argument_group("machine"))
     p.add_argument("--queue-size", type=int, default=16, help="maximum waiting requests before new ones are refused")
     add_worker_args(p)
     return p
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    """--devices (a worker per device) and --ray (a Ray Serve cluster of workers)."""
-    from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
-
-    p.add_argument("--devices", default=None, help=DEVICES_HELP)
-    p.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
+    """--ray (a Ray Serve cluster of workers); --devices is a machine option."""
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="serve through a Ray Serve cluster: start a local one, or join ADDRESS (e.g. ray://head:10001 "
                         "or auto); needs `pip install \"ray[serve]\"`")

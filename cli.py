@@ -84,24 +84,11 @@ def _schema_args(p: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from pipelines.factory import add_machine_options
+
     g = p.add_argument_group("machine")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps (default: auto)")
-    g.add_argument("--dtype", default="auto", help="auto | fp16 | bf16 | fp32 (auto: fp16 on GPU, fp32 on CPU)")
-    g.add_argument("--models-dir", default="models", help="folder of local models, LoRAs, upscalers (default: models)")
-    g.add_argument("--out", default="outputs", help="output folder; images go to OUT/<date>/ (default: outputs)")
-    g.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels (default: sdpa)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run, faster after)")
-    g.add_argument("--offload", action="store_true", help="keep weights on CPU, move each model to the GPU when used")
+    add_machine_options(g)
     g.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    _device_args(g)
-
-
-def _device_args(g) -> None:
-    """--devices / --split-image: one image's tile batches spread over several devices (`pipelines.serving.multi_device`)."""
-    from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES
-
-    g.add_argument("--devices", default=None, help=DEVICES_HELP)
-    g.add_argument("--split-image", default="auto", choices=SPLIT_MODES, help=SPLIT_HELP)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:

@@ -9,44 +9,55 @@ Nothing loads here: the manager loads weights on the first job that needs them (
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pipelines.engine import Engine
 from pipelines.models.manager import ModelManager
 from pipelines.request.limits import Limits
-from pipelines.serving.workers import WorkerPool, parse_devices, pool_of
+from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES, WorkerPool, parse_devices, pool_of
+
+
+def _option(default: Any, flag: str, help: str, **argparse: Any) -> Any:
+    """An `EngineOptions` field that is also a command-line option of app.py and cli.py (`add_machine_options`)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "argparse": argparse})
 
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """The server options an engine is built from (app.py's and cli.py's machine options, same names and defaults)."""
+    """The machine options an engine is built from: declared once here, as app.py's and cli.py's options too."""
 
-    models_dir: str | Path = "models"
-    """Folder of local models, LoRAs, upscalers, embeddings (--models-dir)."""
-    outputs_dir: str | Path | None = "outputs"
-    """Where images are saved; None saves nothing (--out)."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:1 | mps (--device)."""
-    devices: str | None = None
-    """One worker per device (--devices, `pipelines.serving.workers.parse_devices`); None = `device` alone."""
-    dtype: str = "auto"
-    attention: str = "sdpa"
-    compile_unet: bool = False
-    offload: bool = False
-    split: str = "auto"
-    """One tiled image across the devices: auto | on | off (--split-image)."""
+    models_dir: str | Path = _option("models", "--models-dir", "folder of local models, LoRAs, upscalers, embeddings")
+    outputs_dir: str | Path | None = _option("outputs", "--out", "output folder; images go to OUT/<date>/")
+    device: str = _option("auto", "--device", "auto | cpu | cuda | cuda:1 | mps")
+    devices: str | None = _option(None, "--devices", DEVICES_HELP)
+    """One worker per device (`pipelines.serving.workers.parse_devices`); None = `device` alone."""
+    dtype: str = _option("auto", "--dtype", "auto | fp16 | bf16 | fp32 (auto: fp16 on GPU, fp32 on CPU)")
+    attention: str = _option("sdpa", "--attention", "attention kernels", choices=["sdpa", "xformers"])
+    compile_unet: bool = _option(False, "--compile", "torch.compile the UNet (slow first run, faster after)",
+                                 action="store_true")
+    offload: bool = _option(False, "--offload", "keep weights on CPU, move each model to the GPU when used",
+                            action="store_true")
+    split: str = _option("auto", "--split-image", SPLIT_HELP, choices=list(SPLIT_MODES))
     allow_paths: bool = False
-    """Whether requests may name model files by path (the CLI only)."""
+    """Whether requests may name model files by path (the CLI only; not an option)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, *, allow_paths: bool = False) -> EngineOptions:
-        """The options from parsed app.py or cli.py arguments."""
-        return cls(models_dir=args.models_dir, outputs_dir=args.out, device=args.device,
-                   devices=getattr(args, "devices", None), dtype=args.dtype, attention=args.attention,
-                   compile_unet=args.compile, offload=args.offload, split=getattr(args, "split_image", "auto"),
+        """The options from parsed app.py or cli.py arguments (`add_machine_options`)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "flag" in f.metadata},
                    allow_paths=allow_paths)
+
+
+def add_machine_options(group: Any) -> None:
+    """The machine options (`EngineOptions`) as options of an argparse parser or group, with their defaults."""
+    for f in fields(EngineOptions):
+        if "flag" not in f.metadata:
+            continue
+        meta, extra = f.metadata, dict(f.metadata["argparse"])
+        default = "" if f.default in (None, False) else f" (default: {f.default})"
+        group.add_argument(meta["flag"], dest=f.name, default=f.default, help=meta["help"] + default, **extra)
 
 
 def build_manager(options: EngineOptions, device: str) -> ModelManager:

@@ -75,3 +75,22 @@ def test_app_and_cli_call_the_factory(tmp_path, monkeypatch, entry):
 
         assert type(_engine(cli_args)) is Engine
         assert calls == [{"allow_paths": True}]
+
+
+def test_the_machine_options_are_declared_once_for_app_and_cli():
+    """Every EngineOptions field marked as an option is the same option (flag, default, help, choices) in both
+    parsers, and nothing else in them sets an EngineOptions field."""
+    import dataclasses
+
+    from app import ui_parser
+    from cli import build_parser
+
+    declared = {f.metadata["flag"]: f for f in dataclasses.fields(EngineOptions) if "flag" in f.metadata}
+    generate = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    for parser in (ui_parser(), generate):
+        actions = {a.option_strings[0]: a for a in parser._actions if a.dest in {f.name for f in declared.values()}}
+        assert set(actions) == set(declared)
+        for flag, f in declared.items():
+            a = actions[flag]
+            assert (a.dest, a.default, a.choices) == (f.name, f.default, f.metadata["argparse"].get("choices"))
+            assert a.help.startswith(f.metadata["help"])

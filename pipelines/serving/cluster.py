@@ -317,7 +317,7 @@ def connect(args: Any) -> ClusterBackend:
     device = None if args.device == "auto" else args.device
     handle = deploy(models_dir=args.models_dir, device=device, dtype=args.dtype, default_model=args.model,
                     min_workers=args.min_workers, max_workers=args.max_workers)
-    local = Engine(ModelManager(args.models_dir, device="cpu", dtype="fp32"), args.out)  # names only, no weights
+    local = Engine(ModelManager(args.models_dir, device="cpu", dtype="fp32"), args.outputs_dir)  # names only, no weights
     if args.model:
         local.default_model = args.model
     engine = ClusterEngine(handle, local, max_workers=max(args.min_workers, args.max_workers or args.min_workers))
