@@ -328,7 +328,8 @@ def test_a1111_inpaint_infotext_is_read():
             "Mask mode: Inpaint not masked")
     req = request_from_infotext(text)
     assert req.inpaint == InpaintConfig(mask_blur=4, inpaint_area="only masked", inpaint_padding=32,
-                                        masked_content="latent noise", mask_mode="inpaint not masked")
+                                        masked_content="latent noise", mask_mode="inpaint not masked",
+                                        inpaint_size=512)  # A1111's only-masked Size: the crop's processing size
     assert req.strength == 0.75
 
 

@@ -203,7 +203,8 @@ def run_inpaint(engine: Engine, job: Job) -> GenerationResult:
     images, plan, codec, work = _inpaint_pass(engine, job)
     if job.req.hires.enabled:
         images, plan, codec = _hires(engine, job, images, work)
-    result = engine._finish(Outcome(job, plan, codec, images=images))
+    size = work.size if work.box is not None else None  # only masked: A1111's Size is the processing size
+    result = engine._finish(Outcome(job, plan, codec, images=images, size=size))
     result.stats["seconds"] = round(time.perf_counter() - t0, 3)
     result.stats["plan"] = plan.describe() + tiles_note(plan, job.stats)
     return result
