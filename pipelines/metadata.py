@@ -83,14 +83,14 @@ def _a1111_fields(req: GenerationRequest, model_hash: str, size: tuple[int, int]
     """The A1111 keys for `req` (seed already the image's), unquoted, in A1111's order; `size` is what A1111's
     `Size` means when it is not the output size (only masked: the processing size)."""
     cfg = parse_cfg(req.cfg)
-    w, h = size or (req.width, req.height)
+    size_w, size_h = size or (req.width, req.height)
     out = {
         K["steps"]: number(req.steps),
         K["sampler"]: base_sampler(req.sampler),
         "Schedule type": schedule_type(req.sampler),
         K["cfg"]: number(_max_scale(cfg)),
         K["seed"]: number(req.seed),
-        "Size": f"{w}x{h}",
+        "Size": f"{size_w}x{size_h}",
     }
     if model_hash:
         out["Model hash"] = model_hash
