@@ -18,6 +18,11 @@ from pipelines.request.schema import UpscaleRequest, schema_fields, unit_fields
 log = logging.getLogger(__name__)
 
 TESSERA_KEY = "Tessera"
+# A1111 has no hires pass after img2img, so there its "Denoising strength" is the img2img strength; an image made from
+# an init image with hires keeps that meaning and records the hires denoise under this key of ours (tessera-0.2).
+HIRES_DENOISE_KEY = "Hires denoising strength"
+# A1111 keys that paste a setting (its `infotext_to_setting_name_mapping`): "VAE" sets `sd_vae`, the VAE file.
+SETTING_KEYS = frozenset({"VAE", "VAE hash"})
 
 # A1111's key-value regex (infotext_utils.re_param_code); values with , : " are json.dumps-quoted.
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -44,7 +49,8 @@ UPSCALE_KEYS: dict[str, str] = {n: ff.spec.infotext for n, ff in schema_fields(U
 # Keys this module reads; `extra` may not use them. At least one of CORE_KEYS marks a text as infotext.
 CORE_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size", TESSERA_KEY)
 KNOWN_KEYS = frozenset({"Prompt", "Negative prompt", "Schedule type", "CFG schedule", "Size", "Model hash",
-                        "Hires resize", "Hires schedule type", "Version", TESSERA_KEY, *INFOTEXT_KEYS.values()})
+                        "Hires resize", "Hires schedule type", "Version", TESSERA_KEY, HIRES_DENOISE_KEY,
+                        *SETTING_KEYS, *INFOTEXT_KEYS.values()})
 OLD_TIMELINES_KEY = INFOTEXT_KEYS["prompt_timeline"]  # A1111's name of its `use_old_scheduling` option
 # A1111's inpainting keys -> flat fields (values are ours lower-cased)
 INPAINT_KEYS = {INFOTEXT_KEYS[n]: n for n, ff in schema_fields().items() if ff.group == "inpaint" and n in INFOTEXT_KEYS}

@@ -172,11 +172,16 @@ class Engine:
                   cancel=cancel, unet=unet, executor=executor, low_memory=low_memory, save=save, started=started)
         # a mask or outpainting: prepared, run and pasted back by `pipelines.edit.run`; else the two-stage flow
         outcome = run_inpaint(job) if req.inpainting else generate(job)
-        result = finish(outcome, self._saved, self.outputs_dir)
+        result = self._finish(outcome)
         result.warnings.extend(outcome.warnings)
         result.stats["seconds"] = round(time.perf_counter() - started, 3)
         result.stats["plan"] = outcome.plan.describe() + outcome.plan_note
         return result
+
+    def _finish(self, outcome: Outcome) -> GenerationResult:
+        """Decode, score, describe and save the run's images (`pipelines.outputs.finish`); this run's earlier
+        attempts' saved images are kept."""
+        return finish(outcome, self._saved, self.outputs_dir)
 
     def _plan_stage(self, req: GenerationRequest, model: LoadedModel, width: int | None, height: int | None) -> Plan:
         return self.plan(req, model, width=width, height=height)

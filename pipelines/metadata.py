@@ -26,12 +26,14 @@ from pipelines.a1111 import (
     CONTROL_KEYS,
     CORE_KEYS,
     EXTRA_KEY_RE,
+    HIRES_DENOISE_KEY,
     INFOTEXT_KEYS,
     INPAINT_KEYS,
     KNOWN_KEYS,
     MODULE_ALIASES,
     OLD_TIMELINES_KEY,
     PARAM_RE,
+    SETTING_KEYS,
     SIZE_RE,
     TESSERA_KEY,
     UPSCALE_KEYS,
@@ -53,7 +55,11 @@ from pipelines.request.schema import ControlUnit, GenerationRequest, UpscaleRequ
 
 log = logging.getLogger(__name__)
 
-VERSION = "tessera-0.1"
+# tessera-0.2: "Size" of an only-masked run is its processing size, an img2img/inpaint run with hires writes its
+# own strength as "Denoising strength" and the hires one as HIRES_DENOISE_KEY, the decoder's notes are "VAE notes".
+# tessera-0.1 texts are read as they were written.
+VERSION = "tessera-0.2"
+OLD_VERSIONS = frozenset({"tessera-0.1"})
 K = INFOTEXT_KEYS
 
 __all__ = ["OLD_TIMELINES_KEY", "PARAM_RE", "PNG_KEY", "TESSERA_KEY", "UPSCALER_NAMES", "VERSION", "control_settings",
@@ -68,26 +74,33 @@ def _max_scale(schedule: GuidanceSchedule) -> float:
     return max(schedule.params[:2]) if schedule.kind in ("linear", "cosine", "step") else schedule.params[0]
 
 
-def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
-    """The A1111 keys for `req` (seed already the image's), unquoted, in A1111's order."""
+def _img2img(req: GenerationRequest) -> bool:
+    """Made from an init image (img2img, inpainting, outpainting): A1111's img2img tab."""
+    return req.init_image is not None or req.inpainting
+
+
+def _a1111_fields(req: GenerationRequest, model_hash: str, size: tuple[int, int] | None = None) -> dict[str, str]:
+    """The A1111 keys for `req` (seed already the image's), unquoted, in A1111's order; `size` is what A1111's
+    `Size` means when it is not the output size (only masked: the processing size)."""
     cfg = parse_cfg(req.cfg)
+    size_w, size_h = size or (req.width, req.height)
     out = {
         K["steps"]: number(req.steps),
         K["sampler"]: base_sampler(req.sampler),
         "Schedule type": schedule_type(req.sampler),
         K["cfg"]: number(_max_scale(cfg)),
         K["seed"]: number(req.seed),
-        "Size": f"{req.width}x{req.height}",
+        "Size": f"{size_w}x{size_h}",
     }
     if model_hash:
         out["Model hash"] = model_hash
     if req.model:
         out[K["model"]] = req.model
     h = req.hires
-    if h.enabled:
+    if h.enabled and not _img2img(req):  # A1111's txt2img: "Denoising strength" is the hires pass's
         if h.denoise is not None:
             out[K["hires_denoise"]] = number(h.denoise)
-    elif req.strength != 1.0:
+    elif req.strength != 1.0 or h.enabled:  # A1111's img2img: the strength the image itself was made with
         out[K["strength"]] = number(req.strength)
     if req.clip_skip != 1:
         out[K["clip_skip"]] = number(req.clip_skip)
@@ -105,6 +118,8 @@ def _a1111_fields(req: GenerationRequest, model_hash: str) -> dict[str, str]:
             out[K["hires_negative_prompt"]] = h.negative_prompt
         if h.cfg is not None:
             out[K["hires_cfg"]] = number(_max_scale(parse_cfg(h.cfg)))
+        if _img2img(req) and h.denoise is not None:
+            out[HIRES_DENOISE_KEY] = number(h.denoise)
     if cfg.kind != "constant" or cfg.rescale:
         out["CFG schedule"] = format_cfg(cfg)
     if req.loras:
@@ -165,6 +180,9 @@ def _extra_fields(extra: dict[str, Any] | None) -> dict[str, str]:
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not EXTRA_KEY_RE.fullmatch(key):
             raise ValidationError("extra", key, "keys must be words, spaces, - or / (at least 2 characters), like 'Seam score'")
+        if key in SETTING_KEYS:
+            raise ValidationError("extra", key, "is an A1111 key that pastes a setting (VAE = the VAE file to load); "
+                                                "rename it, e.g. 'VAE notes'")
         if key in KNOWN_KEYS or re.fullmatch(r"ControlNet \d+", key):
             raise ValidationError("extra", key, "collides with a key the infotext writes itself; rename it")
         if value is not None:
@@ -182,14 +200,17 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b or (not numbers and type(a) is not type(b))
 
 
-def infotext(req: GenerationRequest, *, seed: int, model_hash: str, extra: dict[str, Any] | None = None) -> str:
+def infotext(req: GenerationRequest, *, seed: int, model_hash: str, extra: dict[str, Any] | None = None,
+             size: tuple[int, int] | None = None) -> str:
     """A1111 `parameters` text of one image of `req`; `seed` is that image's seed (seed + i in a batch).
 
-    `extra` entries ("Seam score": 1.03, "VAE": "fp32 fallback", ...) are written as additional keys; they are
-    not part of the request. Request fields the A1111 keys do not reproduce go into the `Tessera` JSON key.
+    `extra` entries ("Seam score": 1.03, "VAE notes": "fp32 VAE fallback", ...) are written as additional keys;
+    they are not part of the request. `size`: an only-masked run's processing size, written as `Size` as A1111
+    does (the output size is then in the `Tessera` key). Request fields the A1111 keys do not reproduce go into the
+    `Tessera` JSON key.
     """
     target = replace(req, seed=seed)
-    fields = _a1111_fields(target, model_hash)
+    fields = _a1111_fields(target, model_hash, size if target.inpaint.inpaint_area == "only masked" else None)
     fields.update(_extra_fields(extra))
     fields["Version"] = VERSION
     negative = f"\nNegative prompt: {target.negative_prompt}" if target.negative_prompt else ""
@@ -269,7 +290,10 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
         m = SIZE_RE.match(params["Size"].strip())
         if m is None:
             raise ValidationError("Size", params["Size"], "must be WIDTHxHEIGHT, e.g. 512x768")
-        values["width"], values["height"] = int(m[1]), int(m[2])
+        if _processing_size(params):  # A1111's only masked: the crop's size while inpainted, not the output's
+            values["inpaint_size"] = max(int(m[1]), int(m[2]))
+        else:
+            values["width"], values["height"] = int(m[1]), int(m[2])
     if "CFG schedule" in params:
         values["cfg"] = _cfg(params, "CFG schedule")
     elif K["cfg"] in params:
@@ -277,6 +301,10 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
     values["clip_skip"] = _int(params, K["clip_skip"]) if K["clip_skip"] in params else 1
     if K["hires_scale"] in params or "Hires resize" in params:
         values.update(_hires_values(params, values.get("width", base.width), values.get("height", base.height)))
+        if HIRES_DENOISE_KEY in params:  # tessera-0.2, an init image: "Denoising strength" is the image's own
+            values["hires_denoise"] = _float(params, HIRES_DENOISE_KEY)
+            if K["strength"] in params:
+                values["strength"] = _float(params, K["strength"])
     else:
         if base.hires.enabled:
             values["hires_scale"] = 1.0  # the image was made without stage 2
@@ -290,6 +318,12 @@ def _request_from_params(params: dict[str, str], base: GenerationRequest | None)
                                              values.get("height", base.height))
     values.update(_inpaint_values(params))
     return from_flat(values, base, source="infotext")
+
+
+def _processing_size(params: dict[str, str]) -> bool:
+    """Whether `Size` is an only-masked run's processing size (A1111, Tessera from 0.2) rather than the output's."""
+    only_masked = params.get(K["inpaint_area"], "").strip().lower() == "only masked"
+    return only_masked and params.get("Version", "").strip() not in OLD_VERSIONS
 
 
 def _timeline(params: dict[str, str]) -> str:

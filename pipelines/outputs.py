@@ -58,6 +58,8 @@ class Outcome:
     """What the user should know about the run (a stage left out, a setting that had no effect)."""
     plan_note: str = ""
     """Appended to the last stage's plan line in the result's stats (inpainting: tiles skipped)."""
+    size: tuple[int, int] | None = None
+    """Only masked: the (width, height) the crop was processed at, A1111's `Size` there; None = the output size."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,12 @@ class Saved:
 
 def recorded(req: GenerationRequest, seed: int) -> GenerationRequest:
     """The request as written into an image's metadata: its own seed, the effective hires denoise, ControlNet
-    units' settings without their images."""
+    units' settings without their images (the init image stays: whether there is one decides what A1111's
+    `Denoising strength` records; no image is written)."""
     if req.hires.enabled and req.hires.denoise is None:
         req = replace(req, hires=replace(req.hires, denoise=hires_denoise(req)))
     control = tuple(replace(u, image=None) for u in req.control)
-    return replace(req, seed=seed, init_image=None, control=control)
+    return replace(req, seed=seed, control=control)
 
 
 def image_seam_score(img: Image.Image, plan: Plan) -> float:
@@ -95,7 +98,7 @@ def image_notes(plan: Plan, stats: LoopStats, report: vae_io.DecodeReport, seams
     if stats.evals_saved:
         extra["UNet evals saved"] = stats.evals_saved
     if report.notes:
-        extra["VAE"] = "; ".join(report.notes)
+        extra["VAE notes"] = "; ".join(report.notes)  # not "VAE": A1111 pastes that as the VAE file to load
     return extra
 
 
@@ -136,7 +139,7 @@ def finish(out: Outcome, saved: list[Saved], outputs_dir: Path | None) -> Genera
         if out.plan.tiled and seams is None and req.vae_decode == "full":
             seams = image_seam_score(img, out.plan)
         extra = {**image_notes(out.plan, job.stats, job.report, seams), **out.extra}
-        text = infotext(recorded(req, seed), seed=seed, model_hash=job.model.short_hash, extra=extra)
+        text = infotext(recorded(req, seed), seed=seed, model_hash=job.model.short_hash, extra=extra, size=out.size)
         result.images.append(img)
         result.infotexts.append(text)
         if job.save and outputs_dir is not None:

@@ -188,11 +188,13 @@ def test_parse_cfg_returns_a_schedule_or_a_cfg_error(text):
 
 INFO_KEYS = ["Steps", "Sampler", "Schedule type", "CFG scale", "CFG schedule", "Seed", "Size", "Model", "Clip skip",
              "Denoising strength", "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler",
-             "Hires CFG Scale", "Hires prompt", "Loras", "Tessera", "Version", "Unknown key"]
+             "Hires CFG Scale", "Hires prompt", "Hires denoising strength", "Inpaint area", "Loras", "Tessera",
+             "Version", "Unknown key"]
 info_values = st.one_of(
     st.integers(-(10**30), 10**30).map(str), st.floats().map(str), st.text(alphabet="0123456789x.e-", max_size=12),
     st.sampled_from(['{"width": 64}', '{"tile_mode": "on"}', '{"hires": 1}', "[1]", '{"control": 1}', '"quoted, text"',
-                     '{"width": 1e999}', '{"loras": 5}', "Euler a", "DPM++ 2M", "Karras", "64x64", "0x0", "1x99999"]),
+                     '{"width": 1e999}', '{"loras": 5}', "Euler a", "DPM++ 2M", "Karras", "64x64", "0x0", "1x99999",
+                     "Only masked"]),
     st.text(max_size=20),
 )
 

@@ -1,4 +1,4 @@
-"""Inpainting and outpainting: diffusers' StableDiffusionInpaintPipeline as the reference for both methods,
+"""Inpainting and outpainting (diffusers' inpainting pipelines as the reference: tests/test_inpaint_reference.py):
 paste-back exactness, tile skipping, soft inpainting, outpainting, only-masked geometry (A1111's), bad input."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.denoise.loop import LoopInputs, LoopStats, TileSpec, denoise
 from pipelines.denoise.schedulers import make_scheduler
-from pipelines.denoise.stages import StageSpec, build_conditioning, initial_noise, run_stage
+from pipelines.denoise.stages import StageSpec, run_stage
 from pipelines.edit.inpaint import (
     LatentMask,
     composite,
@@ -73,52 +73,6 @@ def _rect_mask(w: int, h: int, box) -> Image.Image:
 @pytest.fixture(scope="module")
 def tiny(manager):
     return manager.get("tiny")
-
-
-def _diffusers_vs_loop(model, engine, mask_img: Image.Image, nine: bool):
-    """(our loop's latents, diffusers' StableDiffusionInpaintPipeline latents): same components, DDIM, noise."""
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
-
-    from pipelines.vae import io as vae_io
-
-    image = _image(64, 64)
-    pixels = from_pil(image, 64, 64, "cpu", torch.float32)
-    init = vae_io.encode(model, pixels)
-    strength = latent_mask(mask_img, 8)
-    masked = vae_io.encode(model, pixels * (strength.repeat_interleave(8, -1).repeat_interleave(8, -2) < 0.5))
-    lm = LatentMask(strength, masked if nine else None)
-    sched = make_scheduler("DDIM", model.pipe.scheduler.config)
-    sched.set_timesteps(4)
-    noise, _ = initial_noise([5], (4, 8, 8), "cpu", torch.float32)
-    spec = StageSpec(prompt="a fox", negative_prompt="blur", width=64, height=64, steps=4, sampler="DDIM",
-                     cfg="7.5", seeds=[5])
-    inp = LoopInputs(unet=model.unet, scheduler=sched, latents=noise * sched.init_noise_sigma,
-                     timesteps=list(sched.timesteps), conditioning=build_conditioning(model, spec, engine.prompt_cache, 4),
-                     scales=[7.5] * 4, **lm.hooks(sched, list(sched.timesteps), init, noise))
-    ours = denoise(inp)
-    pipe = StableDiffusionInpaintPipeline(**model.pipe.components)
-    pipe.scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a fox", negative_prompt="blur", image=init, mask_image=mask_img, masked_image_latents=masked,
-                  num_inference_steps=4, guidance_scale=7.5, latents=noise, output_type="latent", height=64,
-                  width=64, strength=1.0).images
-    return ours, theirs, init, strength
-
-
-def test_four_channel_blend_equals_diffusers_inpaint_pipeline(tiny, engine):
-    """The post-step blend (original latents noised to the next timestep outside the mask) is diffusers' own."""
-    ours, theirs, init, strength = _diffusers_vs_loop(tiny, engine, _rect_mask(64, 64, (16, 8, 47, 39)), False)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    outside = (strength == 0).expand_as(ours)
-    assert torch.equal(ours[outside], init[outside])  # after the last step: the original latents themselves
-    assert not torch.allclose(ours[~outside], init[~outside], atol=1e-3)
-
-
-def test_nine_channel_concat_equals_diffusers_inpaint_pipeline(manager, engine):
-    model = manager.get("tiny-inpaint")
-    assert model.unet.config.in_channels == 9
-    ours, theirs, _, _ = _diffusers_vs_loop(model, engine, _rect_mask(64, 64, (8, 16, 39, 55)), True)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny-inpaint", "tiny-sdxl-inpaint"])
@@ -376,22 +330,25 @@ def test_a1111_inpaint_infotext_is_read():
             "Mask mode: Inpaint not masked")
     req = request_from_infotext(text)
     assert req.inpaint == InpaintConfig(mask_blur=4, inpaint_area="only masked", inpaint_padding=32,
-                                        masked_content="latent noise", mask_mode="inpaint not masked")
+                                        masked_content="latent noise", mask_mode="inpaint not masked",
+                                        inpaint_size=512)  # A1111's only-masked Size: the crop's processing size
     assert req.strength == 0.75
 
 
-def test_controlnet_with_a_mask_gets_the_crop_for_only_masked(tiny, engine):
+def test_controlnet_with_a_mask_gets_the_crop_for_only_masked(tiny, engine, monkeypatch):
     from pipelines.request.schema import ControlUnit
 
     image, mask = _image(128, 96, seed=6), _rect_mask(128, 96, (70, 40, 100, 70))
+    import pipelines.job
+
     seen = []
-    real = engine._control_inputs
+    real = pipelines.job.prepare_units
 
-    def recording(model, req, width, height):
-        seen.append(([u.image.size for u in req.control], (width, height)))
-        return real(model, req, width, height)
+    def recording(model, units, width, height, *args):
+        seen.append(([u.image.size for u in units], (width, height)))
+        return real(model, units, width, height, *args)
 
-    engine._control_inputs = recording  # the engine instance's own method, for this test's engine only
+    monkeypatch.setattr(pipelines.job, "prepare_units", recording)
     req = GenerationRequest(model="tiny", prompt="x", width=128, height=96, steps=2, seed=1, init_image=image,
                             mask=mask, strength=0.8, control=(ControlUnit(image=image, type="none", scale=0.8),),
                             inpaint=InpaintConfig(inpaint_area="only masked", inpaint_padding=8))

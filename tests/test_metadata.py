@@ -67,15 +67,16 @@ def test_img2img_strength_is_denoising_strength():
 def test_extra_keys_appended_and_not_part_of_request():
     req = GenerationRequest(prompt="x", tiling=TileConfig(mode="on"))
     text = infotext(req, seed=7, model_hash="x",
-                    extra={"Seam score": 1.03, "VAE": "fp32 fallback", "Tile plan": "3x2 tiles, 96px, overlap 32"})
+                    extra={"Seam score": 1.03, "VAE notes": "fp32 VAE fallback", "Tile plan": "3x2 tiles, 96px, overlap 32"})
     params = parse_infotext(text)
-    assert params["Seam score"] == "1.03" and params["VAE"] == "fp32 fallback"
+    assert params["Seam score"] == "1.03" and params["VAE notes"] == "fp32 VAE fallback" and "VAE" not in params
     assert params["Tile plan"] == "3x2 tiles, 96px, overlap 32"
     assert list(params)[-1] == "Tessera"
     assert request_from_infotext(text) == replace(req, seed=7)
 
 
-@pytest.mark.parametrize("key", ["Seed", "Tessera", "x", "bad:key", " lead", "trail "])
+@pytest.mark.parametrize("key", ["Seed", "Tessera", "x", "bad:key", " lead", "trail ", "VAE", "VAE hash",
+                                 "Hires denoising strength"])
 def test_extra_keys_that_would_break_parsing_are_rejected(key):
     with pytest.raises(ValidationError) as err:
         infotext(GenerationRequest(), seed=1, model_hash="x", extra={key: 1})

@@ -217,8 +217,11 @@ def run_stage(model, spec: StageSpec, *, cache: LRUCache, callback: Callable[[St
         init = spec.init_latents.to(device, dtype).expand(len(spec.seeds), -1, -1, -1)
         if not timesteps:
             return StageResult(init.clone(), stats)
-        start = init if spec.inpaint is None else spec.inpaint.start_latents(init)  # A1111's masked content
-        latents = sched.add_noise(start, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
+        if spec.inpaint is not None and spec.strength >= 1.0:
+            latents = noise * sched.init_noise_sigma  # diffusers' inpainting at strength 1 (`is_strength_max`)
+        else:
+            start = init if spec.inpaint is None else spec.inpaint.start_latents(init)  # A1111's masked content
+            latents = sched.add_noise(start, noise, timesteps[0].reshape(1).repeat(len(spec.seeds)))
     schedule = parse_cfg(spec.cfg)
     base_mask, views = region_views(model, spec, cache, len(timesteps))
     inp = LoopInputs(

@@ -200,4 +200,5 @@ def run_inpaint(job: Job) -> Outcome:
     images, plan, codec, work = _inpaint_pass(job)
     if job.req.hires.enabled:
         images, plan, codec = _hires(job, images, work)
-    return Outcome(job, plan, codec, images=images, plan_note=tiles_note(plan, job.stats))
+    size = work.size if work.box is not None else None  # only masked: A1111's Size is the processing size
+    return Outcome(job, plan, codec, images=images, size=size, plan_note=tiles_note(plan, job.stats))

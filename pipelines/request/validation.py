@@ -62,11 +62,11 @@ def validate(req: GenerationRequest, limits: Limits | None = None) -> Generation
         raise ValidationError("width", width, f"x height {height} exceeds {limits.max_pixels} pixels")
     check_and_parts("prompt", top["prompt"])
     return replace(req, **{
-        **top, **validate_feature_cache(req), "loras": _loras(req.loras, limits),
+        **top, **validate_feature_cache(req, limits), "loras": _loras(req.loras, limits),
         "regions": validate_regions(req.regions, width, height, limits.max_prompt_chars),
         "hires": validate_hires(req.hires, width, height, limits),
-        "tiling": validate_tiling(req.tiling),
-        "control": tuple(validate_control(u, i) for i, u in enumerate(req.control)),
+        "tiling": validate_tiling(req.tiling, limits),
+        "control": tuple(validate_control(u, i, limits) for i, u in enumerate(req.control)),
         "inpaint": validate_inpaint(req, width, height, limits),
     })
 
@@ -99,32 +99,37 @@ def validate_hires(h: HiresConfig, width: int, height: int, limits: Limits) -> H
     return replace(h, scale=scale, **values)
 
 
-def validate_tiling(t: TileConfig) -> TileConfig:
+def validate_tiling(t: TileConfig, limits: Limits | None = None) -> TileConfig:
     """Check the tiling settings."""
-    values = _group(t, "tiling", Limits())
+    values = _group(t, "tiling", limits or Limits())
     size, overlap = values["size"], values["overlap"]
     if size is not None and overlap is not None and overlap >= size:
         raise ValidationError("tile_overlap", overlap, f"must be smaller than tile_size ({size})")
     return replace(t, **values)
 
 
-def validate_control(u: ControlUnit, i: int) -> ControlUnit:
+def validate_control(u: ControlUnit, i: int, limits: Limits | None = None) -> ControlUnit:
     """Check one ControlNet unit's fields (the images and the model files are checked when loaded)."""
     from pipelines.request.schema import unit_fields
 
     p = f"control[{i}]."
     if u.image is None:
         raise ValidationError(p + "image", None, "is required: upload a control image")
-    values = {n: check_field(p + n, getattr(u, n), ff.type, ff.spec, Limits())
+    values = {n: check_field(p + n, getattr(u, n), ff.type, ff.spec, limits or Limits())
               for n, ff in unit_fields().items() if n != "image"}
     if values["start"] > values["end"]:
         raise ValidationError(p + "start", values["start"], f"must not be after end ({values['end']:g})")
     return replace(u, **values)
 
 
-def validate_feature_cache(req: GenerationRequest) -> dict[str, Any]:
-    """The feature-cache fields, checked and normalised (as keyword arguments for `replace`)."""
-    values = {k: v for k, v in _group(req, None, Limits()).items() if k.startswith("feature_cache")}
+def validate_feature_cache(req: GenerationRequest, limits: Limits | None = None) -> dict[str, Any]:
+    """The feature-cache fields, checked and normalised (as keyword arguments for `replace`), against `limits`
+    (the engine's; None = the defaults) like every other field."""
+    from pipelines.request.schema import schema_fields
+
+    skip = tuple(n for n in schema_fields(type(req)) if not n.startswith("feature_cache"))
+    values = {k: v for k, v in _group(req, None, limits or Limits(), skip=skip, cls=type(req)).items()
+              if k.startswith("feature_cache")}
     if values["feature_cache"] == "on" and req.tiling.shift is True:
         raise ValidationError("feature_cache", "on", "cannot be on with tile_shift on (the grid moves every step, so "
                               "no cached tile feature could be reused); set tile_shift off or feature_cache off")
