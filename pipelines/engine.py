@@ -31,7 +31,7 @@ from pipelines.job import Job, loop_finished
 from pipelines.lru import LRUCache
 from pipelines.models.manager import LoadedModel, ModelManager
 from pipelines.models.upscalers import concrete_upscaler, resolve_upscaler
-from pipelines.outputs import GenerationResult, Saved, finish
+from pipelines.outputs import GenerationResult, Outcome, Saved, finish
 from pipelines.planner import Plan
 from pipelines.process import prepare_process
 from pipelines.prompts.embeddings import EmbeddingLibrary
