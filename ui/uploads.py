@@ -140,7 +140,7 @@ def _message(block_fn: BlockFunction, index: int, block: Any) -> str:
     if not isinstance(block, Api):
         return UI_REFUSAL
     try:
-        return refusal(list(inspect.signature(block_fn.fn).parameters)[index])
+        return refusal(list(inspect.signature(block_fn.fn).parameters)[index])  # type: ignore[arg-type]
     except (TypeError, ValueError, IndexError):
         return refusal(str(block.label))
 
