@@ -106,7 +106,11 @@ class FakeBackend:
         return Image.new("RGB", (360, 160), "white")
 
     def read_info(self, image) -> tuple[str, dict]:
-        text = image.info.get("parameters") if hasattr(image, "info") else None
+        if isinstance(image, str):  # the UI hands the backend the upload's path
+            with Image.open(image) as opened:
+                text = opened.info.get("parameters")
+        else:
+            text = image.info.get("parameters") if hasattr(image, "info") else None
         if not text:
             raise ValidationError("image", "upload", "has no generation parameters")
         values = flatten(GenerationRequest(prompt=text.splitlines()[0], seed=77, width=64, height=64))

@@ -20,6 +20,7 @@ from ui.generate_events import IMAGE_FIELDS, wire_generate
 from ui.generate_tab import build_generate_tab
 from ui.info_tab import build_info_tab, wire_info
 from ui.runner import GpuCalls
+from ui.uploads import guard_uploads
 from ui.upscale_tab import build_upscale_tab, wire_upscale
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -56,7 +57,7 @@ def create_demo(backend: Any, *, queue_size: int = 16, workers: int = 1) -> gr.B
         add_api(gpu)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     set_gpu_concurrency(demo, workers)
-    return demo
+    return guard_uploads(demo)  # every event takes files only from Gradio's upload route
 
 
 def set_gpu_concurrency(demo: gr.Blocks, workers: int) -> None:

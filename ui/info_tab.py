@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import gradio as gr
-from PIL import Image
 
 from pipelines.errors import TesseraError
 from ui.components import Form, hint
@@ -15,12 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def read_info(backend: Any, path: str | None) -> tuple[str, dict[str, Any], Any]:
-    """An uploaded file -> (parameters text, values for the generator, status message update)."""
+    """An uploaded file -> (parameters text, values for the generator, status message update).
+
+    The backend checks the file from its header (format, 64 MP) and reads its text without decoding the pixels."""
     if not path:
         return "", {}, gr.update(value="", visible=False)
     try:
-        with Image.open(path) as image:
-            text, values = backend.read_info(image)
+        text, values = backend.read_info(path)
     except (TesseraError, OSError, ValueError) as exc:
         return "", {}, gr.update(value=f"⚠️ {exc}", visible=True)
     except Exception as exc:
@@ -46,6 +46,12 @@ def build_info_tab() -> tuple[Form, gr.Button]:
     return v, send
 
 
+INFO_QUEUE: dict[str, Any] = {"concurrency_id": "info", "concurrency_limit": 2}
+"""PNG info runs in the queue (its length bounded by the app's queue size), two at a time: reading the header and
+the text chunks costs little memory, and it need not wait behind a generation in the "gpu" queue."""
+
+
 def wire_info(v: Form, backend: Any) -> None:
     v["image"].change(lambda p: read_info(backend, p), inputs=[v["image"]],
-                      outputs=[v["text"], v["values"], v["status"]], queue=False, api_visibility="private")
+                      outputs=[v["text"], v["values"], v["status"]], show_progress="hidden",
+                      api_visibility="private", **INFO_QUEUE)

@@ -1,4 +1,8 @@
-"""API image parameters: only files that came through Gradio's upload route, never a path on the server.
+"""Files from clients: only files that came through Gradio's upload route, never a path on the server.
+
+`guard_uploads(demo)` holds every event of the app to this (each input whose value can carry a file: images,
+the brush editor, galleries, API file parameters), before Gradio looks at the value; `open_upload` is the same
+test for one API parameter, inside the endpoint.
 
 Gradio checks a file object (a dict with `meta: {"_type": "gradio.FileData"}`, what `gradio_client.handle_file`
 sends) before an endpoint runs: its path must lie in Gradio's upload folder (`gradio.utils.get_upload_folder()`:
@@ -13,15 +17,22 @@ about the path: not whether it exists, nor whether it is an image.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.blocks import BlockFunction
+from gradio.components.api_component import Api
 from gradio.context import LocalContext
 from gradio.data_classes import FileData
 from gradio.utils import abspath, get_upload_folder, is_allowed_file
-from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
+from gradio_client.utils import is_file_obj_with_meta, is_http_url_like, value_is_file
+
+UI_REFUSAL = ("Images must be uploaded from this page (or sent with gradio_client.handle_file); paths on the "
+              "server and files the app produced are not accepted. Upload the image again.")
+"""The one message for a file value of a UI event that is not an upload, whatever the value was."""
 
 
 def refusal(name: str) -> str:
@@ -73,3 +84,89 @@ def open_upload(payload: Any, name: str) -> str | None:
     if path is None:
         raise gr.Error(refusal(name), print_exception=False)
     return path
+
+
+def _file_objects(value: Any) -> list[Any] | None:
+    """The file objects in a file-taking input's value (any dict with a `path` or `url` key, at any depth), or None
+    when the value cannot be a file value at all (a bare string, number...). None -> []."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        if "path" in value or "url" in value:
+            return [value]
+        found: list[Any] = []
+        for item in value.values():
+            if isinstance(item, dict | list):
+                inner = _file_objects(item)
+                found.extend(inner or [])
+        return found
+    if isinstance(value, list):
+        found = []
+        for item in value:
+            inner = _file_objects(item)
+            if inner is None:
+                return None
+            found.extend(inner)
+        return found
+    return None
+
+
+def only_uploads(value: Any, uploads: Collection[str], blocked: Collection[str] = ()) -> bool:
+    """Whether every file in an input's value is an upload (`uploaded_path`); a data: URL is none."""
+    files = _file_objects(value)
+    if files is None:
+        return False
+    for file in files:
+        url = file.get("url")
+        if isinstance(url, str) and url.startswith("data:"):
+            return False
+        if uploaded_path(file, uploads, blocked) is None:
+            return False
+    return True
+
+
+def takes_files(block: Any) -> bool:
+    """Whether an input component's value can carry files: its API schema holds Gradio's FileData."""
+    if getattr(block, "stateful", False):
+        return False  # a gr.State's value is the server's own, never sent by the client
+    try:
+        return bool(value_is_file(block.api_info()))
+    except Exception:  # a component without an API schema takes no files
+        return False
+
+
+def _message(block_fn: BlockFunction, index: int, block: Any) -> str:
+    """UI_REFUSAL for a widget; for a `gr.api` endpoint, `refusal` of the parameter's name (its docs' name)."""
+    if not isinstance(block, Api):
+        return UI_REFUSAL
+    try:
+        return refusal(list(inspect.signature(block_fn.fn).parameters)[index])  # type: ignore[arg-type]
+    except (TypeError, ValueError, IndexError):
+        return refusal(str(block.label))
+
+
+def check_event_files(demo: gr.Blocks, block_fn: BlockFunction, inputs: list[Any]) -> None:
+    """Refuse an event whose file-taking inputs name anything but uploads (before any file is looked at)."""
+    uploads = frozenset(getattr(demo, "upload_file_set", set()).copy())
+    blocked = list(getattr(demo, "blocked_paths", None) or [])
+    for i, block in enumerate(block_fn.inputs):
+        if i < len(inputs) and takes_files(block) and not only_uploads(inputs[i], uploads, blocked):
+            raise gr.Error(_message(block_fn, i, block), print_exception=False)
+
+
+def guard_uploads(demo: gr.Blocks) -> gr.Blocks:
+    """Make every event of `demo` check its file inputs (`check_event_files`) before Gradio preprocesses them.
+
+    Gradio checks a file object with its meta only for lying in its upload folder (where the served copies of
+    results lie too), and passes a dict without the meta, or a string, to the component unchecked: the widget then
+    opens whatever path the client named. Wrapping `preprocess_data` (an instance attribute: the class and other
+    apps are untouched) covers every event, current and future, the queued and the direct ones alike."""
+    original = demo.preprocess_data
+
+    async def preprocess_data(block_fn: BlockFunction, inputs: list[Any], state: Any, explicit_call: bool = False):
+        if not explicit_call:  # an HTTP event (an explicit call is Python code calling the app); one row of a batch
+            check_event_files(demo, block_fn, inputs)
+        return await original(block_fn, inputs, state, explicit_call)
+
+    demo.preprocess_data = preprocess_data  # type: ignore[method-assign]
+    return demo

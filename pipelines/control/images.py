@@ -12,13 +12,14 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import ValidationError
+from pipelines.image_info import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 from pipelines.images import from_pil
 
 log = logging.getLogger(__name__)
 
-MAX_CONTROL_PIXELS = 64 * 1024 * 1024
-"""Largest control image accepted (64 MP), checked from the header before any pixel is decoded."""
-CONTROL_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_CONTROL_PIXELS = MAX_IMAGE_PIXELS
+"""Largest control image accepted (64 MP, as every upload), checked from the header before any pixel is decoded."""
+CONTROL_FORMATS = IMAGE_FORMATS
 ASPECT_TOLERANCE = 0.01
 
 

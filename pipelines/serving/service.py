@@ -275,12 +275,14 @@ class Backend:
         return plot_schedule(parse_cfg(cfg), max(1, int(steps or 1)))
 
     def read_info(self, image) -> tuple[str, dict]:
+        """An uploaded image (its path, or opened) -> (parameters text, flat values); checked from the header
+        (format, 64 MP) and read without decoding a pixel."""
         from pipelines.image_info import read_parameters
         from pipelines.metadata import request_from_infotext
 
         if image is None:
             raise ValidationError("image", None, "is required: upload a PNG made by Tessera or A1111")
-        text = read_parameters(image)
+        text = read_parameters(image, upload="image")
         if not text:
             raise ValidationError("image", "upload", "has no generation parameters (a PNG from Tessera/A1111 has them)")
         return text, {**flatten(request_from_infotext(text)), **_control_values(text)}
