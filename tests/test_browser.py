@@ -320,6 +320,10 @@ def test_uploads_reach_the_backend_as_files(page, app, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "browser-upscale.png"), full_page=True)
 
 
+EDITOR_ZOOM_JS = ("() => [...document.querySelectorAll('#inpaint-editor *')].filter(e => !e.childElementCount)"
+                  ".map(e => e.textContent.trim()).find(t => /^[0-9]+%$/.test(t)) || ''")
+
+
 def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
     """Upload an image into the Inpaint tab's editor, paint one stroke, generate: the stroke's area changes and
     every pixel outside the blurred mask is the input's."""
@@ -343,10 +347,13 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
         page.wait_for_selector("#generate")
         set_run(page, 2, 128)
         open_advanced(page, "Inpaint")
+        zoom = page.evaluate(EDITOR_ZOOM_JS)
+        assert zoom.endswith("%"), zoom  # the editor's zoom label, fitted to its empty 800 px default canvas
         page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
-        # paint only once the editor shows the photo: a stroke drawn earlier lands on the editor's empty default
-        # canvas, whose export is canvas-sized (800 px) rather than the photo's size (seen once in 4 runs on CI)
-        page.wait_for_timeout(1500)
+        # Paint only once the editor's canvas has become the photo's (128 px) canvas. The photo is drawn first and
+        # the canvas resized later (on 2 busy cores well over a second later); a stroke in between lands on the
+        # 800 px default canvas and the export is 800 px. The resize refits the zoom, so the label changes then.
+        page.wait_for_function(f"z0 => {{ const z = ({EDITOR_ZOOM_JS})(); return z && z !== z0; }}", arg=zoom)
         page.locator("#inpaint-editor button[aria-label=Brush]").click()
         canvas = page.locator("#inpaint-editor canvas").first
         canvas.scroll_into_view_if_needed()
