@@ -40,9 +40,9 @@ MAX_EXTRA_LAYERS = 8  # layers a user may add when the editor allows additional 
 @dataclass(frozen=True)
 class BlobLimits:
     session_ids: int = 3
-    session_bytes: int = 96 * 2**20
-    total_ids: int = 256
-    total_bytes: int = 384 * 2**20
+    session_bytes: int = 64 * 2**20  # one export: background, composite and a layer of at most 20 MB each
+    total_ids: int = 64
+    total_bytes: int = 192 * 2**20
     ttl_s: float = 30 * 60
 
 
