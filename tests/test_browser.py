@@ -346,7 +346,12 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
         page.wait_for_selector("#generate")
         set_run(page, 2, 128)
         open_advanced(page, "Inpaint")
-        page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
+        # Through the editor's own Upload button: a file set on its hidden input before the freshly loaded page has
+        # attached the input's handler was lost (the editor stayed empty, and a stroke then painted its default
+        # canvas); the chooser opens only from that handler's component.
+        with page.expect_file_chooser() as chooser:
+            page.locator("#inpaint-editor button[aria-label=Upload]").click()
+        chooser.value.set_files(str(tmp_path / "photo.png"))
         # Paint only once the editor's canvas has become the photo's 128 px canvas. The photo is drawn first and the
         # canvas resized later (on 2 busy cores over a second later); a stroke in between lands on the 800 px
         # default canvas and the export is 800 px. The resize refits the zoom label: under 100% for the 800 px
