@@ -28,6 +28,9 @@ def ui_parser() -> argparse.ArgumentParser:
                                                  "users in the process list: prefer --auth-file or TESSERA_AUTH)")
     p.add_argument("--auth-file", default=None, metavar="FILE",
                    help="file of user:password lines (several users; blank lines and # comments are skipped)")
+    p.add_argument("--trusted-proxy", default=None, metavar="IP[,IP]",
+                   help="reverse proxies whose X-Forwarded-For header names the client (login back-off per client); "
+                        "default: the header is believed from no one")
     add_machine_options(p.add_argument_group("machine"))
     p.add_argument("--queue-size", type=int, default=16, help="maximum waiting requests before new ones are refused")
     add_worker_args(p)
@@ -60,6 +63,16 @@ def auth_users(args: argparse.Namespace) -> dict[str, str]:
 
     try:
         return collect_users(args.auth, args.auth_file, os.environ.get("TESSERA_AUTH"))
+    except AuthError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def trusted_proxies(args: argparse.Namespace) -> list[str]:
+    """--trusted-proxy for the server about to start (ui.auth.trust_proxies); SystemExit with one line if bad."""
+    from ui.auth import AuthError, trust_proxies
+
+    try:
+        return trust_proxies(args.trusted_proxy)
     except AuthError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parse_auth(args.auth)  # the historical message for a malformed --auth
     users = auth_users(args)
+    trusted_proxies(args)
     if (warning := share_warning(args.share, users or None)) is not None:
         log.warning(warning)
     from pipelines.errors import TesseraError

@@ -81,10 +81,11 @@ def req_factory():
 
 
 @contextlib.contextmanager
-def running_app(engine, *, queue_size: int = 8, auth: dict | None = None):
+def running_app(engine, *, queue_size: int = 8, auth: dict | None = None, demos: list | None = None):
     """The real Gradio app over `engine` (default model tiny) on a free loopback port; yields its URL.
 
-    `auth`: keyword arguments from `ui.auth.auth_launch_kwargs` (users and the login back-off), as app.py passes."""
+    `auth`: keyword arguments from `ui.auth.auth_launch_kwargs` (users and the login back-off), as app.py passes.
+    `demos`: a list that receives the launched Blocks (to look at a component's server-side state)."""
     import socket
 
     from pipelines.serving.service import make_backend
@@ -92,6 +93,8 @@ def running_app(engine, *, queue_size: int = 8, auth: dict | None = None):
 
     engine.default_model = "tiny"
     demo = create_demo(make_backend(engine), queue_size=queue_size)
+    if demos is not None:
+        demos.append(demo)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

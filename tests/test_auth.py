@@ -143,3 +143,63 @@ def test_real_server_refuses_a_guesser_and_lets_the_right_password_in(engine):
         assert _login(guesser, url, "s3cret").status_code == 200  # after the back-off the password works
         assert _login(guesser, url, "wrong").status_code == 400  # and the success reset the count
         Client(url, auth=("alice", "s3cret"), verbose=False)  # gradio_client logs in the same way
+
+
+def _logins_from(url: str, forwarded: list[str], local_address: str = "127.0.0.1") -> list[int]:
+    """One failed login per X-Forwarded-For value, from `local_address`; the status codes."""
+    with httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address=local_address)) as http:
+        return [http.post(url + "login", data={"username": "alice", "password": "guess"},
+                          headers={"X-Forwarded-For": ip}).status_code for ip in forwarded]
+
+
+@pytest.mark.xdist_group("gradio-app")
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy(engine, monkeypatch):
+    from tests.conftest import running_app
+    from ui.auth import trust_proxies
+
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")  # uvicorn's own default trusts loopback
+    rotating = [f"10.0.0.{i}" for i in range(12)]
+    assert trust_proxies(None) == []  # what `python app.py` does without --trusted-proxy
+    limiter = LoginLimiter(free=3, base_s=30, max_s=60)
+    with running_app(engine, auth=auth_launch_kwargs({"alice": "s3cret"}, limiter)) as url:
+        codes = _logins_from(url, rotating)
+        assert codes[:4] == [400] * 4 and set(codes[4:]) == {429}, codes  # a new address per try dodges nothing
+        assert _logins_from(url, ["127.0.0.3"] * 5, local_address="127.0.0.2")[-1] == 429
+        with httpx.Client(timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.3")) as victim:
+            assert _login(victim, url, "s3cret").status_code == 200  # the header named it; it was not locked out
+    assert trust_proxies("127.0.0.1") == ["127.0.0.1/32"]  # --trusted-proxy 127.0.0.1
+    limiter = LoginLimiter(free=3, base_s=30, max_s=60)
+    with running_app(engine, auth=auth_launch_kwargs({"alice": "s3cret"}, limiter)) as url:
+        assert _logins_from(url, rotating) == [400] * 12  # through the proxy: each client its own back-off
+        codes = _logins_from(url, ["10.0.0.99"] * 6)
+        assert codes[:4] == [400] * 4 and set(codes[4:]) == {429}, codes  # the header's client backs off
+        assert limiter.retry_after("10.0.0.99") > 0 and limiter.retry_after("127.0.0.1") == 0
+        assert set(_logins_from(url, rotating, local_address="127.0.0.2")[4:]) == {429}  # not the proxy: ignored
+
+
+def test_trusted_proxy_option_is_checked():
+    from app import trusted_proxies, ui_parser
+
+    with pytest.raises(SystemExit) as err:
+        trusted_proxies(ui_parser().parse_args(["--trusted-proxy", "127.0.0.1,proxy.local"]))
+    assert str(err.value.code) == ("error: `--trusted-proxy` 'proxy.local' is not an IP address or network; give the "
+                                   "proxy's address, e.g. 127.0.0.1 or 10.0.0.0/8, comma-separated")
+
+
+@pytest.mark.xdist_group("gradio-app")
+def test_cancel_and_heartbeat_need_a_login(engine):
+    from tests.conftest import running_app
+
+    cancel = {"session_hash": "abc", "fn_index": 0, "event_id": "e1"}
+    with running_app(engine, auth=auth_launch_kwargs({"alice": "s3cret"})) as url, \
+            httpx.Client(timeout=30) as anonymous, httpx.Client(timeout=30) as alice:
+        answer = anonymous.post(url + "gradio_api/cancel", json=cancel)
+        assert answer.status_code == 401 and answer.json()["detail"]["error"] == "Not authenticated"
+        with anonymous.stream("GET", url + "gradio_api/heartbeat/abc") as beat:
+            assert beat.status_code == 401
+        assert anonymous.post(url + "gradio_api/queue/join", json={}).status_code == 401  # as Gradio's own routes
+        assert _login(alice, url, "s3cret").status_code == 200
+        answer = alice.post(url + "gradio_api/cancel", json=cancel)
+        assert answer.status_code == 200 and answer.json() == {"success": True}
+        with alice.stream("GET", url + "gradio_api/heartbeat/abc") as beat:
+            assert beat.status_code == 200

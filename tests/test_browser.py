@@ -320,6 +320,9 @@ def test_uploads_reach_the_backend_as_files(page, app, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "browser-upscale.png"), full_page=True)
 
 
+EDITOR_ZOOM = "parseInt(document.querySelector('#inpaint-editor').innerText.match(/([0-9]+)%/)?.[1] ?? '0')"
+
+
 def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
     """Upload an image into the Inpaint tab's editor, paint one stroke, generate: the stroke's area changes and
     every pixel outside the blurred mask is the input's."""
@@ -343,10 +346,17 @@ def test_inpaint_a_brush_stroke_in_the_browser(page, app, tmp_path):
         page.wait_for_selector("#generate")
         set_run(page, 2, 128)
         open_advanced(page, "Inpaint")
-        page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
-        # paint only once the editor shows the photo: a stroke drawn earlier lands on the editor's empty default
-        # canvas, whose export is canvas-sized (800 px) rather than the photo's size (seen once in 4 runs on CI)
-        page.wait_for_timeout(1500)
+        # Through the editor's own Upload button: a file set on its hidden input before the freshly loaded page has
+        # attached the input's handler was lost (the editor stayed empty, and a stroke then painted its default
+        # canvas); the chooser opens only from that handler's component.
+        with page.expect_file_chooser() as chooser:
+            page.locator("#inpaint-editor button[aria-label=Upload]").click()
+        chooser.value.set_files(str(tmp_path / "photo.png"))
+        # Paint only once the editor's canvas has become the photo's 128 px canvas. The photo is drawn first and the
+        # canvas resized later (on 2 busy cores over a second later); a stroke in between lands on the 800 px
+        # default canvas and the export is 800 px. The resize refits the zoom label: under 100% for the 800 px
+        # canvas in this 360 px high editor, over 100% for the 128 px photo.
+        page.wait_for_function(f"() => {EDITOR_ZOOM} > 100")
         page.locator("#inpaint-editor button[aria-label=Brush]").click()
         canvas = page.locator("#inpaint-editor canvas").first
         canvas.scroll_into_view_if_needed()

@@ -217,8 +217,8 @@ def test_upscale_tab_refuses_a_144_mp_bomb_from_its_header(tmp_path):
 
 
 INPAINT_BOMB_CHECK = textwrap.dedent("""
-    from gradio.components.image_editor import EditorData, EditorDataBlobs
-    from gradio.data_classes import FileData
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import DataWithFiles, FileData
     from tests.test_ui import FakeBackend
     from ui.app import create_demo
     from ui.generate_events import generate_updates
@@ -233,10 +233,14 @@ INPAINT_BOMB_CHECK = textwrap.dedent("""
     uploaded = lambda: FileData(path=bomb, orig_name="bomb.png")
     payloads = {  # what the browser sends: a FileData of the upload, or the canvas exports through accept_blobs
         "files": lambda editor: EditorData(background=uploaded(), layers=[uploaded()], composite=uploaded()),
-        "blobs": lambda editor: (editor.blob_storage.__setitem__("run-1", EditorDataBlobs(
-            background=Path(bomb).read_bytes(), layers=[Path(bomb).read_bytes()],
-            composite=Path(bomb).read_bytes())), EditorData(id="run-1"))[1],
+        "blobs": lambda editor: through_accept_blobs(editor),
     }
+
+    def through_accept_blobs(editor):  # the route's own function, as /gradio_api/component_server calls it
+        for kind, index in (("background", "null"), ("layer", "0"), ("composite", "null")):
+            editor.accept_blobs(DataWithFiles(data={"type": kind, "index": index, "id": "run-1", "session_hash": "s"},
+                                              files=[("layer.png", Path(bomb).read_bytes())]))
+        return EditorData(id="run-1")
 
     def inpaint_tab(editor, payload):  # Generate with the editor's value: its preprocess, then the handler
         before = hwm_mb()

@@ -7,14 +7,23 @@ it sees every POST to /login with the client's address, refuses a client that is
 many failed logins, try again in N s" before the password is looked at, and learns the outcome from the status
 (200 = success, which resets that client; 400 = wrong credentials). Other clients keep their own counters.
 Behind a reverse proxy or Gradio's share tunnel every client has the proxy's address and shares one back-off,
-which still stops password guessing but lets one guesser delay everyone.
+which still stops password guessing but lets one guesser delay everyone, unless `--trusted-proxy` names that
+proxy: only then is its X-Forwarded-For header believed (`trust_proxies`). Uvicorn would otherwise believe the header
+from any loopback client, so a client on the same host could dodge its back-off with a new address per try, or
+lock another address out.
+
+Gradio leaves two routes open without a login, `/gradio_api/cancel` and `/gradio_api/heartbeat/...`;
+`RequireLogin` answers them 401 like Gradio's other routes until the client has logged in.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
+import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -157,12 +166,68 @@ class LoginRateLimit:
             self.limiter.failed(client)
 
 
+OPEN_ROUTES = re.compile(r"/gradio_api/(cancel/?|heartbeat/.*)$")
+
+
+class RequireLogin:
+    """ASGI middleware: the routes Gradio leaves open (OPEN_ROUTES) need a login too, checked as Gradio does
+    (its access-token cookie, or the app's auth dependency)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        gradio_app = scope.get("app")
+        if scope["type"] == "http" and OPEN_ROUTES.search(scope["path"]) and gradio_app is not None \
+                and (getattr(gradio_app, "auth", None) or getattr(gradio_app, "auth_dependency", None)):
+            from starlette.requests import Request
+            from starlette.responses import JSONResponse
+
+            request = Request(scope)
+            if gradio_app.auth_dependency is not None:
+                user = gradio_app.auth_dependency(request)
+                if hasattr(user, "__await__"):
+                    user = await user
+            else:
+                cookie = gradio_app.cookie_id
+                token = request.cookies.get(f"access-token-{cookie}") or request.cookies.get(
+                    f"access-token-unsecure-{cookie}")
+                user = gradio_app.tokens.get(token)
+            if user is None:
+                response = JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def trust_proxies(proxies: str | None) -> list[str]:
+    """Believe X-Forwarded-For only from `proxies` ("IP[,IP or network...]"; None: from nobody).
+
+    Uvicorn (which Gradio starts) reads its trusted list from FORWARDED_ALLOW_IPS when the server starts, and
+    trusts loopback without it; this sets that variable for the server this process launches. Returns the list;
+    a malformed address raises AuthError."""
+    trusted: list[str] = []
+    for item in (proxies or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            trusted.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise AuthError(f"`--trusted-proxy` {item.strip()!r} is not an IP address or network; give the "
+                            f"proxy's address, e.g. 127.0.0.1 or 10.0.0.0/8, comma-separated") from None
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(trusted)  # empty: uvicorn trusts no client's header
+    if trusted:
+        log.info("X-Forwarded-For is believed from %s only", ", ".join(trusted))
+    return trusted
+
+
 def auth_launch_kwargs(users: dict[str, str], limiter: LoginLimiter | None = None) -> dict[str, Any]:
-    """`demo.launch` keyword arguments for password logins with a per-client back-off ({} without users)."""
+    """`demo.launch` keyword arguments for password logins with a per-client back-off, and a login required on
+    every route ({} without users)."""
     if not users:
         return {}
     from starlette.middleware import Middleware
 
     limiter = limiter or LoginLimiter()
     return {"auth": password_check(users),
-            "app_kwargs": {"middleware": [Middleware(LoginRateLimit, limiter=limiter)]}}
+            "app_kwargs": {"middleware": [Middleware(RequireLogin), Middleware(LoginRateLimit, limiter=limiter)]}}

@@ -16,6 +16,7 @@ from gradio.data_classes import FileData
 from gradio.processing_utils import save_bytes_to_cache
 
 from ui.components import Form, checkbox, choice, hint, number_box, optional_field, slider
+from ui.editor_blobs import bounded
 
 OUTPAINT_STEP = 128
 SIDES = ("left", "right", "top", "bottom")
@@ -31,9 +32,10 @@ def undecoded(editor: gr.ImageEditor) -> gr.ImageEditor:
     is untouched; a subclass would make Gradio write a .pyi stub next to this module): a background the browser
     uploaded (a FileData that Gradio has checked is an upload) is passed as its path, and the canvas exports the
     editor posts to its `accept_blobs` route (bytes, each at most the app's max_file_size) are written unchanged
-    to Gradio's cache. The backend then opens them with its header checks."""
+    to Gradio's cache. The backend then opens them with its header checks. Those exports are held in bounded,
+    expiring memory behind a checked route (`ui.editor_blobs.bounded`)."""
     cast(Any, editor).convert_and_format_image = MethodType(_as_file, editor)  # an instance attribute, as before
-    return editor
+    return bounded(editor)
 
 
 def _as_file(editor: gr.ImageEditor, file: FileData | bytes | None, flatten_on_white: bool = False) -> str | None:
