@@ -85,7 +85,8 @@ def plan_request(manager: Any, req: GenerationRequest, model: Any = None, *, wid
         vae = getattr(getattr(model.pipe, "vae", None), "dtype", None)
         precision = precision_label(model.device, model.dtype, vae)
     else:
-        precision = precision_label(*manager.device_dtype, getattr(manager, "vae_dtype", None))
+        device, dtype = manager.device_dtype
+        precision = precision_label(device, dtype)
     plan = plan_generation(PlanInput(
         width, height, family="sdxl" if family == "sdxl" else "sd1", budget_bytes=budget, batch=req.batch_size,
         dtype_bytes=dtype_bytes, cond_rows=1 + max_and_parts(req), tiling=tiling_ask(req.tiling),
