@@ -327,16 +327,14 @@ def test_generate_event_maps_components_by_name(demo, backend):
 
 def test_preset_event_fills_the_knobs(demo):
     out = {getattr(c, "label", None) or c.elem_id: v for c, v in handler(demo, "on_preset").fn("balanced").items()}
-    # the test app runs on a CPU: balanced's CPU tier (16 steps at 512², no refine)
-    assert out["Steps"] == 16 and out["Upscale by"] == 1 and out["Denoise"] == "0.4" and out["Refine steps"] == "12"
+    assert out["Steps"] == 25 and out["Upscale by"] == 1.5 and out["Denoise"] == "0.4" and out["Refine steps"] == "12"
     assert out["Tile size"] == ""  # back to "auto"
     assert out["VAE decode"] == "full" and out["Refine sampler"] == ""
-    assert out["Width"] == out["Height"] == 512
-    assert "Prompt" not in out and "Control image" not in out
+    assert "Prompt" not in out and "Width" not in out and "Control image" not in out
     fn = handler(demo, "on_describe")
     data = initial_data(fn)
     data[by_label(fn, "Preset")] = "balanced"
-    assert fn.fn(data).startswith("**balanced**: CPU tier: 512×512, 16 steps")
+    assert fn.fn(data).startswith("**balanced**")
 
 
 def test_info_tab_sends_values_to_generate(demo, backend, tmp_path):
