@@ -182,9 +182,9 @@ def _engine(args: argparse.Namespace):
     return build_engine(args, allow_paths=True)  # the CLI may name model files by path
 
 
-def _request(args: argparse.Namespace):
+def _request(args: argparse.Namespace, engine: Any = None):
     from pipelines.request.checks import check_name
-    from pipelines.request.presets import PRESETS_DIR, load_preset
+    from pipelines.request.presets import PRESETS_DIR, load_preset, preset_for
     from pipelines.request.schema import from_flat
 
     base = GenerationRequest()
@@ -194,7 +194,12 @@ def _request(args: argparse.Namespace):
         if "/" in args.preset or not path.is_file():
             names = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.json")))
             raise ValidationError("--preset", args.preset, f"must be one of: {names}")
-        base = load_preset(path).apply(base)
+        preset = load_preset(path)
+        manager = getattr(engine, "manager", None)
+        if manager is not None:  # the tier for this device and the LoRAs present (a CPU tier, a few-step LoRA)
+            preset = preset_for(preset, manager, getattr(args, "model", None) or base.model)
+        sys.stderr.write(f"preset {preset.name}: {preset.description}\n")
+        base = preset.apply(base)
     req = from_flat(_values(args), base, source="the command line")
     extra: dict[str, Any] = {}
     if args.init_image:
@@ -247,7 +252,7 @@ def _report(result) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    result = engine.generate(_request(args))
+    result = engine.generate(_request(args, engine))
     _report(result)
     return 0
 

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     settings = settings_from(args)
+    if args.stack and settings.device == "cpu":
+        from benchmarks import cpu_stack
+
+        return cpu_stack.main(settings, args.json, args.markdown, RESULTS)
     if args.stack:
         from benchmarks import stack
 

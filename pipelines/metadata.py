@@ -56,8 +56,9 @@ from pipelines.request.schema import ControlUnit, GenerationRequest, UpscaleRequ
 log = logging.getLogger(__name__)
 
 # tessera-0.2: "Size" of an only-masked run is its processing size, an img2img/inpaint run with hires writes its
-# own strength as "Denoising strength" and the hires one as HIRES_DENOISE_KEY, the decoder's notes are "VAE notes".
-# tessera-0.1 texts are read as they were written.
+# own strength as "Denoising strength" and the hires one as HIRES_DENOISE_KEY, the decoder's notes are "VAE notes",
+# and feature_cache_branch k is DeepCache's cache_branch_id k (0.1's k was k+1). tessera-0.1 texts are read as they
+# were written.
 VERSION = "tessera-0.2"
 OLD_VERSIONS = frozenset({"tessera-0.1"})
 K = INFOTEXT_KEYS
@@ -403,7 +404,16 @@ def _request_from_infotext(text: str, base: GenerationRequest | None) -> Generat
     for key in ("control", "init_image", "mask"):
         if key in own:
             raise ValidationError(key, own[key], "cannot be set from infotext")
-    return from_flat(own, req, source=f"the infotext's {TESSERA_KEY} key")
+    return from_flat(_renumbered_branch(own, params.get("Version", "")), req, source=f"the infotext's {TESSERA_KEY} key")
+
+
+def _renumbered_branch(own: dict[str, Any], version: str) -> dict[str, Any]:
+    """Tessera 0.1 wrote feature_cache_branch k for what is now branch k+1 (DeepCache's numbering since 0.2); the
+    default 0 was not written, so a cached 0.1 image without the key ran branch 1."""
+    if version.strip() != "tessera-0.1" or own.get("feature_cache") != "on":
+        return own
+    branch = own.get("feature_cache_branch", 0)
+    return own | {"feature_cache_branch": branch + 1} if isinstance(branch, int) and not isinstance(branch, bool) else own
 
 
 def upscale_infotext(req: UpscaleRequest, size: tuple[int, int], upscaler: str) -> str:

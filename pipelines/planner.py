@@ -81,6 +81,8 @@ class Plan:
     """Bytes of canvases a streamed VAE may keep layer by layer (None: stream every stage)."""
     vae_split: Split | None = None
     """The hand-over a streamed decode will use, or the layer-wise run, with its host bytes (None: unknown)."""
+    precision: str = ""
+    """Which dtype runs, e.g. "bf16 (native bf16 on this CPU)" ("" when not known)."""
 
     def describe(self) -> str:
         """One human line: size, tiles, tile batches, UNet calls per step, VAE mode, estimated peak."""
@@ -95,7 +97,8 @@ class Plan:
             unet = f"1 tile (untiled) → {n} UNet call{'' if n == 1 else 's'}/step"
         vae = f"VAE tiled {self.vae_tile_size}² latent ({self.vae_mode}{self._vae_detail()})" if self.vae_tiled \
             else "VAE whole"
-        return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB"
+        dtype = f"; {self.precision}" if self.precision else ""
+        return f"{size}: {unet}; {vae}; est. peak {self.est_peak_bytes / 1e9:.1f} GB{dtype}"
 
     def _vae_detail(self) -> str:
         split = self.vae_split

@@ -7,10 +7,12 @@ the budget when the request names none.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from pipelines.models.loading import precision_label
 from pipelines.models.sizes import known_sizes
 from pipelines.planner import (
     ModelFootprint,
@@ -79,8 +81,15 @@ def plan_request(manager: Any, req: GenerationRequest, model: Any = None, *, wid
         dtype_bytes = 4 if manager.device_dtype[1] == torch.float32 else 2
         sizes = known_sizes(source, dtype_bytes)
     width, height = width or req.width, height or req.height
-    return plan_generation(PlanInput(
+    if model is not None:
+        vae = getattr(getattr(model.pipe, "vae", None), "dtype", None)
+        precision = precision_label(model.device, model.dtype, vae)
+    else:
+        device, dtype = manager.device_dtype
+        precision = precision_label(device, dtype)
+    plan = plan_generation(PlanInput(
         width, height, family=family, budget_bytes=budget, batch=req.batch_size,
         dtype_bytes=dtype_bytes, cond_rows=1 + max_and_parts(req), tiling=tiling_ask(req.tiling),
         model=ModelFootprint(**sizes, **vae_store(model, width, height, budget)),
         regions=RegionLayout(req.regions, req.region_base, (req.width, req.height))))
+    return replace(plan, precision=precision)

@@ -61,7 +61,7 @@ def test_generate_by_parameter_name(client):
 
 @pytest.mark.parametrize("preset", list(load_presets()))
 def test_every_preset_generates_on_tiny(client, preset):
-    values = load_presets()[preset].values
+    values = load_presets()[preset].resolved("cpu").values  # the test server runs on a CPU: the CPU tier
     files, texts = client.predict(prompt=f"{preset} test", preset=preset, seed=7, hires_steps=1, tile_size=16,
                                   tile_overlap=4, **TINY, api_name="/generate")
     scale = float(values.get("hires_scale", 1) or 1)

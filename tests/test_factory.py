@@ -94,3 +94,27 @@ def test_the_machine_options_are_declared_once_for_app_and_cli():
             a = actions[flag]
             assert (a.dest, a.default, a.choices) == (f.name, f.default, f.metadata["argparse"].get("choices"))
             assert a.help.startswith(f.metadata["help"])
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "float32"), (True, False, "bfloat16"),
+                                                        (False, True, "bfloat16")])
+def test_dtype_auto_on_a_cpu_is_bf16_exactly_when_torch_reports_native_bf16(tmp_path, monkeypatch, avx512_bf16, amx,
+                                                                             expected):
+    """`--dtype auto` (the CLI's default) on a CPU: bf16 when torch reports AVX512-BF16 or AMX, else fp32; the plan
+    line says which; an explicit --dtype wins either way."""
+    import torch
+
+    from cli import build_parser
+    from tests.conftest import tiny_request
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    common = ["--device", "cpu", "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out")]
+    auto = build_engine(build_parser().parse_args(["generate", *common]), allow_paths=True)
+    assert auto.manager.device_dtype == (torch.device("cpu"), getattr(torch, expected))
+    line = auto.plan(tiny_request()).describe()
+    native = avx512_bf16 or amx
+    assert line.endswith("bf16 (native bf16 on this CPU)" if native else "fp32 (no native bf16 on this CPU)"), line
+    for forced in ("fp32", "bf16"):
+        engine = build_engine(build_parser().parse_args(["generate", *common, "--dtype", forced]), allow_paths=True)
+        assert engine.manager.device_dtype[1] == {"fp32": torch.float32, "bf16": torch.bfloat16}[forced]

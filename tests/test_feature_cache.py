@@ -231,6 +231,14 @@ def test_request_fields_validated_and_round_trip_through_metadata(req_factory):
     back = request_from_infotext(infotext(req, seed=42, model_hash="abc"))
     assert (back.feature_cache, back.feature_cache_interval, back.feature_cache_branch,
             back.feature_cache_schedule) == ("on", 4, 1, "nonuniform")
+    # an infotext of Tessera 0.1 (branch k then = DeepCache's k+1) reads as the branch that ran
+    old = infotext(req, seed=42, model_hash="abc").replace("Version: tessera-0.2", "Version: tessera-0.1")
+    assert "tessera-0.1" in old and request_from_infotext(old).feature_cache_branch == 2
+    default = infotext(validate(req_factory(feature_cache="on")), seed=1, model_hash="abc")
+    assert "feature_cache_branch" not in default and request_from_infotext(default).feature_cache_branch == 0
+    assert request_from_infotext(default.replace("tessera-0.2", "tessera-0.1")).feature_cache_branch == 1
+    off = infotext(validate(req_factory(feature_cache_branch=3)), seed=1, model_hash="abc")
+    assert request_from_infotext(off.replace("tessera-0.2", "tessera-0.1")).feature_cache_branch == 3  # never ran
     for bad in (dict(feature_cache="yes"), dict(feature_cache_interval=0), dict(feature_cache_branch=-1),
                 dict(feature_cache_schedule="random")):
         with pytest.raises(ValidationError):
@@ -293,3 +301,67 @@ def test_hires_refine_gets_a_fresh_cache_per_stage(engine, req_factory):
     # each stage's schedule starts at its own step 0: full, then shallow (the refine's canvas is 1.5x larger)
     assert (on2.stats["unet_full_calls"], on2.stats["unet_shallow_calls"]) == (2, 2)
     assert on2.images[0].size == (96, 96)
+
+
+def _record_unet_calls(monkeypatch):
+    """Every UNet call the feature cache makes during a run: (inputs, output, step, whether it ran shallow)."""
+    from pipelines.denoise import feature_cache
+
+    calls: list[dict] = []
+    original = feature_cache._BoundCall.__call__
+
+    def spy(self, sample, timestep, **kw):
+        shallow = self.step not in self.cache.full and all(k in self.cache.entries for k in self._keys())
+        out = original(self, sample, timestep, **kw)
+        calls.append(dict(sample=sample.clone(), t=timestep, enc=kw["encoder_hidden_states"].clone(),
+                          added=kw.get("added_cond_kwargs"), out=out[0].clone(), step=self.step, shallow=shallow))
+        return out
+
+    monkeypatch.setattr(feature_cache._BoundCall, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_every_branch_equals_deepcache_helper_bit_for_bit(engine, req_factory, monkeypatch, model):
+    """Engine.generate with feature caching at branch k == DeepCache 0.1.1's DeepCacheSDHelper at cache_branch_id k
+    on the same UNet: each of the run's UNet calls, replayed through the helper-wrapped UNet in step order, gives
+    the same tensor bit for bit, for every branch the model has."""
+    from types import SimpleNamespace
+
+    from DeepCache import DeepCacheSDHelper
+
+    from pipelines.denoise.unet_split import branch_count
+
+    unet = engine.manager.get(model).pipe.unet
+    steps, interval = 7, 3
+    count = branch_count(unet)
+    assert count == 5  # tiny: 2 blocks, 1 resnet (+ a downsampler in block 0) each: ids 0..4, 4 = mid block only
+    shallow_outputs = {}
+    for branch in range(count):
+        calls = _record_unet_calls(monkeypatch)
+        engine.generate(req_factory(model=model, seed=3, steps=steps, sampler="DDIM", cfg="6", feature_cache="on",
+                                    feature_cache_interval=interval, feature_cache_branch=branch), save=False)
+        monkeypatch.undo()
+        assert [c["step"] for c in calls] == list(range(steps))
+        assert [c["shallow"] for c in calls] == [i % interval != 0 for i in range(steps)]
+        pipe = SimpleNamespace(unet=unet, scheduler=SimpleNamespace(timesteps=torch.stack([c["t"] for c in calls])))
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        try:
+            with torch.no_grad():
+                theirs = [unet(c["sample"], c["t"], encoder_hidden_states=c["enc"], added_cond_kwargs=c["added"],
+                               return_dict=False)[0] for c in calls]
+        finally:
+            helper.disable()
+        for c, out in zip(calls, theirs, strict=True):
+            assert torch.equal(c["out"], out), (branch, c["step"], (c["out"] - out).abs().max())
+        with torch.no_grad():  # the shallow calls really used stale features: the plain UNet gives another tensor
+            plain = unet(calls[1]["sample"], calls[1]["t"], encoder_hidden_states=calls[1]["enc"],
+                         added_cond_kwargs=calls[1]["added"], return_dict=False)[0]
+        assert not torch.equal(plain, calls[1]["out"]), branch
+        shallow_outputs[branch] = calls[1]["out"]
+    # the branches differ (1 and 2 cache the same feature here: block 0's downsampler output feeds no up op run)
+    distinct = [shallow_outputs[b] for b in (0, 1, 3, 4)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:])
+    assert torch.equal(shallow_outputs[1], shallow_outputs[2])

@@ -2,11 +2,13 @@
 
 The down path is a flat list of ops, each yielding one skip feature: conv_in, then every resnet(+attention) and
 downsampler in order. The up path is the flat list of up resnets(+attention), each consuming one skip feature
-from the end, an up-block's upsampler running after its last resnet. Branch `k` (DeepCache's skip branch, Ma et
-al. 2024, section 3.2) keeps the first k+1 down ops and the last k+2 up ops: a full pass runs everything and
-returns the hidden state entering up op N-2-k (N = number of up ops); a shallow pass runs conv_in, the first k+1
-down ops and the last k+2 up ops on a cached such state. Branch 0 is DeepCache's default (cache_layer_id=0,
-cache_block_id=0): the first resnet+attention of down block 0 and the last two of up block -1.
+from the end, an up-block's upsampler running after its last resnet. Branch `k` is DeepCache's `cache_branch_id`
+k (Ma et al. 2024, section 3.2; DeepCache 0.1.1's helper), bit for bit: block b = k // 3, layer l = k % 3; a
+shallow pass runs conv_in, the down ops of down blocks 0..b-1 and the first l of down block b, and the up ops of
+the last b up blocks and the last l+1 of the up block before them, on the cached hidden state entering those up
+ops (a full pass runs everything and returns that state). Branch 0 is DeepCache's default: conv_in and the last
+up resnet+attention only; the last branch caches the mid block alone (SD 1.x/2.x: 0..11, SDXL: 0..8).
+Before metadata version tessera-0.2 branch k meant this k+1 (`pipelines.metadata` reads old infotexts so).
 
 `full` equals `unet(...)` bit for bit (tested on SD1- and SDXL-shaped UNets, with and without ControlNet
 residuals). Supported blocks: diffusers' (CrossAttn)DownBlock2D / (CrossAttn)UpBlock2D / UNetMidBlock2D(CrossAttn),
@@ -73,9 +75,26 @@ def unsupported_reason(unet) -> str | None:
     return None
 
 
+def _counts(unet) -> tuple[list[int], list[int]]:
+    """Ops per down block (resnets + downsampler), resnets per up block counted from the last (DeepCache's order)."""
+    down = [len(b.resnets) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks]
+    return down, [len(b.resnets) for b in reversed(unet.up_blocks)]
+
+
 def branch_count(unet) -> int:
-    """How many branches the UNet has (valid branches are 0 .. count-1): one per down op."""
-    return len(_down_ops(getattr(unet, "_orig_mod", unet)))
+    """How many branches the UNet has (valid branches are 0 .. count-1): DeepCache's ids up to the one whose
+    shallow pass runs everything but the mid block (block = last down block, layer = its op count, at most 2)."""
+    down, _ = _counts(getattr(unet, "_orig_mod", unet))
+    return 3 * (len(down) - 1) + min(down[-1], 2) + 1
+
+
+def branch_extent(unet, branch: int) -> tuple[int, int]:
+    """(down ops, up ops) a shallow pass at DeepCache's `cache_branch_id` `branch` runs (conv_in not counted)."""
+    down, up = _counts(getattr(unet, "_orig_mod", unet))
+    block, layer = divmod(branch, 3)
+    if block >= len(down):
+        return sum(down), sum(up)
+    return sum(down[:block]) + min(layer, down[block]), sum(up[:block]) + min(layer + 1, up[block])
 
 
 class SplitUNet:
@@ -87,10 +106,12 @@ class SplitUNet:
         if reason:
             raise ValueError(f"feature caching cannot split this UNet: {reason}")
         self.down, self.ups = _down_ops(self.unet), _up_ops(self.unet)
-        if not 0 <= branch < len(self.down):
-            raise ValueError(f"branch must be in 0..{len(self.down) - 1}, got {branch}")
+        count = branch_count(self.unet)
+        if not 0 <= branch < count:
+            raise ValueError(f"branch must be in 0..{count - 1}, got {branch}")
         self.branch = branch
-        self.enter = len(self.ups) - 2 - branch  # index of the first up op of the shallow path
+        self.n_down, self.n_up = branch_extent(self.unet, branch)
+        self.enter = len(self.ups) - self.n_up  # index of the first up op of the shallow path
 
     def _embed(self, sample, timestep, enc, added):
         """Time (+ SDXL add) embedding and encoder states, exactly as UNet2DConditionModel.forward does."""
@@ -167,10 +188,12 @@ class SplitUNet:
         return self._out(h), cached
 
     def shallow(self, sample, timestep, enc, cached, added=None, down_residuals=None):
-        """The output from conv_in, the first branch+1 down ops, the cached feature and the last branch+2 up ops."""
+        """The output from conv_in, the branch's first down ops, the cached feature and its last up ops."""
         x, emb, enc = self._embed(sample, timestep, enc, added)
-        _, skips = self._down_path(x, emb, enc, self.branch + 1, down_residuals)
-        h, _ = self._up_path(cached, skips, emb, enc, self.enter, self._forward_size(sample))
+        _, skips = self._down_path(x, emb, enc, self.n_down, down_residuals)
+        # the up ops run consume the first n_up skips (a block's extra downsampler output, as in DeepCache when
+        # layers_per_block is 1, is computed and unused)
+        h, _ = self._up_path(cached, skips[:self.n_up], emb, enc, self.enter, self._forward_size(sample))
         return self._out(h)
 
 

@@ -35,8 +35,20 @@ class Source:
     family: str | None = None
 
 
+def native_bf16() -> bool:
+    """Whether torch reports native bf16 matmuls on this CPU: oneDNN present and AVX512-BF16 or AMX tiles."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):  # a torch without these probes: assume none
+        return False
+
+
 def pick_device(device: str | None = None, dtype: str | None = None):
-    """Choose (torch.device, torch.dtype): CUDA fp16, MPS fp16, else CPU fp32; either can be overridden."""
+    """Choose (torch.device, torch.dtype): CUDA fp16, MPS fp16, a CPU with native bf16 (`native_bf16`) bf16, else
+    CPU fp32; either can be overridden."""
     import torch
 
     if device in (None, "auto"):
@@ -48,10 +60,21 @@ def pick_device(device: str | None = None, dtype: str | None = None):
             device = "cpu"
     dev = torch.device(device)
     if dtype in (None, "auto"):
-        dtype = "fp32" if dev.type == "cpu" else "fp16"
+        dtype = ("bf16" if native_bf16() else "fp32") if dev.type == "cpu" else "fp16"
     if dtype not in DTYPES:
         raise ValidationError("dtype", dtype, f"must be one of {', '.join(DTYPES)} or auto")
     return dev, getattr(torch, DTYPES[dtype])
+
+
+def precision_label(device, dtype, vae_dtype=None) -> str:
+    """The plan line's dtype note, e.g. "bf16 (native bf16 on this CPU)" or "UNet + text bf16, VAE fp32"."""
+    names = {v: k for k, v in DTYPES.items()}
+    name = names.get(str(dtype).removeprefix("torch."), str(dtype))
+    vae = names.get(str(vae_dtype).removeprefix("torch."), name) if vae_dtype is not None else name
+    text = name if vae == name else f"UNet + text {name}, VAE {vae}"
+    if getattr(device, "type", device) == "cpu":
+        text += " (native bf16 on this CPU)" if native_bf16() else " (no native bf16 on this CPU)"
+    return text
 
 
 def file_hash(path: Path | None) -> str:

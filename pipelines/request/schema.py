@@ -197,8 +197,9 @@ class GenerationRequest:
                                        "shallow branch runs, on cached deep features; not with tile_shift.")
     feature_cache_interval: int = spec(3, "A full UNet pass every N steps while caching (1 = the same image as "
                                        "off).", range=(1, 20), step=1, unit="steps")
-    feature_cache_branch: int = spec(0, "Cached skip branch: 0 = shallowest and fastest; higher keeps more of the "
-                                     "UNet (SD 1.5 ≤ 10, SDXL ≤ 7).", range=(0, 15), step=1)
+    feature_cache_branch: int = spec(0, "Cached skip branch, DeepCache's cache_branch_id: 0 = shallowest and "
+                                     "fastest; higher keeps more of the UNet (SD 1.5 ≤ 11, SDXL ≤ 8).", range=(0, 15),
+                                     step=1)
     feature_cache_schedule: FeatureCacheSchedule = spec("uniform", "uniform: a full pass every N steps; "
                                                         "nonuniform: as many, denser early.")
     hires: HiresConfig = spec(help="Stage 2 (hires fix).", factory=HiresConfig, kind="group")

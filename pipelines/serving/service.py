@@ -127,7 +127,7 @@ class Backend:
     # ------------------------------------------------------------ requests
     def request(self, values: dict[str, Any]) -> GenerationRequest:
         """Flat UI/API values (None = preset/default) -> a validated request."""
-        from pipelines.request.presets import load_presets
+        from pipelines.request.presets import load_presets, preset_for
 
         values = {k: v for k, v in values.items() if v is not None and not (isinstance(v, str) and v == "" and
                                                                               k not in ("prompt", "negative_prompt"))}
@@ -137,7 +137,7 @@ class Backend:
             presets = load_presets()
             if not isinstance(preset, str) or preset not in presets:
                 raise ValidationError("preset", preset, f"must be one of: {', '.join(presets)}")
-            base = presets[preset].apply(base)
+            base = preset_for(presets[preset], self.engine.manager, values.get("model") or base.model).apply(base)
         flat = {k: v for k, v in values.items() if k not in _EXTRA_KEYS}
         if isinstance(flat.get("loras"), str):
             flat["loras"] = tuple(s.strip() for s in flat["loras"].split(",") if s.strip())
@@ -228,7 +228,7 @@ class Backend:
     # ------------------------------------------------------------ small services
     def describe(self, values: dict[str, Any]) -> str:
         """What these settings will do, with the planner's estimate (markdown)."""
-        from pipelines.request.presets import load_presets
+        from pipelines.request.presets import load_presets, preset_for
 
         try:
             req = self.request(values)
@@ -237,7 +237,8 @@ class Backend:
         lines = []
         preset = values.get("preset")
         if preset:
-            lines.append(f"**{preset}**: {load_presets()[preset].description}")
+            tier = preset_for(load_presets()[preset], self.engine.manager, values.get("model") or req.model)
+            lines.append(f"**{preset}**: {tier.description}")
         stage = f"{req.width}×{req.height}, {req.steps} steps {req.sampler}, CFG `{req.cfg}`"
         if req.hires.enabled:
             from pipelines.request.hires import hires_denoise
@@ -299,7 +300,7 @@ class Backend:
         from pipelines.denoise.schedulers import sampler_names
         from pipelines.models.upscalers import list_upscalers
         from pipelines.request.hires import LATENT_MIN_DENOISE
-        from pipelines.request.presets import load_presets
+        from pipelines.request.presets import load_presets, preset_for
 
         models_dir = self.engine.manager.models_dir
         defaults = flatten(GenerationRequest(model=self.engine.default_model))
@@ -307,19 +308,20 @@ class Backend:
             "models": self.engine.manager.list_models(), "samplers": sampler_names(),
             "upscalers": list_upscalers(models_dir), "controlnets": list_controlnets(models_dir),
             "preprocessors": list(PREPROCESSORS),
-            "presets": {n: p.description for n, p in load_presets().items()},
+            "presets": {n: preset_for(p, self.engine.manager, self.engine.default_model).description
+                        for n, p in load_presets().items()},
             "defaults": defaults, "default_model": self.engine.default_model,
             "latent_min_denoise": LATENT_MIN_DENOISE,
             "notice": self.engine.manager.availability(self.engine.default_model),
         }
 
     def preset_values(self, name: str) -> dict[str, Any]:
-        from pipelines.request.presets import load_presets
+        from pipelines.request.presets import load_presets, preset_for
 
         presets = load_presets()
         if name not in presets:
             raise ValidationError("preset", name, f"must be one of: {', '.join(presets)}")
-        return dict(presets[name].values)
+        return dict(preset_for(presets[name], self.engine.manager, self.engine.default_model).values)
 
 
 def safe_preview(engine, denoised) -> Image.Image | None:
