@@ -256,7 +256,7 @@ def test_ui_stop_before_the_last_step_says_stopped_and_saves_nothing(engine, req
 
 
 def _uncooperative(items, closed: threading.Event):
-    """A stream without stop() (ZeroGPU's wrapper, the Ray cluster): the handler closes it itself."""
+    """A stream without stop() (ZeroGPU's wrapper): the handler closes it itself."""
     try:
         yield from items
     finally:

@@ -85,7 +85,7 @@ class RunControl:
 
     A stream with `stop()` (the backend's `RunStream`) is stopped at once and keeps streaming, so the run ends by
     itself: before its last denoising step ended the engine stops within a step and saves nothing, after it the
-    images are saved and shown (A1111's Interrupt). A stream without one (ZeroGPU, the Ray cluster) is closed by
+    images are saved and shown (A1111's Interrupt). A stream without one (ZeroGPU) is closed by
     the handler at its next event unless its steps are done (`should_close`)."""
 
     def __init__(self) -> None:
