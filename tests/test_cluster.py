@@ -371,3 +371,28 @@ def test_app_ray_joins_a_head_the_test_started_on_loopback(tiny_dir, tmp_path):
         with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(120)
         _stop(_ours(ray_tmp))
+
+
+def test_a_cluster_streams_stop_cancels_the_call_unless_the_replica_said_finishing():
+    """`ClusterStream.stop()` (the UI's Stop, the API's cancel) cancels the Ray call at once, also one made after
+    the stop (a retry); after the replica's "finishing" it cancels nothing: the images are finished work."""
+    from pipelines.serving.cluster import ClusterStream
+
+    class Call:
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    stream, first = ClusterStream(), Call()
+    stream.attach(first)
+    stream.stop()
+    assert first.cancelled == 1
+    retry = Call()
+    stream.attach(retry)
+    assert retry.cancelled == 1
+    done, call = ClusterStream(), Call()
+    done.attach(call)
+    done.finishing()
+    done.stop()
+    assert call.cancelled == 0
