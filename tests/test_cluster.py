@@ -240,7 +240,8 @@ def _env(ray_tmp: Path, single_node: bool = False) -> dict[str, str]:
     """The subprocesses' environment: offline, the tests' tiny-model cache, Ray's files in our own temp dir; the
     app sets Ray's loopback switch itself, the head started here gets it from us (as the README says)."""
     return {**os.environ, **({SINGLE_NODE: "0"} if single_node else {}), "RAY_TMPDIR": str(ray_tmp),
-            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "RAY_agent_register_timeout_ms": "300000"}  # a loaded 2-core machine starts Ray's agents slowly
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:
