@@ -352,6 +352,9 @@ def test_app_ray_joins_a_head_the_test_started_on_loopback(tiny_dir, tmp_path):
     ray_cli = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
                              str(port), "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats",
+                             # fixed agent ports: the raylet does not wait for slow agents to report theirs
+                             *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port",
+                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")),
                              f"--temp-dir={ray_tmp}"], env=_env(ray_tmp, single_node=True), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
