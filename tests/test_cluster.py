@@ -244,8 +244,10 @@ def _env(ray_tmp: Path, single_node: bool = False) -> dict[str, str]:
             "RAY_agent_register_timeout_ms": "300000"}  # a loaded 2-core machine starts Ray's agents slowly
 
 
-def _tree(proc: psutil.Process) -> list[psutil.Process]:
+def _tree(proc: psutil.Process | int) -> list[psutil.Process]:
+    """A process (or pid) and all its descendants; [] when it has already ended."""
     with contextlib.suppress(psutil.Error):
+        proc = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
         return [proc, *proc.children(recursive=True)]
     return []
 
@@ -300,7 +302,7 @@ def _app(tmp: Path, ray_tmp: Path, *options: str):
             time.sleep(1)
         yield url, proc
     finally:
-        _stop(_tree(psutil.Process(proc.pid)))  # the app and what it started (its local Ray), by pid
+        _stop(_tree(proc.pid))  # the app and what it started (its local Ray), by pid
         proc.wait()
         log.close()
 
