@@ -15,7 +15,7 @@ log = logging.getLogger("tessera")
 
 
 def ui_parser() -> argparse.ArgumentParser:
-    from pipelines.factory import add_machine_options
+    from pipelines.options import add_machine_options
 
     p = argparse.ArgumentParser(prog="python app.py", description="Start the Tessera web UI. "
                                 "Subcommands: generate, upscale (see `python app.py generate --help`).")
@@ -104,10 +104,10 @@ def build_demo(args: argparse.Namespace):
 
 def _build_ray_demo(args: argparse.Namespace):
     """The UI as the one ingress of a Ray Serve cluster of TesseraWorker replicas (`pipelines.serving.cluster`)."""
-    from pipelines.serving.cluster import connect
+    from pipelines.factory import build_cluster
     from ui.app import create_demo
 
-    backend = connect(args)
+    backend = build_cluster(args)
     return create_demo(backend, queue_size=args.queue_size, workers=backend.engine.max_workers)
 
 

@@ -84,7 +84,7 @@ def _schema_args(p: argparse.ArgumentParser, cls: type) -> dict[str, Any]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from pipelines.factory import add_machine_options
+    from pipelines.options import add_machine_options
 
     g = p.add_argument_group("machine")
     add_machine_options(g)

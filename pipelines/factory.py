@@ -9,55 +9,14 @@ Nothing loads here: the manager loads weights on the first job that needs them (
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pipelines.engine import Engine
 from pipelines.models.manager import ModelManager
+from pipelines.options import EngineOptions
 from pipelines.request.limits import Limits
-from pipelines.serving.workers import DEVICES_HELP, SPLIT_HELP, SPLIT_MODES, WorkerPool, parse_devices, pool_of
-
-
-def _option(default: Any, flag: str, help: str, **argparse: Any) -> Any:
-    """An `EngineOptions` field that is also a command-line option of app.py and cli.py (`add_machine_options`)."""
-    return field(default=default, metadata={"flag": flag, "help": help, "argparse": argparse})
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """The machine options an engine is built from: declared once here, as app.py's and cli.py's options too."""
-
-    models_dir: str | Path = _option("models", "--models-dir", "folder of local models, LoRAs, upscalers, embeddings")
-    outputs_dir: str | Path | None = _option("outputs", "--out", "output folder; images go to OUT/<date>/")
-    device: str = _option("auto", "--device", "auto | cpu | cuda | cuda:1 | mps")
-    devices: str | None = _option(None, "--devices", DEVICES_HELP)
-    """One worker per device (`pipelines.serving.workers.parse_devices`); None = `device` alone."""
-    dtype: str = _option("auto", "--dtype", "auto | fp16 | bf16 | fp32 (auto: fp16 on GPU, fp32 on CPU)")
-    attention: str = _option("sdpa", "--attention", "attention kernels", choices=["sdpa", "xformers"])
-    compile_unet: bool = _option(False, "--compile", "torch.compile the UNet (slow first run, faster after)",
-                                 action="store_true")
-    offload: bool = _option(False, "--offload", "keep weights on CPU, move each model to the GPU when used",
-                            action="store_true")
-    split: str = _option("auto", "--split-image", SPLIT_HELP, choices=list(SPLIT_MODES))
-    allow_paths: bool = False
-    """Whether requests may name model files by path (the CLI only; not an option)."""
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, *, allow_paths: bool = False) -> EngineOptions:
-        """The options from parsed app.py or cli.py arguments (`add_machine_options`)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if "flag" in f.metadata},
-                   allow_paths=allow_paths)
-
-
-def add_machine_options(group: Any) -> None:
-    """The machine options (`EngineOptions`) as options of an argparse parser or group, with their defaults."""
-    for f in fields(EngineOptions):
-        if "flag" not in f.metadata:
-            continue
-        meta, extra = f.metadata, dict(f.metadata["argparse"])
-        default = "" if f.default in (None, False) else f" (default: {f.default})"
-        group.add_argument(meta["flag"], dest=f.name, default=f.default, help=meta["help"] + default, **extra)
+from pipelines.serving.workers import WorkerPool, parse_devices, pool_of
 
 
 def build_manager(options: EngineOptions, device: str) -> ModelManager:
@@ -92,3 +51,29 @@ def build_engine(args: argparse.Namespace | EngineOptions, *, allow_paths: bool 
                           split=options.split, allow_paths=options.allow_paths)
     engine = engine_for(options, devices[0])
     return pool_of([engine], devices[:1]) if pool else engine
+
+
+def build_cluster(args: argparse.Namespace) -> Any:
+    """`python app.py --ray [ADDRESS]`: start or join Ray, deploy `TesseraWorker` replicas built by `engine_for` from
+    the same options as the embedded engine, and return the ingress's backend (`pipelines.serving.cluster`)."""
+    import importlib.util
+
+    from pipelines.errors import ValidationError
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: `init_ray` sets Ray's env first
+        raise ValidationError("ray", args.ray, 'needs Ray Serve: pip install "ray[serve]==2.60"')
+    import torch
+
+    from pipelines.serving.cluster import ClusterBackend, ClusterEngine, deploy, init_ray
+
+    init_ray(None if args.ray == "local" else args.ray)
+    options = EngineOptions.from_args(args)
+    handle = deploy(engine_for, options, default_model=args.model, min_workers=args.min_workers,
+                    max_workers=args.max_workers, threads=torch.get_num_threads())
+    # the ingress's own engine checks, plans and counts tokens: names only, no weights
+    local = engine_for(EngineOptions(models_dir=options.models_dir, outputs_dir=options.outputs_dir, device="cpu",
+                                     dtype="fp32"), "cpu")
+    if args.model:
+        local.default_model = args.model
+    engine = ClusterEngine(handle, local, max_workers=max(args.min_workers, args.max_workers or args.min_workers))
+    return ClusterBackend(engine)

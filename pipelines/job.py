@@ -94,8 +94,9 @@ class Job:
 def loop_finished(cancel: Any) -> None:
     """Tell a run's cancel token that the last denoising step is done (`pipelines.serving.service.RunToken`).
 
-    The loop checks the token before each step and each tile batch, never after the last one, so from here the
-    decode and the saving run to the end whatever the token says; the token passes this on to the stream, which
+    The loop checks the token before each step and each tile batch and once more when a step is computed,
+    before it is reported (so a cancel during the last step counts), never after that: from here the decode
+    and the saving run to the end whatever the token says; the token passes this on to the stream, which
     then delivers the images even to a caller that cancelled (README: "Stopping a run")."""
     finished = getattr(cancel, "loop_finished", None)
     if finished is not None:

@@ -256,7 +256,7 @@ def test_ui_stop_before_the_last_step_says_stopped_and_saves_nothing(engine, req
 
 
 def _uncooperative(items, closed: threading.Event):
-    """A stream without stop() (ZeroGPU's wrapper, the Ray cluster): the handler closes it itself."""
+    """A stream without stop() (ZeroGPU's wrapper): the handler closes it itself."""
     try:
         yield from items
     finally:
@@ -306,3 +306,121 @@ def test_runs_find_a_pages_run_and_a_stop_before_the_stream_exists_reaches_it():
         control.attach(stream)  # the stream is created after the click: the stop reaches it now
         assert stream.stopped == 1 and control.cooperative and not control.should_close(finishing=False)
     assert runs.stop("page") is False  # unregistered when the run ends
+
+
+# ---------------------------------------------------------------- a cancel during a step, the last one included
+
+def test_engine_cancel_during_the_last_steps_compute_saves_nothing(engine, req_factory, monkeypatch):
+    """The token set while the last step's UNet runs: that step's result is dropped, nothing is decoded or saved
+    (the loop checks the token once more when a step is computed, before reporting it)."""
+    req = req_factory(steps=3, batch_size=2)
+    model = engine.manager.get("tiny")
+    calls: list[int] = []
+    real_forward = model.unet.forward
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(model.unet, "forward", counting)
+    engine.generate(req, cancel=RunToken())
+    per_step = len(calls) // 3
+    assert per_step >= 1 and len(calls) == 3 * per_step
+    reported, token = [], RunToken()
+    first_of_last_step = 2 * per_step + 1  # the call number of the last step's first UNet call
+
+    def cancelling(*a, **kw):
+        calls.append(1)
+        if len(calls) == first_of_last_step:
+            token.set()  # "the client cancelled": while the last step is computed
+        return real_forward(*a, **kw)
+
+    calls.clear()
+    for p in _pngs(engine.outputs_dir):
+        p.unlink()
+    monkeypatch.setattr(model.unet, "forward", cancelling)
+    with pytest.raises(CancelledError):
+        engine.generate(req, callback=lambda info: reported.append(info.step), cancel=token)
+    assert reported == [0, 1] and not token.finished.is_set()
+    assert _pngs(engine.outputs_dir) == [] and not engine.gpu_lock.locked()
+
+
+# ---------------------------------------------------------------- the app as launched, cancelled by its client
+
+class _StepSpy:
+    """Engine.generate (every worker's) counting the steps each run computes; the callback of step `hold` (index)
+    waits until that run's token is set, so a cancel sent at that step's progress lands before the next step
+    starts, deterministically (the wait's bound only keeps a broken build from hanging the suite)."""
+
+    def __init__(self, monkeypatch, hold: int):
+        from pipelines.engine import Engine
+
+        self.steps: list[int] = []
+        self.held, self.ended, self.hold = threading.Event(), threading.Event(), hold
+        self.outcome: BaseException | None = None
+        real = Engine.generate
+        spy = self
+
+        def generate(engine, req, *, callback=None, cancel=None, **kw):
+            def cb(info):
+                spy.steps.append(info.step)
+                if callback is not None:
+                    callback(info)
+                if info.step == spy.hold and cancel is not None:
+                    spy.held.set()
+                    cancel.wait(120)
+            try:
+                return real(engine, req, callback=cb, cancel=cancel, **kw)
+            except BaseException as exc:
+                spy.outcome = exc
+                raise
+            finally:
+                spy.ended.set()
+
+        monkeypatch.setattr(Engine, "generate", generate)
+
+
+@contextlib.contextmanager
+def _launched(tmp_path, *options: str):
+    """`python app.py --model tiny OPTIONS` as app.py builds it (`build_demo`), launched on a free loopback port."""
+    import socket
+
+    from app import build_demo, ui_parser
+    from ui.app import launch_kwargs
+
+    args = ui_parser().parse_args(["--model", "tiny", "--models-dir", str(tmp_path / "models"),
+                                   "--out", str(tmp_path / "outputs"), *options])
+    demo = build_demo(args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+BATCH = {"prompt": "a fox", "width": 64, "height": 64, "steps": 4, "seed": 3, "batch_size": 8}
+
+
+@pytest.mark.parametrize("options", [(), ("--devices", "cpu,cpu")], ids=["default", "devices"])
+@pytest.mark.parametrize("at", [1, 3])
+def test_api_cancel_before_the_last_step_stops_the_worker_and_saves_nothing(tiny_cache, tmp_path, monkeypatch,
+                                                                            options, at):
+    """The issue's run: /generate, batch 8, 4 steps, `job.cancel()` at "Step 3/4" (and at 1/4): the worker
+    computes no further step (the step shown is the last one run) and no image is saved."""
+    spy = _StepSpy(monkeypatch, hold=at - 1)
+    with _launched(tmp_path, *options) as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        job = client.submit(**BATCH, api_name="/generate")
+        deadline = time.monotonic() + 300
+        _wait_for(job, f"Step {at}/4", deadline)
+        assert spy.held.wait(120)
+        _cancel(job)
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client raises CancelledError or an empty-answer error
+            job.result(timeout=120)
+        assert spy.ended.wait(120)  # the worker's run has returned: nothing of it can be saved later
+    assert isinstance(spy.outcome, CancelledError)
+    assert spy.steps == list(range(at))  # no step after the one shown when the client cancelled
+    assert _pngs(tmp_path / "outputs") == []

@@ -4,18 +4,36 @@ a killed replica."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 from gradio_client import Client
 from PIL import Image
 
 from pipelines.errors import OutOfMemoryError, ValidationError
-from pipelines.serving.cluster import ClusterBackend, ClusterEngine, Failed, WorkerLostError, deploy, runtime_env
+from pipelines.factory import engine_for
+from pipelines.options import EngineOptions
+from pipelines.serving.cluster import (
+    SINGLE_NODE,
+    ClusterBackend,
+    ClusterEngine,
+    Failed,
+    WorkerLostError,
+    deploy,
+    runtime_env,
+)
 from tests.conftest import assert_valid_png, tiny_request
 
 pytestmark = pytest.mark.xdist_group("ray")
@@ -38,8 +56,8 @@ def cluster(tiny_dir, tmp_path_factory):
              runtime_env=runtime_env(None), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     demo = None
     try:
-        handle = deploy(models_dir=str(models), device="cpu", dtype="fp32", default_model="tiny", min_workers=2,
-                        max_workers=2, num_cpus=0.5, threads=torch.get_num_threads())
+        handle = deploy(engine_for, EngineOptions(models_dir=models, device="cpu", dtype="fp32"), default_model="tiny",
+                        min_workers=2, max_workers=2, num_cpus=0.5, threads=torch.get_num_threads())
         local = Engine(ModelManager(models, device="cpu", dtype="fp32"), tmp_path_factory.mktemp("ingress-out"))
         local.default_model = "tiny"
         engine = ClusterEngine(handle, local, max_workers=2)
@@ -205,3 +223,183 @@ def test_importing_the_app_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+# ---------------------------------------------------------------- `python app.py --ray` itself, as a user starts it
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_RUN = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2, "seed": 11}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(ray_tmp: Path, single_node: bool = False) -> dict[str, str]:
+    """The subprocesses' environment: offline, the tests' tiny-model cache, Ray's files in our own temp dir; the
+    app sets Ray's loopback switch itself, the head started here gets it from us (as the README says)."""
+    return {**os.environ, **({SINGLE_NODE: "0"} if single_node else {}), "RAY_TMPDIR": str(ray_tmp),
+            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "RAY_agent_register_timeout_ms": "300000"}  # a loaded 2-core machine starts Ray's agents slowly
+
+
+def _tree(proc: psutil.Process | int) -> list[psutil.Process]:
+    """A process (or pid) and all its descendants; [] when it has already ended."""
+    with contextlib.suppress(psutil.Error):
+        proc = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+        return [proc, *proc.children(recursive=True)]
+    return []
+
+
+def _ours(ray_tmp: Path) -> list[psutil.Process]:
+    """Every process started for `ray_tmp` (its path is in their command lines): only Rays this test started."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(ray_tmp) in part for part in p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def _stop(procs: list[psutil.Process]) -> None:
+    """End these processes (by their pid): terminate, then kill what is left."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _listening(procs: list[psutil.Process]) -> set[str]:
+    """The addresses these processes listen on (TCP)."""
+    out = set()
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out |= {c.laddr.ip for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    return out
+
+
+@contextlib.contextmanager
+def _app(tmp: Path, ray_tmp: Path, *options: str):
+    """`python app.py --model tiny ... OPTIONS` in a subprocess; yields (url, its process) once it serves."""
+    port = _free_port()
+    log = (tmp / "app.log").open("w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                             "--models-dir", str(tmp / "models"), "--out", str(tmp / "outputs"), "--port", str(port),
+                             *options], cwd=ROOT, env=_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 600  # a hang guard for a broken start, not a speed check
+        while True:
+            assert proc.poll() is None, (tmp / "app.log").read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, (tmp / "app.log").read_text()[-3000:]
+            time.sleep(1)
+        yield url, proc
+    finally:
+        _stop(_tree(proc.pid))  # the app and what it started (its local Ray), by pid
+        proc.wait()
+        log.close()
+
+
+def _cli_pixels(tmp: Path, ray_tmp: Path) -> np.ndarray:
+    """`python app.py generate` (the CLI, embedded engine) for SEED_RUN."""
+    out = tmp / "cli-out"
+    args = [f"--{k}={v}" for k, v in SEED_RUN.items()]
+    subprocess.run([sys.executable, "app.py", "generate", "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                    "--models-dir", str(tmp / "models"), "--out", str(out), *args], cwd=ROOT, env=_env(ray_tmp),
+                   check=True, capture_output=True)
+    (png,) = out.rglob("*.png")
+    return _pixels(png)
+
+
+def _api_pixels(url: str, tmp: Path) -> np.ndarray:
+    client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+    files, texts = client.predict(**SEED_RUN, api_name="/generate")
+    assert f"Seed: {SEED_RUN['seed']}" in texts[0]
+    return _pixels(files[0])
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_app_ray_starts_a_loopback_only_local_ray_with_the_clis_pixels(tiny_dir, tmp_path):
+    """`python app.py --ray`: a local Ray of its own, every process of it (replica included) listening on
+    127.0.0.1 only, and the same pixels as `python app.py generate` for the same seed."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        with _app(tmp_path, ray_tmp, "--ray") as (url, proc):
+            api = _api_pixels(url, tmp_path)
+            processes = _tree(psutil.Process(proc.pid))
+            assert any("TesseraWorker" in " ".join(p.cmdline()) or "ray::" in p.name() for p in processes)
+            listening = _listening(processes)
+        assert listening and listening <= LOOPBACK, listening
+        assert np.array_equal(api, _cli_pixels(tmp_path, ray_tmp))
+        assert len(list((tmp_path / "outputs").rglob("*.png"))) == 1  # saved by the ingress
+    finally:
+        _stop(_ours(ray_tmp))
+
+
+def test_app_ray_joins_a_head_the_test_started_on_loopback(tiny_dir, tmp_path):
+    """`ray start --head --node-ip-address 127.0.0.1` (ours, in our temp dir, stopped at the end), then
+    `python app.py --ray 127.0.0.1:PORT`: the replicas import the project (the working_dir is the repository)
+    and give the CLI's pixels."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = _free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                             str(port), "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats",
+                             # fixed agent ports: the raylet does not wait for slow agents to report theirs
+                             *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port",
+                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")),
+                             f"--temp-dir={ray_tmp}"], env=_env(ray_tmp, single_node=True), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # hang guard
+        while True:
+            assert head.poll() is None, "ray start failed"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+                break
+            assert time.monotonic() < deadline, "the head did not come up"
+            time.sleep(1)
+        with _app(tmp_path, ray_tmp, "--ray", f"127.0.0.1:{port}") as (url, _):
+            api = _api_pixels(url, tmp_path)
+            listening = _listening(_ours(ray_tmp) + _tree(psutil.Process(head.pid)))
+        assert listening and listening <= LOOPBACK, listening
+        assert np.array_equal(api, _cli_pixels(tmp_path, ray_tmp))
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(120)
+        _stop(_ours(ray_tmp))
+
+
+def test_a_cluster_streams_stop_cancels_the_call_unless_the_replica_said_finishing():
+    """`ClusterStream.stop()` (the UI's Stop, the API's cancel) cancels the Ray call at once, also one made after
+    the stop (a retry); after the replica's "finishing" it cancels nothing: the images are finished work."""
+    from pipelines.serving.cluster import ClusterStream
+
+    class Call:
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    stream, first = ClusterStream(), Call()
+    stream.attach(first)
+    stream.stop()
+    assert first.cancelled == 1
+    retry = Call()
+    stream.attach(retry)
+    assert retry.cancelled == 1
+    done, call = ClusterStream(), Call()
+    done.attach(call)
+    done.finishing()
+    done.stop()
+    assert call.cancelled == 0

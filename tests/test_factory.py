@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipelines.engine import Engine
-from pipelines.factory import EngineOptions, build_engine
+from pipelines.factory import build_engine
+from pipelines.options import EngineOptions
 from pipelines.serving.workers import WorkerPool
 
 MACHINE = ["--device", "cpu", "--dtype", "fp32", "--attention", "sdpa", "--offload"]

@@ -24,7 +24,7 @@ from pipelines.request.fields import kind_of, python_type
 from pipelines.request.schema import FlatField, GenerationRequest, UpscaleRequest, schema_fields, unit_fields
 from pipelines.serving.units import UI_CONTROL_UNITS, control_name
 from ui.components import request_value
-from ui.runner import GpuCalls, Stream, deliver, is_done, progress_text, result_files, stream_events
+from ui.runner import GpuCalls, RunControl, Stream, deliver, is_done, progress_text, result_files, stream_events
 from ui.uploads import open_upload
 
 GPU: dict[str, Any] = {"concurrency_id": "gpu", "concurrency_limit": 1}
@@ -97,7 +97,8 @@ def make_generate(gpu: GpuCalls):
         for name in IMAGE_PARAMS:
             values[name] = open_upload(values[name], name)
         values["preview_every"] = 0
-        async for event in deliver(_progress_then_done(gpu.generate, values, "Generation")):
+        control = RunControl()
+        async for event in deliver(_progress_then_done(gpu.generate, values, "Generation", control), control):
             yield ([], [progress_text(event)]) if not is_done(event) else ([file_data(p) for p in result_files(event)],
                                                                 list(event.infotexts))
 
@@ -128,7 +129,8 @@ def make_upscale(gpu: GpuCalls):
         values["image"] = open_upload(values["image"], "image")
         if values["image"] is None:
             raise gr.Error("`image` is required: send an image file", print_exception=False)
-        async for event in deliver(_progress_then_done(gpu.upscale, values, "Upscaling")):
+        control = RunControl()
+        async for event in deliver(_progress_then_done(gpu.upscale, values, "Upscaling", control), control):
             yield (None, progress_text(event)) if not is_done(event) else (file_data(result_files(event)[0]),
                                                                 event.infotexts[0] if event.infotexts else "")
 
@@ -138,10 +140,12 @@ def make_upscale(gpu: GpuCalls):
     return upscale
 
 
-def _progress_then_done(stream: Stream, values: dict[str, Any], action: str) -> Iterator[Any]:
-    """Each Progress, then the Done. Gradio closes this generator when the client cancels its job, which stops the
-    backend within a step (`ui.runner.stream_events`) unless its steps are done (`ui.runner.deliver`)."""
-    for event in stream_events(stream, values, action):
+def _progress_then_done(stream: Stream, values: dict[str, Any], action: str,
+                        control: RunControl | None = None) -> Iterator[Any]:
+    """Each Progress, then the Done. A client that cancels its job stops the backend's stream through `control`
+    at once, one that goes away closes this generator; either stops the run within a step unless its steps are
+    done (`ui.runner.deliver`)."""
+    for event in stream_events(stream, values, action, control):
         yield event
         if is_done(event):
             return

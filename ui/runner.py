@@ -84,7 +84,7 @@ class RunControl:
 
     A stream with `stop()` (the backend's `RunStream`) is stopped at once and keeps streaming, so the run ends by
     itself: before its last denoising step ended the engine stops within a step and saves nothing, after it the
-    images are saved and shown (A1111's Interrupt). A stream without one (ZeroGPU, the Ray cluster) is closed by
+    images are saved and shown (A1111's Interrupt). A stream without one (ZeroGPU) is closed by
     the handler at its next event unless its steps are done (`should_close`)."""
 
     def __init__(self) -> None:
@@ -176,15 +176,15 @@ def stream_events(stream: Stream, values: dict[str, Any], action: str,
 _END = object()
 
 
-async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
+async def deliver(events: Iterator[Any], control: RunControl | None = None) -> AsyncIterator[Any]:
     """`events` (a blocking stream such as `stream_events`) as an async generator, each item computed in a thread.
 
-    Gradio cancels a job (gradio_client's `job.cancel()`) by cancelling the task that awaits the
-    next item, and drops that item. Until the backend says its last denoising step is done (a Progress of stage
-    "finishing"), a cancel stops the run: the item being computed is awaited (at most one step) and the stream is
-    closed, which stops the backend before its next step and saves nothing. After that the images are finished
-    work: they are saved anyway, so the cancel is absorbed and the Done is still delivered; the caller gets the
-    files that exist.
+    Gradio cancels a job (gradio_client's `job.cancel()`) by cancelling the task that awaits the next item, and
+    drops that item. The run is asked to stop at once (`control.stop()`: the run's token is set while the step
+    under way is computed, so a cancel during the last step still counts), then the stream is read on until it
+    says what came of the stop: it ends (the loop stopped within a step, nothing saved) and the cancel goes on,
+    or, when the last denoising step had ended first, a Progress of stage "finishing" comes: the images are
+    finished work, saved anyway, so the cancel is absorbed and the Done is still delivered.
     """
     loop = asyncio.get_running_loop()
     finishing = False
@@ -194,10 +194,15 @@ async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
             try:
                 item = await asyncio.shield(pending)
             except asyncio.CancelledError:
-                item = await pending  # the backend's next event: within one step (or the Done, when finishing)
-                if not (finishing or is_finishing(item)):
-                    raise
-                log.info("cancel after the last denoising step: delivering the finished images")
+                if finishing:  # the steps are done: the Done comes whatever the caller does
+                    item = await pending
+                else:
+                    if control is not None:
+                        control.stop()  # the token is set now, while the step under way is computed
+                    item = await _until_finishing(loop, events, pending, control)
+                    if item is None:
+                        raise
+                    log.info("cancel after the last denoising step: delivering the finished images")
             if item is _END:
                 return
             finishing = finishing or is_finishing(item)
@@ -206,6 +211,23 @@ async def deliver(events: Iterator[Any]) -> AsyncIterator[Any]:
         close = getattr(events, "close", None)
         if close is not None:
             await loop.run_in_executor(None, close)  # stops the backend within a step (off the event loop)
+
+
+async def _until_finishing(loop: asyncio.AbstractEventLoop, events: Iterator[Any], pending: Any,
+                           control: RunControl | None) -> Any:
+    """After a cancel: read the stream (the item under way, then on) until it ends (None: stopped before the
+    last step ended) or says "finishing" (that Progress). A stopped run yields at most the step under way; a
+    stream that cannot stop itself (no `control`, ZeroGPU) is read one item only, then closed."""
+    try:
+        item = await pending
+        while not is_finishing(item):
+            if item is _END or control is None or not control.cooperative:
+                return None
+            item = await loop.run_in_executor(None, next, events, _END)
+        return item
+    except Exception as exc:  # the stop's own end ("... was stopped before it finished"): the cancel wins
+        log.debug("stream ended after a cancel: %s", exc)
+        return None
 
 
 def is_finishing(event: Any) -> bool:

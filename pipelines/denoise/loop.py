@@ -9,7 +9,8 @@ Used by txt2img, img2img, inpainting, the hires refine pass and tiled runs alike
 3. accumulate the outputs on the canvas with per-tile (x region mask) weights and divide by the weight sum;
 4. apply guidance (schedule + rescale) ONCE on the whole canvas and take ONE scheduler step, so every
    scheduler works without per-tile state; then the post-step hook (inpainting's latent blend);
-5. report progress (with the predicted x0 for previews) and check the cancel token.
+5. check the cancel token (a cancel during the step discards it, the last step too), report progress (with the
+   predicted x0 for previews).
 """
 
 from __future__ import annotations
@@ -396,6 +397,7 @@ def denoise(inp: LoopInputs, stats: LoopStats | None = None) -> torch.Tensor:
         if inp.post_step is not None:
             latents = inp.post_step(i, latents)
         stats.steps_done += 1
+        _check_cancel(inp.cancel)  # a cancel during this step, the last one too: its result is not reported
         if inp.callback is not None:
             idx = step_index if step_index is not None else i
             x0 = predict_x0(sched, x_in, model_out, idx, t)

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -34,12 +36,20 @@ from pipelines import errors
 from pipelines.errors import TesseraError, ValidationError
 from pipelines.image_info import png_bytes
 from pipelines.serving.facade import EngineFacade
-from pipelines.serving.service import Backend, Done, Progress, _image, _Timer, safe_preview
+from pipelines.serving.service import Backend, Done, Progress, RunToken, _image, _Timer, safe_preview
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
+    from pipelines.options import EngineOptions
+
+EngineBuilder = Callable[["EngineOptions", str], "Engine"]
+"""(options, device) -> an Engine: `pipelines.factory.engine_for`, handed to the replicas (Ray pickles it by name)."""
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "tessera"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (pipelines/serving/cluster.py): `pipelines` imports
+LOOPBACK = "127.0.0.1"
 
 
 class WorkerLostError(TesseraError):
@@ -92,18 +102,17 @@ def _failed(exc: TesseraError) -> Failed:
 class TesseraWorker:
     """One replica: an Engine on its device (Ray assigns the GPU) that runs one job at a time."""
 
-    def __init__(self, models_dir: str = "models", device: str = "auto", dtype: str = "auto",
-                 default_model: str | None = None, threads: int | None = None):
+    def __init__(self, build: EngineBuilder, options: EngineOptions, device: str, default_model: str | None = None,
+                 threads: int | None = None):
         import torch
 
-        from pipelines.engine import Engine
-        from pipelines.models.manager import ModelManager
-
-        if threads:
+        if threads:  # CPU pixels depend on the thread count (reduction order): the ingress's, not Ray's 1
             torch.set_num_threads(int(threads))
-        self.engine = Engine(ModelManager(models_dir, device=device, dtype=dtype), outputs_dir=None)
+        # the same factory as the embedded engine (--attention, --compile, --offload, --dtype reach the replica)
+        self.engine = build(replace(options, outputs_dir=None, devices=None), device)
         if default_model:
             self.engine.default_model = default_model
+        _loopback_replica_grpc()
         self.name, self.actor = _replica_identity()
         self.last_job: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
@@ -115,13 +124,15 @@ class TesseraWorker:
         yield Started(self.name, self.actor, self.last_job)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        job: dict[str, Any] = {"steps": 0, "outcome": "running"}
+        job: dict[str, Any] = {"steps": 0, "outcome": "running", "total": 1}
         self.last_job = job
 
         def put(item: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the replica is shutting down: nobody listens any more
                 loop.call_soon_threadsafe(events.put_nowait, item)
+
+        # the last step done: "finishing", so the ingress stops cancelling (the images are finished work)
+        cancel = RunToken(on_finished=lambda: put(Progress(job["total"], job["total"], 0.0, None, "finishing")))
 
         self._thread = threading.Thread(target=self._work, args=(kind, payload, preview_every, cancel, job, put),
                                         name="tessera-worker", daemon=True)
@@ -142,6 +153,7 @@ class TesseraWorker:
 
         def callback(info) -> None:
             job["steps"] += 1
+            job["total"] = info.total
             stage, eta = timer.tick(info.step, info.total)
             preview = None
             if every and (info.step + 1) % every == 0 and info.step + 1 < info.total:
@@ -173,6 +185,25 @@ class TesseraWorker:
         return safe_preview(self.engine, denoised)
 
 
+def _loopback_replica_grpc() -> None:
+    """On a loopback-only node, the replica's inter-deployment gRPC server (which Ray Serve 2.60 binds on [::],
+    all interfaces, after this constructor) listens on 127.0.0.1 instead."""
+    try:
+        import ray
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    real = getattr(replica, "add_port_to_grpc_server", None)
+    if real is None or getattr(real, "tessera_loopback", False) or ray.util.get_node_ip_address() != LOOPBACK:
+        return
+
+    def loopback(server: Any, address: str) -> Any:
+        return real(server, address.replace("[::]", LOOPBACK, 1))
+
+    loopback.tessera_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
+
+
 def _replica_identity() -> tuple[str, Any]:
     try:
         import ray
@@ -196,14 +227,21 @@ class ClusterEngine(EngineFacade):
     def _local_engine(self) -> Any:  # the Engine face (`EngineFacade`): checks and plans here, no weights
         return self.local
 
-    def stream(self, kind: str, payload: Any, preview_every: int = 0) -> Iterator[Progress | Done]:
-        """Progress ... Done from a replica; a replica lost before its images came back is retried once."""
+    def stream(self, kind: str, payload: Any, preview_every: int = 0) -> ClusterStream:
+        """Progress ... Done from a replica, with `stop()` (`ClusterStream`); a replica lost before its images came
+        back is retried once."""
+        stream = ClusterStream()
+        stream.events = self._stream(kind, payload, preview_every, stream)
+        return stream
+
+    def _stream(self, kind: str, payload: Any, preview_every: int, control: ClusterStream
+                ) -> Iterator[Progress | Done]:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         job = next(self._ids)
         for attempt in range(self.retries + 1):
             try:
-                yield from self._attempt(job, kind, payload, preview_every, retried=attempt > 0)
+                yield from self._attempt(job, kind, payload, preview_every, attempt > 0, control)
                 return
             except (RayActorError, ActorUnavailableError) as exc:
                 lost = self.running.pop(job, None)
@@ -214,14 +252,20 @@ class ClusterEngine(EngineFacade):
             finally:
                 self.running.pop(job, None)
 
-    def _attempt(self, job: int, kind: str, payload: Any, every: int, retried: bool) -> Iterator[Progress | Done]:
+    def _attempt(self, job: int, kind: str, payload: Any, every: int, retried: bool,
+                 control: ClusterStream) -> Iterator[Progress | Done]:
+        from ray.exceptions import TaskCancelledError
+
         response = self.handle.options(stream=True).run.remote(kind, payload, every)
+        control.attach(response)
         finished = False
         try:
-            for item in response:
+            for item in _cancelled_as_stopped(response, TaskCancelledError):
                 if isinstance(item, Started):
                     self.running[job] = item
                 elif isinstance(item, Progress):
+                    if item.stage == "finishing":
+                        control.finishing()
                     yield item
                 elif isinstance(item, Failed):
                     finished = True
@@ -253,6 +297,56 @@ class ClusterEngine(EngineFacade):
         return Done(images, paths, item.infotexts, item.seeds, stats, item.warnings)
 
 
+def _cancelled_as_stopped(response: Any, cancelled: type[BaseException]) -> Iterator[Any]:
+    """The replica's items; a call cancelled by `ClusterStream.stop()` ends as the engine's CancelledError."""
+    try:
+        yield from response
+    except cancelled:
+        raise errors.CancelledError("generation stopped") from None
+
+
+class ClusterStream:
+    """A cluster run's events with `stop()`, callable from any thread (the UI's Stop, the API's cancel): it cancels
+    the Ray call at once, so the replica's loop stops within a step, unless the replica said its last step is done
+    ("finishing"): then the images are finished work and come back as usual. `close()` drops the rest."""
+
+    def __init__(self) -> None:
+        self.events: Iterator[Progress | Done] = iter(())
+        self._lock = threading.Lock()
+        self._response: Any = None
+        self._stopped = self._finishing = False
+
+    def __iter__(self) -> ClusterStream:
+        return self
+
+    def __next__(self) -> Progress | Done:
+        return next(self.events)
+
+    def close(self) -> None:
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()
+
+    def attach(self, response: Any) -> None:
+        """The Ray call in flight (a retry makes a new one); a stop asked for earlier cancels it now."""
+        with self._lock:
+            self._response = response
+            cancel = self._stopped and not self._finishing
+        if cancel:
+            response.cancel()
+
+    def finishing(self) -> None:
+        with self._lock:
+            self._finishing = True
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            response = None if self._finishing else self._response
+        if response is not None:
+            response.cancel()
+
+
 class ClusterBackend(Backend):
     """The UI's backend over the cluster: requests are checked here, run on a replica, saved here."""
 
@@ -277,48 +371,74 @@ def runtime_env(address: str | None) -> dict[str, Any]:
                if k in os.environ}
     if address is None:
         return {"env_vars": {"PYTHONPATH": str(ROOT), **offline}}
-    return {"working_dir": str(ROOT), "excludes": ["models/", "outputs/", ".git/"], "env_vars": offline}
+    return {"working_dir": str(ROOT), "excludes": ["models/", "outputs/", ".git/", "__pycache__/", ".venv/"],
+            "env_vars": offline}
 
 
-def deploy(*, models_dir: str, device: str | None = None, dtype: str = "auto", default_model: str | None = None,
-           min_workers: int = 1, max_workers: int | None = None, num_cpus: float | None = None,
-           threads: int | None = None, name: str = APP_NAME):
-    """Deploy `TesseraWorker` (GPU replicas when the cluster has GPUs, else CPU ones); returns its handle."""
+def app_name(env: dict[str, Any]) -> str:
+    """The Serve application's name: "tessera-" and a hash of the replicas' runtime env (with the uploaded code's
+    package URI when joining a cluster), so a deploy with other code or settings never updates, nor reuses, the
+    replicas of an application deployed under another runtime env (a detached Serve controller outlives us)."""
+    digest = hashlib.sha256(json.dumps(env, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{APP_NAME}-{digest}"
+
+
+def _is_loopback(address: str | None) -> bool:
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch, read when ray is imported, for a one-machine instance: set to 0, the node's address is 127.0.0.1
+and its gRPC servers listen on loopback only (else Ray turns 127.0.0.1 into the machine's network address)."""
+
+
+def init_ray(address: str | None) -> None:
+    """Start a local Ray bound to 127.0.0.1 only (address None), or join `address`; a head on a loopback address
+    is joined from 127.0.0.1 too. On a real cluster this node's address is Ray's choice (`ray start
+    --node-ip-address` on each node sets it)."""
+    if address is None or _is_loopback(address):
+        os.environ.setdefault(SINGLE_NODE, "0")  # before ray is imported; its processes inherit it
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, runtime_env=runtime_env(None))
+        return
+    extra: dict[str, Any] = {"_node_ip_address": LOOPBACK} if _is_loopback(address) and \
+        not address.startswith("ray://") else {}
+    ray.init(address=address, runtime_env=runtime_env(address), **extra)
+
+
+def deploy(build: EngineBuilder, options: EngineOptions, *, default_model: str | None = None, min_workers: int = 1,
+           max_workers: int | None = None, num_cpus: float | None = None, threads: int | None = None,
+           name: str | None = None):
+    """Deploy `TesseraWorker` (GPU replicas when the cluster has GPUs, else CPU ones) built from `options` as the
+    embedded engine is; returns its handle. Replicas get this job's runtime env explicitly (never one a running
+    Serve controller kept from an earlier deploy), under `app_name(env)`; other Tessera applications on the
+    cluster (earlier code) are deleted, so their replicas free their GPUs."""
     import ray
     from ray import serve
 
     max_workers = max(min_workers, max_workers or min_workers)
     gpus = ray.cluster_resources().get("GPU", 0) > 0
-    options: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1 if num_cpus is None else num_cpus}
-    device = device or ("cuda" if gpus else "cpu")
+    env = dict(ray.get_runtime_context().runtime_env or {})
+    options_ = {"num_gpus": 1} if gpus else {"num_cpus": 1 if num_cpus is None else num_cpus}
+    actor_options: dict[str, Any] = {**options_, "runtime_env": env}
+    device = options.device if options.device != "auto" else ("cuda" if gpus else "cpu")
     scaling: dict[str, Any] = {"num_replicas": min_workers} if max_workers == min_workers else {
         "autoscaling_config": {"min_replicas": min_workers, "max_replicas": max_workers,
                                "initial_replicas": min_workers, "target_ongoing_requests": 1}}
     # Any: with **scaling, mypy picks the decorator overload of serve.deployment (this call returns a Deployment)
-    worker: Any = serve.deployment(TesseraWorker, name="TesseraWorker", ray_actor_options=options,
+    worker: Any = serve.deployment(TesseraWorker, name="TesseraWorker", ray_actor_options=actor_options,
                                    max_ongoing_requests=1, **scaling)
-    serve.start(proxy_location="Disabled")
-    app = worker.bind(str(Path(models_dir).resolve()), device, dtype, default_model, threads)
+    serve.start(proxy_location="Disabled", http_options={"host": LOOPBACK})  # Gradio is the one ingress
+    name = name or app_name({**env, "actor": options_, "options": options, "threads": threads})
+    for other in serve.status().applications:
+        if other != name and other.startswith(f"{APP_NAME}-"):
+            log.warning("deleting the Serve application %s (deployed under another runtime env)", other)
+            serve.delete(other)
+    models = replace(options, models_dir=str(Path(options.models_dir).resolve()))
+    app = worker.bind(build, models, device, default_model, threads if device == "cpu" else None)
     return serve.run(app, name=name, route_prefix=None)
-
-
-def connect(args: Any) -> ClusterBackend:
-    """`python app.py --ray [ADDRESS]`: start or join Ray, deploy the workers, return the ingress's backend."""
-    try:
-        import ray
-    except ImportError:
-        raise ValidationError("ray", args.ray, 'needs Ray Serve: pip install "ray[serve]==2.60"') from None
-    from pipelines.engine import Engine
-    from pipelines.models.manager import ModelManager
-
-    address = None if args.ray == "local" else args.ray
-    if not ray.is_initialized():
-        ray.init(address=address, runtime_env=runtime_env(address), include_dashboard=False)
-    device = None if args.device == "auto" else args.device
-    handle = deploy(models_dir=args.models_dir, device=device, dtype=args.dtype, default_model=args.model,
-                    min_workers=args.min_workers, max_workers=args.max_workers)
-    local = Engine(ModelManager(args.models_dir, device="cpu", dtype="fp32"), args.outputs_dir)  # names only, no weights
-    if args.model:
-        local.default_model = args.model
-    engine = ClusterEngine(handle, local, max_workers=max(args.min_workers, args.max_workers or args.min_workers))
-    return ClusterBackend(engine)

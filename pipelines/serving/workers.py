@@ -18,15 +18,11 @@ from typing import Any
 
 from pipelines.errors import CancelledError, ValidationError
 from pipelines.lru import LRUCache
+from pipelines.options import SPLIT_MODES
 from pipelines.serving.facade import EngineFacade
 
 log = logging.getLogger(__name__)
 
-DEVICES_HELP = ("devices to serve on, one worker each: all (every CUDA GPU) | cuda:0,cuda:1,... | cpu,cpu "
-                "(default: --device, i.e. the first GPU)")
-SPLIT_MODES = ("auto", "on", "off")
-SPLIT_HELP = ("one tiled image across --devices: auto = when a step has at least as many tile batches as devices, "
-              "on = always, off = never (each job on one device)")
 
 
 def parse_devices(text: str | None, default: str = "auto", *, cuda_count: int | None = None) -> list[str]:
