@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", action="store_true",
                    help="the stacked-optimisation table instead (rows 1-9: fp32 DDIM diffusers ... + feature caching "
                         "+ torch.compile); writes benchmarks/results/stack-<model>-<device>[-quick].json and .md")
+    p.add_argument("--stack-table", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="with --stack: auto = the CPU table (diffusers fp32 -> engine -> bf16 -> caching -> compile -> "
+                        "TAESD) on a CPU, the GPU table (rows 1-9) elsewhere; gpu/cpu pick one anywhere")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {','.join(CASES)}")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/<model>-<device>.json")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table (with notes) to this file")
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     settings = settings_from(args)
-    if args.stack and settings.device == "cpu":
+    if args.stack and (args.stack_table == "cpu" or (args.stack_table == "auto" and settings.device == "cpu")):
         from benchmarks import cpu_stack
 
         return cpu_stack.main(settings, args.json, args.markdown, RESULTS)

@@ -27,6 +27,17 @@ class LRUCache:
             self._data.popitem(last=False)
         return value
 
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store `value` under `key` (the newest entry)."""
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def pop(self, key: Hashable) -> Any:
+        """Remove and return the entry under `key`; None when there is none."""
+        return self._data.pop(key, None)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._data
 

@@ -68,8 +68,9 @@ def test_stack_quick_has_every_layer_with_ratios(tiny_cache, tmp_path, capsys):
     from benchmarks.__main__ import main
 
     out = tmp_path / "stack.json"
-    code = main(["--stack", "--device", "cpu", "--model", "tiny", "--quick", "--size-scale", "0.25", "--warmup", "0",
-                 "--repeats", "1", "--threads", "1", "--json", str(out), "--cache-dir", str(tmp_path)])
+    code = main(["--stack", "--stack-table", "gpu", "--device", "cpu", "--model", "tiny", "--quick", "--size-scale",
+                 "0.25", "--warmup", "0", "--repeats", "1", "--threads", "1", "--json", str(out), "--cache-dir",
+                 str(tmp_path)])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["n"] for r in rows] == list(range(1, 10))
@@ -84,3 +85,22 @@ def test_stack_quick_has_every_layer_with_ratios(tiny_cache, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 8 | + feature caching (interval 3) |" in printed and "speed-up vs 1" in printed
     assert out.with_suffix(".md").read_text().count("\n| ") == 10  # header + 9 rows
+
+
+def test_the_cpu_stack_has_each_row_against_diffusers_in_the_same_run(tiny_cache, tmp_path, capsys):
+    """`--stack --device cpu` (issue 32's table): diffusers fp32 first, each later row's wall and CPU ratio against it
+    from interleaved rounds, compile left out without --compile and saying why."""
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "cpu-stack.json"
+    code = main(["--stack", "--device", "cpu", "--model", "tiny", "--quick", "--size-scale", "0.25", "--warmup", "0",
+                 "--repeats", "2", "--threads", "1", "--json", str(out), "--cache-dir", str(tmp_path)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["n"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[0]["layer"].startswith("diffusers fp32") and "caching" in rows[3]["layer"]
+    assert rows[4]["why_not"] and "--compile" in rows[4]["why_not"]
+    for r in rows:
+        if not r["why_not"]:
+            assert len(r["wall_s"]) == len(r["cpu_s"]) == 2 and min(r["wall_s"]) > 0 and min(r["cpu_s"]) > 0, r
+    assert "| wall vs 1 |" in capsys.readouterr().out and "| 4 | + feature caching" in out.with_suffix(".md").read_text()

@@ -161,7 +161,8 @@ BOMB_PRELUDE = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import gradio as gr
-    import pipelines.control  # noqa: F401 - imported before measuring (torch)
+    import torch  # noqa: F401 - imported before measuring
+    import pipelines.control.images  # noqa: F401
     from pipelines.serving.service import Backend
 
     def hwm_mb():

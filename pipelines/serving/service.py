@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.errors import TesseraError, ValidationError
+from pipelines.lru import LRUCache
 from pipelines.request.schema import (
     CONTROL_FIELDS,
     ControlUnit,
@@ -123,6 +124,8 @@ class Backend:
 
     def __init__(self, engine):
         self.engine = engine
+        self._checked = LRUCache(32)  # id(values) -> (values, request): the UI's check, then its generate
+        self._checked_lock = threading.Lock()
 
     # ------------------------------------------------------------ requests
     def request(self, values: dict[str, Any]) -> GenerationRequest:
@@ -160,11 +163,20 @@ class Backend:
             raise ValidationError(flat.get(m[2], exc.field), exc.value, exc.fix) from None
 
     def check(self, values: dict[str, Any]) -> None:
-        self.request(values)
+        """Validate the values; the same values object handed to `generate` next is not validated again."""
+        req = self.request(values)
+        with self._checked_lock:
+            self._checked.put(id(values), (values, req))
+
+    def _checked_request(self, values: dict[str, Any]) -> GenerationRequest:
+        """The request `check` made of this very values object (kept alive with it), else a new validation."""
+        with self._checked_lock:
+            hit = self._checked.pop(id(values))
+        return hit[1] if hit is not None and hit[0] is values else self.request(values)
 
     # ------------------------------------------------------------ long-running calls
     def generate(self, values: dict[str, Any]) -> Iterator[Progress | Done]:
-        req = self.request(values)
+        req = self._checked_request(values)
         every = int(values.get("preview_every") or 0)
         return self._stream(lambda cb, cancel: self.engine.generate(req, callback=cb, cancel=cancel), every)
 
