@@ -33,7 +33,8 @@ def validations(monkeypatch) -> list[str]:
 
 @pytest.fixture
 def app_url(engine):
-    yield from running_app(engine)
+    with running_app(engine) as url:
+        yield url
 
 
 def _ui_generate(url: str, prompt: str) -> None:

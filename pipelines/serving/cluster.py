@@ -371,7 +371,7 @@ def runtime_env(address: str | None) -> dict[str, Any]:
                if k in os.environ}
     if address is None:
         return {"env_vars": {"PYTHONPATH": str(ROOT), **offline}}
-    return {"working_dir": str(ROOT), "excludes": ["models/", "outputs/", ".git/", "__pycache__/", ".venv/"],
+    return {"working_dir": str(ROOT), "excludes": ["/models/", "/outputs/", ".git/", "__pycache__/", "/.venv*/", "/venv/"],
             "env_vars": offline}
 
 
@@ -393,12 +393,23 @@ SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 and its gRPC servers listen on loopback only (else Ray turns 127.0.0.1 into the machine's network address)."""
 
 
+def _ray_token_available() -> bool:
+    """Whether this machine has a Ray cluster token (Ray's own places: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
+
+
 def init_ray(address: str | None) -> None:
     """Start a local Ray bound to 127.0.0.1 only (address None), or join `address`; a head on a loopback address
     is joined from 127.0.0.1 too. On a real cluster this node's address is Ray's choice (`ray start
     --node-ip-address` on each node sets it)."""
     if address is None or _is_loopback(address):
         os.environ.setdefault(SINGLE_NODE, "0")  # before ray is imported; its processes inherit it
+    if address is not None and "RAY_AUTH_MODE" not in os.environ and _ray_token_available():
+        # `ray start --head` turns token authentication on and writes the token; a joining driver must send it
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if ray.is_initialized():
