@@ -52,7 +52,9 @@ def cluster(tiny_dir, tmp_path_factory):
     from ui.app import create_demo, launch_kwargs
 
     models = tmp_path_factory.mktemp("models")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    env = pytest.MonkeyPatch()
+    env.setenv(SINGLE_NODE, "0")  # as the app does for a local Ray: 127.0.0.1 stays 127.0.0.1 (README)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env=runtime_env(None), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     demo = None
     try:
@@ -73,6 +75,7 @@ def cluster(tiny_dir, tmp_path_factory):
             demo.close()
         serve.shutdown()
         ray.shutdown()
+        env.undo()
 
 
 @pytest.fixture(scope="module")
