@@ -168,7 +168,7 @@ class Engine:
         model = self.manager.get(req.model, loras=req.loras, allow_paths=self.allow_paths)
         job = Job(model, req, [req.seed + i for i in range(req.batch_size)], manager=self.manager,
                   prompt_cache=self.prompt_cache, stage1_cache=self.stage1_cache,
-                  embeddings=self.embeddings.snapshot(), planner=self._plan_stage, callback=callback,
+                  embeddings=self.embeddings.snapshot(), planner=self.plan, callback=callback,
                   cancel=cancel, unet=unet, executor=executor, low_memory=low_memory, save=save, started=started)
         # a mask or outpainting: prepared, run and pasted back by `pipelines.edit.run`; else the two-stage flow
         outcome = run_inpaint(job) if req.inpainting else generate(job)
@@ -182,9 +182,6 @@ class Engine:
         """Decode, score, describe and save the run's images (`pipelines.outputs.finish`); this run's earlier
         attempts' saved images are kept."""
         return finish(outcome, self._saved, self.outputs_dir)
-
-    def _plan_stage(self, req: GenerationRequest, model: LoadedModel, width: int | None, height: int | None) -> Plan:
-        return self.plan(req, model, width=width, height=height)
 
     def upscale(self, image: Image.Image | UpscaleRequest, *, callback: Callback | None = None, cancel=None,
                 save: bool = True, **fields: Any) -> GenerationResult:

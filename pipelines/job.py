@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from pipelines.prompts.embeddings import Embeddings
     from pipelines.stage_cache import Stage1Cache
 
-Planner = Callable[[GenerationRequest, "LoadedModel", "int | None", "int | None"], Plan]
-"""(request, model, width, height) -> the stage's Plan (`Engine.plan`); None sizes = the request's own."""
+Planner = Callable[..., Plan]
+"""`Engine.plan`: (request, model, *, width, height) -> the stage's Plan; None sizes = the request's own."""
 
 LOW_MEMORY_TILE = 64  # latent px: the UNet tile of the out-of-memory retry
 LOW_MEMORY_VAE_TILE = 32  # latent px: the VAE tile of the out-of-memory retry
@@ -82,7 +82,7 @@ class Job:
     def plan(self, req: GenerationRequest | None = None, *, width: int | None = None, height: int | None = None
              ) -> Plan:
         """The plan of a stage of this run (`req`: the stage's request, default the job's) at its size."""
-        return self.planner(req or self.req, self.model, width, height)
+        return self.planner(req or self.req, self.model, width=width, height=height)
 
     def control(self, req: GenerationRequest, width: int, height: int) -> tuple[ControlInput, ...]:
         """`req`'s ControlNet units prepared at this size (`pipelines.control.units.prepare_units`)."""
